@@ -21,46 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
+from core.routing import LayerSteps
 from traces.format import Phase, Trace, TraceMeta, read_trace
 
 _ARRAYS = ("ls_layer", "ls_batch", "ls_pass", "ls_tokens", "offsets", "ex_expert", "ex_tokens", "ex_gate")
 
 
 @dataclass
-class ReplayView:
-    """Layer steps of a trace, in replay order (batch, pass, layer).
+class ReplayView(LayerSteps):
+    """Layer steps of a trace (see :class:`core.routing.LayerSteps` for the arrays), plus
+    what they came from: the trace metadata, the batch size, and whether gates were recorded
+    (where not, ``ex_gate`` is tokens / k)."""
 
-    Arrays (S layer steps, X expert entries in all)::
-
-        ls_layer  [S] uint16   MoE layer
-        ls_batch  [S] int32    batch index (sequences batch*B .. batch*B+B-1)
-        ls_pass   [S] int32    0 = prefill pass, d+1 = decode step d
-        ls_tokens [S] int32    tokens in this pass at this layer
-        offsets   [S+1] int64  CSR offsets into the ex_* arrays
-        ex_expert [X] int16    distinct experts needed by the layer step, ascending
-        ex_tokens [X] int32    tokens routed to each
-        ex_gate   [X] float32  their summed gate weight (tokens / k where the trace has no gates)
-    """
-
-    meta: TraceMeta
-    batch: int
-    has_gates: bool
-    ls_layer: np.ndarray
-    ls_batch: np.ndarray
-    ls_pass: np.ndarray
-    ls_tokens: np.ndarray
-    offsets: np.ndarray
-    ex_expert: np.ndarray
-    ex_tokens: np.ndarray
-    ex_gate: np.ndarray
-
-    @property
-    def layer_steps(self) -> int:
-        return int(self.ls_layer.shape[0])
-
-    def experts(self, i: int) -> np.ndarray:
-        """Distinct experts needed by layer step ``i``."""
-        return self.ex_expert[self.offsets[i] : self.offsets[i + 1]]
+    meta: TraceMeta | None = None
+    batch: int = 1
+    has_gates: bool = False
 
     def phase(self, i: int) -> Phase:
         return Phase.PREFILL if self.ls_pass[i] == 0 else Phase.DECODE

@@ -52,6 +52,13 @@ class SlabClass:
     slab_bytes: int
     count: int
 
+    def __post_init__(self) -> None:
+        if self.slab_bytes <= 0 or self.count < 0:
+            raise PoolError(
+                f'slab class {self.precision!r} needs "slab_bytes" > 0 and "count" >= 0, '
+                f"got {self.slab_bytes} and {self.count}"
+            )
+
 
 class SlabLedger:
     """Which expert copy lives in which slab, and in which state; see the module docstring."""
@@ -137,6 +144,7 @@ class SlabLedger:
 
     def finish_load(self, slab: int) -> None:
         """The copy into ``slab`` is complete: it may be served from now on."""
+        self._check_id(slab)
         if self._state[slab] != SlabState.LOADING:
             raise PoolError(f"finish_load on slab {slab} in state {self._state[slab].name}")
         self._state[slab] = SlabState.READY
@@ -157,17 +165,24 @@ class SlabLedger:
 
     def pin(self, slab: int) -> None:
         """A kernel starts reading ``slab`` (it must be READY)."""
+        self._check_id(slab)
         if self._state[slab] != SlabState.READY:
             raise PoolError(f"pin of slab {slab} in state {self._state[slab].name}: only READY copies are served")
         self._pins[slab] += 1
 
     def unpin(self, slab: int) -> None:
         """A kernel finished reading ``slab``; a draining slab frees on its last unpin."""
+        self._check_id(slab)
         if self._pins[slab] <= 0:
             raise PoolError(f"unpin of slab {slab} that is not pinned")
         self._pins[slab] -= 1
         if self._pins[slab] == 0 and self._state[slab] == SlabState.DRAINING:
             self._release(slab)
+
+    def _check_id(self, slab: int) -> None:
+        """Reject a Refusal (an IntEnum, so also an int) or an id outside the pool."""
+        if isinstance(slab, Refusal) or not 0 <= slab < len(self._state):
+            raise PoolError(f"{slab!r} is not a slab id of this pool (0..{len(self._state) - 1})")
 
     def _release(self, slab: int) -> None:
         precision = self._class_of[slab]

@@ -1,0 +1,105 @@
+"""TieredCache: least-recently-used books of a slab pool with one class per precision.
+
+Shared by the caching seed policies (dymoe, hobbit). Experts are flat ids
+``k = layer * experts + expert``; each class is an LRU list of the experts holding a copy
+in it (READY or LOADING, as far as the policy's own actions go). :meth:`TieredCache.load`
+places an expert into the first class of a preference order that has a free slab or an
+evictable victim, appending DEMOTE/PROMOTE (or PREFETCH) actions. A victim is the least
+recently used READY copy not excluded (the experts the current step needs, or the ones a
+prefetch is about to bring). Free slabs are counted from the ledger once per layer step
+(:meth:`begin_step`) and then tracked through the policy's own actions, since the ledger
+shows a DEMOTE's freed slab only after the engine carries it out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from core.keys import ExpertKey
+from core.slabs import SlabLedger
+from policies.base import Action, ActionKind
+
+
+class TieredCache:
+    """LRU books of several slab classes; see the module docstring."""
+
+    def __init__(self, capacity: dict[str, int], key_of: list[ExpertKey], bits: dict[str, float]) -> None:
+        self.capacity = dict(capacity)
+        self.key_of = key_of
+        self.bits = bits
+        self.lru: dict[str, OrderedDict[int, None]] = {p: OrderedDict() for p in capacity}
+        self._by_bits = [(p, self.lru[p]) for p in sorted(capacity, key=lambda p: -bits[p])]
+        self._free: dict[str, int] = dict(capacity)
+
+    def begin_step(self, res: SlabLedger) -> None:
+        """Take the free-slab counts from the ledger (once per layer step)."""
+        for p in self.lru:
+            self._free[p] = res.free_slabs(p)
+
+    def holds(self, k: int, p: str) -> bool:
+        return k in self.lru[p]
+
+    def best(self, k: int) -> str | None:
+        """The highest-precision class holding ``k`` (READY or LOADING), if any."""
+        for p, lru in self._by_bits:
+            if k in lru:
+                return p
+        return None
+
+    def touch(self, k: int) -> None:
+        """``k`` was used (or is about to be): most recently used in every class holding it."""
+        for _, lru in self._by_bits:
+            if k in lru:
+                lru.move_to_end(k)
+
+    def touch_best(self, k: int) -> str | None:
+        """:meth:`touch` and :meth:`best` in one pass."""
+        best = None
+        for p, lru in self._by_bits:
+            if k in lru:
+                lru.move_to_end(k)
+                best = best or p
+        return best
+
+    def add(self, k: int, p: str) -> None:
+        """Book a copy placed outside :meth:`load` (initial loads)."""
+        self.lru[p][k] = None
+        self._free[p] -= 1
+
+    def forget(self, k: int, p: str) -> None:
+        """Drop a copy from the books (its load was refused)."""
+        self.lru[p].pop(k, None)
+
+    def readd(self, k: int, p: str) -> None:
+        """Book again a copy whose eviction was refused, as the least recently used."""
+        self.lru[p][k] = None
+        self.lru[p].move_to_end(k, last=False)
+
+    def load(self, k: int, order: list[str], exclude: set[int], res: SlabLedger, actions: list[Action],
+             kind: ActionKind = ActionKind.PROMOTE, evict: bool = True) -> str | None:
+        """Place ``k`` in the first class of ``order`` with room (free slab, or a victim when
+        ``evict``); append the actions and return the class, or None if none has room."""
+        for p in order:
+            if k in self.lru[p]:
+                return p
+            if self._free[p] > 0:
+                self._free[p] -= 1
+            elif not evict or not self._evict_one(p, exclude, res, actions):
+                continue
+            self.lru[p][k] = None
+            actions.append(Action(kind, self.key_of[k], p))
+            return p
+        return None
+
+    def _evict_one(self, p: str, exclude: set[int], res: SlabLedger, actions: list[Action]) -> bool:
+        lru, key_of = self.lru[p], self.key_of
+        for v in lru:
+            if v not in exclude and res.is_ready(key_of[v], p):
+                del lru[v]
+                actions.append(Action(ActionKind.DEMOTE, key_of[v], p))
+                return True
+        return False
+
+    def cached(self, p: str) -> list[int]:
+        """Flat ids holding a copy in class ``p``, least recently used first."""
+        return list(self.lru[p])

@@ -41,16 +41,85 @@ class ReplayView(LayerSteps):
         return Phase.PREFILL if self.ls_pass[i] == 0 else Phase.DECODE
 
 
+def _is_sorted(a: np.ndarray) -> bool:
+    return bool((a[1:] >= a[:-1]).all())
+
+
+def _run_starts(a: np.ndarray) -> np.ndarray:
+    """Indices where a run of equal values begins in ``a`` (sorted or grouped)."""
+    if a.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.concatenate([[True], a[1:] != a[:-1]]))
+
+
+def _seq_rank(seq: np.ndarray) -> np.ndarray:
+    """Per row: rank of its sequence id among the distinct ids (0, 1, ...)."""
+    if not _is_sorted(seq):  # traces are sorted by seq; stay correct for any array
+        return np.unique(seq, return_inverse=True)[1].astype(np.int64)
+    rank = np.zeros(seq.shape[0], dtype=np.int64)
+    if seq.shape[0]:
+        np.cumsum(seq[1:] != seq[:-1], out=rank[1:])
+    return rank
+
+
 def _pass_index(t: Trace) -> np.ndarray:
     """Per row: 0 for prefill rows, 1 + (step - first decode step of its sequence) for decode."""
     out = np.zeros(t.rows, dtype=np.int64)
     dec = np.flatnonzero(t.phase == Phase.DECODE)
-    if dec.size:
-        seqs, first = np.unique(t.seq[dec], return_index=True)
-        first_step = t.step[dec][first].astype(np.int64)
-        which = np.searchsorted(seqs, t.seq[dec])
-        out[dec] = 1 + t.step[dec].astype(np.int64) - first_step[which]
+    if not dec.size:
+        return out
+    dec_seq, dec_step = t.seq[dec], t.step[dec].astype(np.int64)
+    if _is_sorted(dec_seq):
+        starts = _run_starts(dec_seq)
+        sizes = np.diff(np.append(starts, dec.size))
+        out[dec] = 1 + dec_step - np.repeat(dec_step[starts], sizes)
+    else:
+        seqs, first = np.unique(dec_seq, return_index=True)
+        which = np.searchsorted(seqs, dec_seq)
+        out[dec] = 1 + dec_step - dec_step[first][which]
     return out
+
+
+_GATE_BITS = 16  # a float16 gate rides in the low bits of the sort key
+
+
+def _entries(t: Trace, row_key: np.ndarray, expert_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct ``row_key << expert_bits | expert`` ascending, with token counts and gate sums.
+
+    One in-place ``np.sort`` of packed int64 keys (the float16 gate bits below the key)
+    replaces an indirect sort: same result, several times faster. Sums of float16 gates in
+    float64 are exact (below 2**29), so the summation order does not change the result.
+    """
+    n, gate = t.rows * t.k, t.gate
+    top = int(row_key.max(initial=0)) + 1
+    pack_gates = gate is not None and top < 2 ** (62 - expert_bits - _GATE_BITS)
+    low = _GATE_BITS if pack_gates else 0
+    keys = t.expert.astype(np.int64)  # [N, k], becomes the packed keys in place
+    keys <<= low
+    if gate is not None and pack_gates:
+        keys |= gate.view(np.uint16)
+    keys |= (row_key << (expert_bits + low))[:, None]
+    keys = keys.reshape(n)
+    gates: np.ndarray | None = None
+    if gate is not None and not pack_gates:  # keys too large to pack: an indirect sort
+        order = np.argsort(keys, kind="stable")
+        keys, gates = keys[order], gate.reshape(n)[order]
+    else:
+        keys.sort()
+    if pack_gates:
+        gates = keys.astype(np.uint16).view(np.float16)  # the low 16 bits
+        keys >>= _GATE_BITS
+    new_run = np.empty(n, dtype=bool)
+    new_run[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=new_run[1:])
+    starts = np.flatnonzero(new_run)
+    counts = np.diff(starts, append=n)
+    gate_sum: np.ndarray
+    if gates is None:
+        gate_sum = counts * float(np.float32(1.0 / t.k))
+    else:  # bincount adds in float64, in order; cheaper than reduceat over tiny runs
+        gate_sum = np.bincount(np.cumsum(new_run) - 1, weights=gates, minlength=starts.size)
+    return keys[starts], counts, gate_sum.astype(np.float32)
 
 
 def build_view(t: Trace, batch: int = 1) -> ReplayView:
@@ -58,24 +127,19 @@ def build_view(t: Trace, batch: int = 1) -> ReplayView:
     if batch < 1:
         raise ValueError(f'"batch" must be >= 1, got {batch}.')
     spec = t.spec
-    L, E, k = spec.layers, spec.experts, t.k
-    _, seq_rank = np.unique(t.seq, return_inverse=True)
-    batch_id = seq_rank.astype(np.int64) // batch
+    L, E = spec.layers, spec.experts
+    expert_bits = max(1, (E - 1).bit_length())
+    batch_id = _seq_rank(t.seq) // batch
     pass_idx = _pass_index(t)
     passes = int(pass_idx.max()) + 1 if t.rows else 1
     row_key = (batch_id * passes + pass_idx) * L + t.layer.astype(np.int64)  # layer-step key
-    ek = (row_key[:, None] * E + t.expert.astype(np.int64)).ravel()
-    uk, inverse, counts = np.unique(ek, return_inverse=True, return_counts=True)
-    gates = (
-        t.gate.astype(np.float32).ravel()
-        if t.gate is not None
-        else np.full(ek.shape[0], 1.0 / k, dtype=np.float32)
-    )
-    gate_sum = np.bincount(inverse.ravel(), weights=gates, minlength=uk.shape[0]).astype(np.float32)
-    ls_of_entry = uk // E
-    ls_keys, first_entry = np.unique(ls_of_entry, return_index=True)
-    row_keys, row_counts = np.unique(row_key, return_counts=True)
-    tokens = row_counts[np.searchsorted(row_keys, ls_keys)]
+    uk, counts, gate_sum = _entries(t, row_key, expert_bits)
+    ls_of_entry = uk >> expert_bits
+    first_entry = _run_starts(ls_of_entry)
+    ls_keys = ls_of_entry[first_entry]
+    # every row adds k (row, slot) pairs to its layer step's entries
+    pairs = np.concatenate([[0], np.cumsum(counts)])
+    tokens = np.diff(pairs[np.append(first_entry, uk.shape[0])]) // t.k
     bp, layer = np.divmod(ls_keys, L)
     b, p = np.divmod(bp, passes)
     return ReplayView(
@@ -87,7 +151,7 @@ def build_view(t: Trace, batch: int = 1) -> ReplayView:
         ls_pass=p.astype(np.int32),
         ls_tokens=tokens.astype(np.int32),
         offsets=np.append(first_entry, uk.shape[0]).astype(np.int64),
-        ex_expert=(uk % E).astype(np.int16),
+        ex_expert=(uk & ((1 << expert_bits) - 1)).astype(np.int16),
         ex_tokens=counts.astype(np.int32),
         ex_gate=gate_sum,
     )

@@ -89,3 +89,67 @@ def get_precision(name: str) -> Precision:
 def by_bits_desc() -> list[Precision]:
     """All registered precisions, highest bits first (bf16 before fp8 before int8 ...)."""
     return sorted(PRECISIONS.values(), key=lambda p: (-p.effective_bits, p.name))
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMix:
+    """A partial promotion (DynaMo's channel-level switching): an expert's ``low`` copy plus
+    its most significant ``fraction`` of channels also held at ``high``.
+
+    Engines treat its :attr:`name` as one more precision: one copy of ``low`` bytes plus
+    ``fraction`` of the ``high`` copy's bytes (:meth:`expert_bytes`), served by a ``low``
+    kernel plus a ``high`` kernel on ``fraction`` of the channels (:meth:`kernel_time_s`),
+    with quantization error ``low - significance_share * (low - high)`` (:meth:`error`),
+    where ``significance_share`` is the share of the expert's error reduction carried by
+    those channels. Policies register the mixes they use with :func:`register_channel_mix`.
+    """
+
+    low: str
+    high: str
+    fraction: float
+    significance_share: float
+
+    def __post_init__(self) -> None:
+        get_precision(self.low)
+        get_precision(self.high)
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f'"fraction" must be in (0, 1], got {self.fraction}.')
+        if not 0.0 <= self.significance_share <= 1.0:
+            raise ValueError(f'"significance_share" must be in [0, 1], got {self.significance_share}.')
+
+    @property
+    def name(self) -> str:
+        return f"{self.low}+{self.high}@f{float(self.fraction)!r}s{float(self.significance_share)!r}"
+
+    @property
+    def effective_bits(self) -> float:
+        """Bits per weight of the whole copy (ranks it between ``low`` and above)."""
+        return get_precision(self.low).effective_bits + self.fraction * get_precision(self.high).effective_bits
+
+    def expert_bytes(self, low_bytes: int, high_bytes: int) -> int:
+        """One expert's bytes, given its ``low`` and ``high`` copies' bytes."""
+        return low_bytes + math.ceil(self.fraction * high_bytes)
+
+    def error(self, low_error: float, high_error: float) -> float:
+        """Quantization error, given the expert's errors at ``low`` and ``high``."""
+        return low_error - self.significance_share * (low_error - high_error)
+
+    def kernel_time_s(self, low_s: float, high_s: float) -> float:
+        """Kernel time, given the ``low`` and ``high`` kernels' times on the same tokens."""
+        return low_s + self.fraction * high_s
+
+
+CHANNEL_MIXES: dict[str, ChannelMix] = {}
+
+
+def register_channel_mix(mix: ChannelMix) -> str:
+    """Make ``mix.name`` a precision engines can resolve with :func:`get_channel_mix`."""
+    if mix.name in PRECISIONS:
+        raise ValueError(f"channel mix name {mix.name!r} clashes with a registered precision")
+    CHANNEL_MIXES.setdefault(mix.name, mix)
+    return mix.name
+
+
+def get_channel_mix(name: str) -> ChannelMix | None:
+    """The registered channel mix called ``name``, or None for any other name."""
+    return CHANNEL_MIXES.get(name)

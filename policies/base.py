@@ -31,6 +31,7 @@ import numpy as np
 
 from core.keys import ExpertKey
 from core.model_spec import ModelSpec
+from core.quality import SensitivityTable
 from core.routing import LayerSteps
 from core.slabs import Refusal, SlabClass, SlabLedger
 
@@ -104,6 +105,8 @@ class PolicyContext:
     ``profile`` is a profiling trace's routing (offline policies learn from it); ``future`` is
     the replay's own routing, given only to policies whose ``needs_future`` is true (the
     oracle, as an upper bound). ``precision_bytes`` maps each precision to one expert's bytes.
+    ``sensitivity`` is the per-expert sensitivity table the run's quality proxy uses, if any
+    (policies that rank experts by measured error, router norms or variance read it).
     """
 
     spec: ModelSpec
@@ -112,6 +115,7 @@ class PolicyContext:
     precision_bytes: dict[str, int]
     profile: LayerSteps | None = None
     future: LayerSteps | None = None
+    sensitivity: SensitivityTable | None = None
 
 
 class Policy:

@@ -1,0 +1,135 @@
+"""Simulator speed: simulated layer steps per wall second (one process, one core).
+
+Replays a Qwen3-30B-A3B-shaped trace (48 MoE layers x 128 experts, top-8; by default the
+embedded traces/data/default.parquet, else a synthetic one) on the h100_pcie5 profile at batch
+1 and 16, under ``lru_offload`` (bf16 demand-fetch cache, 24 GB: every miss a policy call,
+copies and a stall) and ``static_uniform`` (all experts int4, 24 GB: the vectorized static
+path). Reports layer steps per second of the replay itself (set-up timed apart), per wall
+and per CPU second (a loaded machine inflates wall time), best of ``--repeat``, the policy
+actions carried out (promotions, demotions, refusals: the work that dominates a dynamic
+policy's step), and this machine's bare SimPy rate (empty timeouts per second) so that
+figures from different machines can be compared. Target: >= 100,000 layer steps/s.
+
+    python benchmarks/sim_speed.py                 # the default trace, batch 1 and 16
+    python benchmarks/sim_speed.py --trace T.parquet --batch 1 4 16 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import simpy
+import yaml
+
+from core.hardware import HardwareProfile
+from core.model_spec import get_model_spec
+from policies.base import build_policy, policy_configs
+from sim.engine import Engine
+from sim.synth import synth_trace
+from sim.workload import default_trace_path
+from traces.format import Trace, read_trace
+from traces.replay import build_view
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = (("lru_offload", {"precision": "bf16"}), ("static_uniform", {"precision": "int4"}))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def simpy_rate(n: int = 200_000) -> tuple[float, float]:
+    """Empty SimPy timeouts per wall and per CPU second on this machine (the floor of any SimPy model)."""
+    env = simpy.Environment()
+
+    def tick(env: simpy.Environment):
+        for _ in range(n):
+            yield env.timeout(1.0)
+
+    env.process(tick(env))
+    t0, c0 = time.perf_counter(), time.process_time()
+    env.run()
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+
+
+def load_trace(path: str | None, seqs: int) -> tuple[Trace, str]:
+    if path:
+        return read_trace(path), path
+    default = default_trace_path()
+    if default.exists():
+        return read_trace(default), str(default.relative_to(ROOT))
+    spec = get_model_spec("Qwen3-30B-A3B")
+    return synth_trace(
+        spec, np.random.default_rng(0), seqs=seqs, prompt_tokens=32, decode_tokens=128
+    ), "sim.synth"
+
+
+def hardware(name: str) -> HardwareProfile:
+    body = yaml.safe_load((ROOT / "conf" / "hardware" / f"{name}.yaml").read_text())
+    body.pop("defaults", None)
+    return HardwareProfile.from_dict(body)
+
+
+def measure(
+    trace: Trace, batch: int, policy: str, knobs: dict, budget_gb: float, hw: HardwareProfile, repeat: int
+) -> dict[str, float]:
+    """Layer steps, best replay wall and CPU seconds, set-up seconds and actions of one case."""
+    view = build_view(trace, batch)
+    out = {"steps": view.layer_steps, "wall": float("inf"), "cpu": float("inf"), "setup": 0.0, "actions": 0}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        engine = Engine(
+            view, trace.spec, hw, build_policy(policy_configs()[policy](**knobs)), int(budget_gb * 1e9)
+        )
+        out["setup"] = time.perf_counter() - t0
+        c0 = time.process_time()
+        wall = engine.run().wall_s
+        out["cpu"] = min(out["cpu"], time.process_time() - c0)
+        out["wall"] = min(out["wall"], wall)
+        out["actions"] = sum(engine.counts.values())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", help="a moebits trace (default: traces/data/default.parquet, else synthetic)")
+    ap.add_argument("--seqs", type=int, default=16, help="sequences of the synthetic fallback trace")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
+    ap.add_argument("--budget-gb", type=float, default=24.0, help="expert budget (default 24)")
+    ap.add_argument("--hardware", default="h100_pcie5", help="conf/hardware preset (default h100_pcie5)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per case, best kept (default 2)")
+    args = ap.parse_args()
+    trace, source = load_trace(args.trace, args.seqs)
+    hw = hardware(args.hardware)
+    print(f"trace: {source} ({trace.spec.name}, {trace.num_seqs} sequences, {trace.rows:,} rows)")
+    wall_rate, cpu_rate = simpy_rate()
+    print(
+        f"machine: {cpu_model()}, nproc {os.cpu_count()}, python {platform.python_version()}, "
+        f"bare SimPy {wall_rate:,.0f} timeouts/s ({cpu_rate:,.0f} per CPU s)"
+    )
+    print(
+        f"{'policy':<16}{'batch':>6}{'layer steps':>13}{'actions':>10}{'replay s':>10}{'steps/s':>10}"
+        f"{'CPU s':>8}{'steps/CPU s':>13}{'set-up s':>10}"
+    )
+    for batch in args.batch:
+        for policy, knobs in CASES:
+            m = measure(trace, batch, policy, knobs, args.budget_gb, hw, args.repeat)
+            print(
+                f"{policy:<16}{batch:>6}{m['steps']:>13,}{m['actions']:>10,}{m['wall']:>10.3f}"
+                f"{m['steps'] / m['wall']:>10,.0f}{m['cpu']:>8.3f}{m['steps'] / m['cpu']:>13,.0f}{m['setup']:>10.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

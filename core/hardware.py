@@ -1,0 +1,178 @@
+"""HardwareProfile: what a machine costs in time, as plain data.
+
+A profile holds the numbers an engine needs to price a replay, nothing model-specific except
+the optional measured kernel tables (keyed by the expert shape they were measured at):
+
+- ``h2d`` / ``d2h``: one PCIe direction each, ``t(bytes) = latency_s + bytes / bandwidth(bytes)``
+  with the bandwidth interpolated (in log bytes) from measured points, clamped at both ends;
+- HBM: capacity and effective streaming-read bandwidth;
+- dense peak throughput per precision (formats without an entry run at the ``bf16`` rate,
+  i.e. dequantize-then-GEMM);
+- ``launch_s``: one kernel launch; a grouped expert launch costs ``expert_launch_ops`` of them,
+  the non-MoE part of a layer (attention, norms, router, shared experts) ``non_moe_launches``;
+- ``kernel_tables``: measured per-expert time of a grouped launch, by precision and tokens per
+  expert, at one expert shape (hidden, intermediate); where none matches, a roofline stands in;
+- a host (CPU) model for experts computed on the host (``MissRule.HOST``).
+
+Presets are YAML files of this schema under ``conf/hardware/``; runtime calibration writes
+more of them. ``from_dict``/``to_dict`` are the file edge. Units are in the names: ``_s``
+seconds, ``_gbps`` GB/s (1e9 bytes), ``_gb`` GB (1e9 bytes), ``_tflops`` 1e12 FLOP/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class LinkCurve:
+    """One PCIe direction: ``latency_s`` plus bytes over a size-dependent bandwidth.
+
+    ``sizes_bytes`` (ascending) and ``gbps`` are measured points; between them the bandwidth
+    is interpolated linearly in log(bytes), outside them it is clamped.
+    """
+
+    latency_s: float
+    sizes_bytes: list[float]
+    gbps: list[float]
+
+    def __post_init__(self) -> None:
+        if self.latency_s < 0:
+            raise ValueError(f'"latency_s" must be >= 0, got {self.latency_s}.')
+        if not self.sizes_bytes or len(self.sizes_bytes) != len(self.gbps):
+            raise ValueError('"sizes_bytes" and "gbps" must be non-empty and of equal length.')
+        if any(b <= a for a, b in zip(self.sizes_bytes, self.sizes_bytes[1:], strict=False)):
+            raise ValueError(f'"sizes_bytes" must be strictly ascending, got {self.sizes_bytes}.')
+        if min(self.sizes_bytes) <= 0 or min(self.gbps) <= 0:
+            raise ValueError('"sizes_bytes" and "gbps" must be > 0.')
+
+    def bandwidth_gbps(self, nbytes: float) -> float:
+        """Bandwidth at a transfer of ``nbytes`` (log-linear interpolation, clamped)."""
+        x = math.log(max(nbytes, 1.0))
+        return float(np.interp(x, np.log(self.sizes_bytes), self.gbps))
+
+    def time_s(self, nbytes: float) -> float:
+        """Seconds to move ``nbytes`` one way (0 bytes cost nothing)."""
+        if nbytes <= 0:
+            return 0.0
+        return self.latency_s + nbytes / (self.bandwidth_gbps(nbytes) * 1e9)
+
+
+@dataclass
+class KernelTable:
+    """Measured per-expert seconds of a grouped expert launch (launch overhead excluded).
+
+    Valid for experts of shape ``hidden`` x ``intermediate`` in ``precision``; ``tokens`` are
+    tokens per expert (ascending), ``seconds`` the time each expert adds to the launch.
+    """
+
+    precision: str
+    hidden: int
+    intermediate: int
+    tokens: list[float]
+    seconds: list[float]
+
+    def __post_init__(self) -> None:
+        if not self.tokens or len(self.tokens) != len(self.seconds):
+            raise ValueError(f'kernel table {self.precision}: "tokens" and "seconds" must be non-empty and of equal length.')
+        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:], strict=False)) or self.tokens[0] <= 0:
+            raise ValueError(f'kernel table {self.precision}: "tokens" must be positive and strictly ascending.')
+        if min(self.seconds) < 0:
+            raise ValueError(f'kernel table {self.precision}: "seconds" must be >= 0.')
+
+    def per_expert_s(self, tokens: np.ndarray) -> np.ndarray:
+        """Per-expert seconds at ``tokens`` per expert: interpolated inside the table,
+        continued along the last segment's slope above it (proportionally for one point)."""
+        xs, ys = np.asarray(self.tokens, float), np.asarray(self.seconds, float)
+        t = np.asarray(tokens, float)
+        out = np.interp(t, xs, ys)
+        if xs.size == 1:
+            slope = ys[0] / xs[0]
+        else:
+            slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+        above = t > xs[-1]
+        return np.where(above, ys[-1] + (t - xs[-1]) * slope, out)
+
+
+@dataclass
+class HardwareProfile:
+    """A machine's cost model; see the module docstring for every field's meaning."""
+
+    name: str
+    hbm_capacity_gb: float
+    hbm_gbps: float
+    h2d: LinkCurve
+    d2h: LinkCurve
+    peak_tflops: dict[str, float]
+    launch_s: float
+    expert_launch_ops: int = 3
+    non_moe_launches: int = 8
+    expert_overhead_s: float = 0.0
+    kernel_tables: list[KernelTable] = field(default_factory=list)
+    host_gflops: float = 1000.0
+    host_gbps: float = 80.0
+    host_overhead_s: float = 10e-6
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("hbm_capacity_gb", "hbm_gbps", "host_gflops", "host_gbps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f'"{name}" must be > 0 in hardware profile {self.name!r}.')
+        for name in ("launch_s", "expert_overhead_s", "host_overhead_s", "expert_launch_ops", "non_moe_launches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f'"{name}" must be >= 0 in hardware profile {self.name!r}.')
+        if self.peak_tflops.get("bf16", 0) <= 0:
+            raise ValueError(f'"peak_tflops" needs a positive "bf16" entry in hardware profile {self.name!r}.')
+        keys = [(t.precision, t.hidden, t.intermediate) for t in self.kernel_tables]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"hardware profile {self.name!r} has two kernel tables for one (precision, shape)")
+
+    @property
+    def hbm_capacity_bytes(self) -> int:
+        return int(self.hbm_capacity_gb * 1e9)
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense FLOP/s for GEMMs on weights in ``precision`` (bf16 rate when not listed)."""
+        return self.peak_tflops.get(precision, self.peak_tflops["bf16"]) * 1e12
+
+    def kernel_table(self, precision: str, hidden: int, intermediate: int) -> KernelTable | None:
+        """The measured table for this precision and expert shape, or None (roofline)."""
+        for t in self.kernel_tables:
+            if (t.precision, t.hidden, t.intermediate) == (precision, hidden, intermediate):
+                return t
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (the YAML schema of ``conf/hardware/``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HardwareProfile:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        body = dict(data)
+        _check_keys(cls, body, "hardware profile")
+        for side in ("h2d", "d2h"):
+            if isinstance(body.get(side), dict):
+                _check_keys(LinkCurve, body[side], f"hardware profile {side}")
+                body[side] = LinkCurve(**body[side])
+        tables = []
+        for t in body.get("kernel_tables", []) or []:
+            _check_keys(KernelTable, t, "kernel table")
+            tables.append(KernelTable(**t))
+        body["kernel_tables"] = tables
+        try:
+            return cls(**body)
+        except TypeError as exc:
+            raise ValueError(f"hardware profile {body.get('name', '?')!r}: {exc}") from None
+
+
+def _check_keys(cls: type, body: dict[str, Any], what: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(body) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; known: {sorted(names)}")

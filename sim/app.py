@@ -1,0 +1,121 @@
+"""``python -m sim``: the hydra app that replays a workload under a policy and writes results.
+
+Each run writes to its hydra run directory: ``summary.json``, ``steps.parquet`` (one row per
+forward pass), ``figure.png`` and hydra's ``.hydra/`` (the config used). Sweeps
+(``-m policy=a,b seed=0,1``) write one folder per override set under ``multirun/``; re-running
+a sweep skips the runs whose ``summary.json`` exists (``resume=false`` reruns them).
+
+Bad settings stop before simulating with one line ``error: ...`` and exit status 2 (in a
+sweep, the failing run is reported and the sweep goes on); ``HYDRA_FULL_ERROR=1`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sim.config import GROUPS, RunConfig, register_configs
+from sim.engine import EngineOptions
+from sim.report import format_summary, write_outputs
+from sim.runner import simulate
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+USER_ERRORS = (ValueError, OmegaConfBaseException)
+
+
+def presets(group: str) -> list[str]:
+    """The YAML presets of a config group (file stems)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception and its causes as one line (first line of each, deduplicated)."""
+    parts: list[str] = []
+    cur: BaseException | None = exc
+    while cur is not None:
+        text = str(cur).strip().splitlines()
+        if text and text[0].strip() not in parts:
+            parts.append(text[0].strip())
+        cur = cur.__cause__
+    return ": ".join(parts) or type(exc).__name__
+
+
+def check_choices(args: list[str]) -> str | None:
+    """An error for ``group=value`` overrides naming no preset, else None."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key not in GROUPS or "(" in value:
+            continue
+        known = presets(key)
+        for v in value.split(","):
+            if v.strip() not in known:
+                return f"unknown {key} preset {v.strip()!r}; known: {', '.join(known)}"
+    return None
+
+
+def check_compose(args: list[str]) -> str | None:
+    """Compose a single run's config as hydra will, and report the first problem in one line."""
+    if any(a.startswith("-") for a in args):
+        return None  # --help, --cfg, -m ...: hydra handles those
+    overrides = [a for a in args if not a.lstrip("+~").startswith("hydra.")]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+            OmegaConf.to_object(cfg)
+    except Exception as exc:  # hydra and OmegaConf raise many types; all are the user's input
+        return one_line(exc)
+    return None
+
+
+def run_task(cfg: DictConfig) -> None:
+    """One run: resume check, simulate, write files, print the table."""
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
+    if cfg.resume and (out_dir / "summary.json").exists():
+        print(f"skip {out_dir}: summary.json exists (resume=true)")
+        return
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+        assert isinstance(run_cfg, RunConfig)
+        opts = EngineOptions(check=run_cfg.check, progress=run_cfg.progress)
+        result, summary = simulate(run_cfg, opts)
+    except USER_ERRORS as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        msg = one_line(exc)
+        if not sweep:
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+        print(f"error: {out_dir}: {msg}", file=sys.stderr)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "error.txt").write_text(msg + "\n")
+        return
+    write_outputs(result, summary, out_dir, figure=run_cfg.figure)
+    print(format_summary(summary))
+    print(f"results: {out_dir}")
+
+
+_hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run_task)
+
+
+def main() -> None:
+    """Entry point: register the schemas, catch bad overrides in one line, then run hydra."""
+    register_configs()
+    args = sys.argv[1:]
+    problem = check_choices(args) or check_compose(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()

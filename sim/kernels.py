@@ -1,0 +1,109 @@
+"""The kernel-time model: expert launches, the non-MoE part of a layer, and host experts.
+
+Expert compute on the device is one grouped launch per precision class of a layer step:
+
+    group_s(p, tokens, n) = launch_s * expert_launch_ops + n * per_expert_s(p, tokens / n)
+
+with ``per_expert_s`` from the profile's measured table for (p, this model's expert shape),
+or else the roofline ``expert_overhead_s + max(bytes_p / hbm, flops(m) / peak_p)``. Using
+the mean tokens per expert is an approximation: kernels with uneven groups are costed as if
+the tokens were spread evenly.
+
+The non-MoE part of a layer (attention, norms, router, shared experts, amortized dense layers)
+costs ``launch_s * non_moe_launches + max(bytes / hbm, tokens * flops / peak_bf16)``: its
+weights are read once per pass, its FLOPs scale with the pass's tokens. KV-cache reads are
+not modelled.
+
+Host experts (``MissRule.HOST``) run from the bf16 host copy: per expert
+``host_overhead_s + max(bytes_bf16 / host_bw, flops(m) / host_flops)``.
+
+A channel mix (:class:`core.precision.ChannelMix`, a low copy plus a fraction of channels at
+a higher precision) is two launches, its per-expert time ``mix.kernel_time_s(low, high)``
+from the two precisions' per-expert times.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import numpy as np
+
+from core.hardware import HardwareProfile, KernelTable
+from core.model_spec import ModelSpec
+from core.precision import ChannelMix, get_channel_mix
+
+
+class KernelModel:
+    """Kernel times for one model on one machine, for the precisions of one slab plan.
+
+    Precisions are addressed by their index in ``precisions`` (the engine's order)."""
+
+    def __init__(self, hw: HardwareProfile, spec: ModelSpec, precisions: list[str]) -> None:
+        self.hw = hw
+        self.spec = spec
+        self.precisions = list(precisions)
+        self.launch_group_s = hw.launch_s * hw.expert_launch_ops
+        self._flops_per_token = float(spec.expert_flops_per_token())
+        self._mixes: list[ChannelMix | None] = [get_channel_mix(p) for p in precisions]
+        self._launches = [self.launch_group_s * (1 if m is None else 2) for m in self._mixes]
+        self._memo: dict[tuple[int, int, int], float] = {}
+
+    def _table(self, name: str) -> KernelTable | None:
+        return self.hw.kernel_table(name, self.spec.hidden, self.spec.expert_intermediate)
+
+    def source(self, p: int) -> str:
+        """Where precision ``p``'s per-expert time comes from (for the run's log)."""
+        mix = self._mixes[p]
+        names = [self.precisions[p]] if mix is None else [mix.low, mix.high]
+        return "+".join("table" if self._table(n) is not None else "roofline" for n in names)
+
+    def _base_per_expert_s(self, name: str, m: np.ndarray) -> np.ndarray:
+        table = self._table(name)
+        if table is not None:
+            return table.per_expert_s(m)
+        mem = self.spec.expert_bytes(name) / (self.hw.hbm_gbps * 1e9)
+        comp = m * self._flops_per_token / self.hw.peak_flops(name)
+        return self.hw.expert_overhead_s + np.maximum(mem, comp)
+
+    def per_expert_s(self, p: int, tokens_per_expert: np.ndarray) -> np.ndarray:
+        """Seconds one expert adds to a grouped launch at ``tokens_per_expert`` (array)."""
+        m = np.asarray(tokens_per_expert, dtype=np.float64)
+        mix = self._mixes[p]
+        if mix is None:
+            return self._base_per_expert_s(self.precisions[p], m)
+        low, high = self._base_per_expert_s(mix.low, m), self._base_per_expert_s(mix.high, m)
+        return np.asarray(mix.kernel_time_s(cast(Any, low), cast(Any, high)))  # elementwise on arrays
+
+    def group_s_vec(self, p: int, tokens: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """Seconds of one grouped launch per row (0 where ``n`` is 0)."""
+        tokens = np.asarray(tokens, dtype=np.float64)
+        n = np.asarray(n, dtype=np.float64)
+        safe_n = np.where(n > 0, n, 1.0)
+        t = self._launches[p] + n * self.per_expert_s(p, tokens / safe_n)
+        return np.where(n > 0, t, 0.0)
+
+    def group_s(self, p: int, tokens: int, n: int) -> float:
+        """Scalar :meth:`group_s_vec`, memoized (bit-identical to the vector form)."""
+        key = (p, tokens, n)
+        t = self._memo.get(key)
+        if t is None:
+            t = self._memo[key] = float(self.group_s_vec(p, np.array([tokens]), np.array([n]))[0])
+        return t
+
+    def non_moe_s(self, tokens: np.ndarray) -> np.ndarray:
+        """Seconds of the non-MoE part of one layer for passes of ``tokens`` tokens."""
+        spec, hw = self.spec, self.hw
+        mem = spec.non_expert_bytes_per_layer / (hw.hbm_gbps * 1e9)
+        comp = np.asarray(tokens, dtype=np.float64) * spec.non_expert_flops_per_token_per_layer / hw.peak_flops("bf16")
+        return hw.launch_s * hw.non_moe_launches + np.maximum(mem, comp)
+
+    def host_expert_s(self, tokens_per_expert: int) -> float:
+        """Seconds the host takes for one expert (bf16 weights) at ``tokens_per_expert``."""
+        hw = self.hw
+        mem = self.spec.expert_bytes("bf16") / (hw.host_gbps * 1e9)
+        comp = tokens_per_expert * self._flops_per_token / (hw.host_gflops * 1e9)
+        return hw.host_overhead_s + max(mem, comp)
+
+    def activation_bytes(self, tokens: int) -> int:
+        """Bytes of ``tokens`` bf16 hidden states (what a host expert sends or receives)."""
+        return 2 * self.spec.hidden * tokens

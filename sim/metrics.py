@@ -1,0 +1,165 @@
+"""What a replay measured: per-layer-step records, per-pass rows, and the run summary.
+
+The engine fills a :class:`Recorder` as it goes (plain lists, cheap appends) and turns it into
+a :class:`RunResult` of numpy arrays. From that, :func:`pass_table` builds one row per forward
+pass (the rows of ``steps.parquet``) and :func:`summarize` the run's ``summary.json``.
+
+Definitions:
+
+- latency of a pass: from the end of the previous pass to the end of this one;
+- TTFT of a batch: from its first layer step's start to the end of its prefill pass;
+  TPOT: the latency of each decode pass (each sequence of the batch gets one token per pass);
+- tokens/s: decode tokens over decode time (0 when the workload has no decode);
+- stall: time a layer waited for expert copies; host wait: time a layer waited for experts
+  computed on the host beyond its device compute;
+- quality proxy: gate-weighted expert error summed over all routed (token, expert) pairs,
+  divided by the (token, layer) pairs (see :mod:`core.quality`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core.routing import LayerSteps
+
+COUNTERS = ("h2d_bytes", "d2h_bytes", "h2d_weight_bytes", "promotions", "prefetches", "demotions", "refusals",
+            "hbm_used_bytes", "hbm_peak_bytes")
+
+
+@dataclass
+class Recorder:
+    """Per-layer-step lists the engine appends to, and counter snapshots at pass ends."""
+
+    precisions: list[str]
+    end_s: Any = field(default_factory=list)  # lists, or arrays from the vectorized path
+    stall_s: Any = field(default_factory=list)
+    host_wait_s: Any = field(default_factory=list)
+    err: Any = field(default_factory=list)
+    act: Any = field(default_factory=list)  # P + 1 per step: tokens per precision, then host
+    snaps: list[tuple[int, ...]] = field(default_factory=list)  # COUNTERS at each pass end
+
+
+@dataclass
+class RunResult:
+    """Arrays of one replay (S layer steps, P pool precisions, N passes)."""
+
+    precisions: list[str]
+    ls_batch: np.ndarray  # [S]
+    ls_pass: np.ndarray  # [S]
+    ls_tokens: np.ndarray  # [S]
+    end_s: np.ndarray  # [S] float64
+    stall_s: np.ndarray  # [S]
+    host_wait_s: np.ndarray  # [S]
+    err: np.ndarray  # [S] gate-weighted error sum
+    act: np.ndarray  # [S, P+1] activations per precision, last column host
+    snaps: np.ndarray  # [N, len(COUNTERS)] counters at each pass end
+    wall_s: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_recorder(cls, rec: Recorder, view: LayerSteps, wall_s: float, info: dict[str, Any]) -> RunResult:
+        P = len(rec.precisions)
+        return cls(
+            precisions=list(rec.precisions),
+            ls_batch=np.asarray(view.ls_batch),
+            ls_pass=np.asarray(view.ls_pass),
+            ls_tokens=np.asarray(view.ls_tokens),
+            end_s=np.asarray(rec.end_s, dtype=np.float64),
+            stall_s=np.asarray(rec.stall_s, dtype=np.float64),
+            host_wait_s=np.asarray(rec.host_wait_s, dtype=np.float64),
+            err=np.asarray(rec.err, dtype=np.float64),
+            act=np.asarray(rec.act, dtype=np.int64).reshape(-1, P + 1),
+            snaps=np.asarray(rec.snaps, dtype=np.int64).reshape(-1, len(COUNTERS)),
+            wall_s=wall_s,
+            info=info,
+        )
+
+    @property
+    def layer_steps(self) -> int:
+        return int(self.end_s.shape[0])
+
+    def pass_starts(self) -> np.ndarray:
+        """Index of the first layer step of every pass."""
+        key = self.ls_batch.astype(np.int64) * (int(self.ls_pass.max(initial=0)) + 1) + self.ls_pass
+        if key.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+
+
+def pass_table(r: RunResult) -> pd.DataFrame:
+    """One row per forward pass: timing, traffic, occupancy, precision mix and quality."""
+    starts = r.pass_starts()
+    if starts.size == 0:
+        return pd.DataFrame()
+    ends = np.r_[starts[1:], r.layer_steps] - 1
+    t_start = np.r_[0.0, r.end_s][starts]
+    token_layers = np.add.reduceat(r.ls_tokens.astype(np.int64), starts)
+    df = pd.DataFrame({
+        "batch": r.ls_batch[starts].astype(np.int32),
+        "pass": r.ls_pass[starts].astype(np.int32),
+        "phase": np.where(r.ls_pass[starts] == 0, "prefill", "decode"),
+        "tokens": r.ls_tokens[starts].astype(np.int32),
+        "start_s": t_start,
+        "end_s": r.end_s[ends],
+        "latency_s": r.end_s[ends] - t_start,
+        "stall_s": np.add.reduceat(r.stall_s, starts),
+        "host_wait_s": np.add.reduceat(r.host_wait_s, starts),
+    })
+    diffs = np.diff(np.vstack([np.zeros((1, len(COUNTERS)), np.int64), r.snaps]), axis=0)
+    for k, name in enumerate(COUNTERS):
+        df[name] = r.snaps[:, k] if name.startswith("hbm_") else diffs[:, k]
+    act = np.add.reduceat(r.act, starts, axis=0)
+    for k, p in enumerate([*r.precisions, "host"]):
+        df[f"act_{p}"] = act[:, k]
+    df["quality_proxy"] = np.add.reduceat(r.err, starts) / np.maximum(token_layers, 1)
+    return df
+
+
+def _ms(x: float) -> float | None:
+    return None if not math.isfinite(x) else x * 1e3
+
+
+def _ttft_s(df: pd.DataFrame) -> np.ndarray:
+    """Per batch with a prefill pass: end of prefill minus the batch's start."""
+    first = df.groupby("batch", sort=True).first()
+    pre = first[first["pass"] == 0]
+    return (pre["end_s"] - pre["start_s"]).to_numpy()
+
+
+def summarize(r: RunResult) -> dict[str, Any]:
+    """The run summary (``summary.json``); times in ms where the key says so."""
+    df = pass_table(r)
+    dec = df[df["phase"] == "decode"] if len(df) else df
+    ttft = _ttft_s(df) if len(df) else np.zeros(0)
+    tpot = dec["latency_s"].to_numpy() if len(dec) else np.zeros(0)
+    dec_time = float(tpot.sum())
+    total_act = r.act.sum(axis=0)
+    last = r.snaps[-1] if r.snaps.shape[0] else np.zeros(len(COUNTERS), np.int64)
+    counters = {name: int(last[k]) for k, name in enumerate(COUNTERS)}
+    counters.pop("hbm_used_bytes")
+    sim_s = float(r.end_s[-1]) if r.layer_steps else 0.0
+    out: dict[str, Any] = {
+        "ttft_ms": _ms(float(ttft.mean())) if ttft.size else None,
+        "ttft_ms_p99": _ms(float(np.percentile(ttft, 99))) if ttft.size else None,
+        "tpot_ms_p50": _ms(float(np.percentile(tpot, 50))) if tpot.size else None,
+        "tpot_ms_p99": _ms(float(np.percentile(tpot, 99))) if tpot.size else None,
+        "tpot_ms_mean": _ms(float(tpot.mean())) if tpot.size else None,
+        "tokens_per_s": float(dec["tokens"].sum() / dec_time) if dec_time > 0 else 0.0,
+        "stall_s": float(r.stall_s.sum()),
+        "host_wait_s": float(r.host_wait_s.sum()),
+        **counters,
+        "quality_proxy": float(r.err.sum() / max(int(r.ls_tokens.sum()), 1)),
+        "activations": {p: int(n) for p, n in zip([*r.precisions, "host"], total_act, strict=True)},
+        "sim_time_s": sim_s,
+        "passes": int(len(df)),
+        "layer_steps": r.layer_steps,
+        "wall_s": r.wall_s,
+        "layer_steps_per_s": r.layer_steps / r.wall_s if r.wall_s > 0 else None,
+    }
+    out.update(r.info)
+    return out

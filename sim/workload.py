@@ -1,0 +1,100 @@
+"""Workloads: the replay view of the embedded default trace, a trace file, or a synthetic one.
+
+Also the model check: a trace carries its ModelSpec, and a run whose ``model=`` disagrees
+with it stops before simulating, naming the fields that differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import traces
+from core.model_spec import MODEL_PRESETS, ModelSpec
+from sim.config import WorkloadConfig, WorkloadKind, preset_stem
+from sim.synth import synth_trace
+from traces.format import Trace, read_trace
+from traces.replay import ReplayView, build_view, load_view
+
+
+class WorkloadError(ValueError):
+    """The workload cannot be loaded or does not fit the configured model."""
+
+
+@dataclass
+class Workload:
+    """A replay view and what it came from."""
+
+    view: ReplayView
+    spec: ModelSpec
+    source: str
+
+
+def default_trace_path() -> Path:
+    """The embedded default workload (a Qwen3-30B-A3B-shaped synthetic trace)."""
+    return Path(traces.__file__).resolve().parent / "data" / "default.parquet"
+
+
+def first_seqs(t: Trace, n: int) -> Trace:
+    """The rows of the first ``n`` sequences (in id order) of ``t``."""
+    keep = np.unique(t.seq)[:n]
+    rows = np.isin(t.seq, keep)
+    return Trace(t.meta, t.seq[rows], t.step[rows], t.phase[rows], t.layer[rows], t.expert[rows],
+                 None if t.gate is None else t.gate[rows])
+
+
+def _view_of_file(path: Path, cfg: WorkloadConfig) -> ReplayView:
+    if cfg.max_seqs > 0:
+        return build_view(first_seqs(read_trace(path), cfg.max_seqs), cfg.batch)
+    return load_view(path, cfg.batch)
+
+
+def check_model(trace_spec: ModelSpec, spec: ModelSpec, where: str) -> None:
+    """Raise WorkloadError when the trace's model differs from the configured one."""
+    if trace_spec == spec:
+        return
+    diff = [f"{f.name} {getattr(trace_spec, f.name)} vs {getattr(spec, f.name)}"
+            for f in dataclasses.fields(ModelSpec) if getattr(trace_spec, f.name) != getattr(spec, f.name)]
+    match = [n for n, s in MODEL_PRESETS.items() if s == trace_spec]
+    hint = f"pass model={preset_stem(match[0])}" if match else "pass model=trace to take the trace's own model"
+    raise WorkloadError(f"{where} is a trace of {trace_spec.name} but model= is {spec.name} ({'; '.join(diff)}); {hint}")
+
+
+def load_workload(cfg: WorkloadConfig, spec: ModelSpec | None, seed: int) -> Workload:
+    """The replay view for ``cfg``; ``spec`` None takes the model from the trace."""
+    if cfg.batch < 1:
+        raise WorkloadError(f'"workload.batch" must be >= 1, got {cfg.batch}')
+    if cfg.kind is WorkloadKind.SYNTH:
+        if spec is None:
+            raise WorkloadError("workload=synth needs a model preset (model=trace has no trace to read)")
+        trace = synth_trace(spec, np.random.default_rng(seed), seqs=cfg.seqs, prompt_tokens=cfg.prompt_tokens,
+                            decode_tokens=cfg.decode_tokens, skew=cfg.skew, reuse=cfg.reuse)
+        if cfg.max_seqs > 0:
+            trace = first_seqs(trace, cfg.max_seqs)
+        return Workload(build_view(trace, cfg.batch), spec, f"synth(seed={seed})")
+    if cfg.kind is WorkloadKind.DEFAULT:
+        path = default_trace_path()
+        if not path.exists():
+            raise WorkloadError(f"the embedded default workload {path} is missing; "
+                                "use workload=synth or workload=file workload.path=TRACE.parquet")
+    else:
+        if not cfg.path:
+            raise WorkloadError("workload=file needs workload.path=TRACE.parquet")
+        path = Path(cfg.path).expanduser()
+    view = _view_of_file(path, cfg)
+    assert view.meta is not None
+    trace_spec = view.meta.spec
+    if spec is not None:
+        check_model(trace_spec, spec, str(path))
+    return Workload(view, trace_spec, str(path))
+
+
+def load_profile(path: str, spec: ModelSpec) -> ReplayView:
+    """A profiling trace's routing (batch 1), checked against the model."""
+    view = load_view(Path(path).expanduser(), 1)
+    assert view.meta is not None
+    check_model(view.meta.spec, spec, path)
+    return view

@@ -7,8 +7,10 @@ copies and a stall) and ``static_uniform`` (all experts int4, 24 GB: the vectori
 path). Reports layer steps per second of the replay itself (set-up timed apart), per wall
 and per CPU second (a loaded machine inflates wall time), best of ``--repeat``, the policy
 actions carried out (promotions, demotions, refusals: the work that dominates a dynamic
-policy's step), and this machine's bare SimPy rate (empty timeouts per second) so that
-figures from different machines can be compared. Target: >= 100,000 layer steps/s.
+policy's step) and the replay's CPU time per action, the load average, and this machine's
+bare SimPy rate (empty timeouts per second: the engine yields one per layer step, so this is
+the ceiling of any replay) so that figures from different machines can be compared.
+Target: >= 100,000 layer steps/s.
 
     python benchmarks/sim_speed.py                 # the default trace, batch 1 and 16
     python benchmarks/sim_speed.py --trace T.parquet --batch 1 4 16 --repeat 3
@@ -114,20 +116,23 @@ def main() -> None:
     hw = hardware(args.hardware)
     print(f"trace: {source} ({trace.spec.name}, {trace.num_seqs} sequences, {trace.rows:,} rows)")
     wall_rate, cpu_rate = simpy_rate()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"machine: {cpu_model()}, nproc {os.cpu_count()}, python {platform.python_version()}, "
+        f"machine: {cpu_model()}, nproc {os.cpu_count()}, load average {load}, python {platform.python_version()}, "
         f"bare SimPy {wall_rate:,.0f} timeouts/s ({cpu_rate:,.0f} per CPU s)"
     )
     print(
         f"{'policy':<16}{'batch':>6}{'layer steps':>13}{'actions':>10}{'replay s':>10}{'steps/s':>10}"
-        f"{'CPU s':>8}{'steps/CPU s':>13}{'set-up s':>10}"
+        f"{'CPU s':>8}{'steps/CPU s':>13}{'CPU us/action':>15}{'set-up s':>10}"
     )
     for batch in args.batch:
         for policy, knobs in CASES:
             m = measure(trace, batch, policy, knobs, args.budget_gb, hw, args.repeat)
+            per_action = f"{m['cpu'] / m['actions'] * 1e6:.2f}" if m["actions"] else "-"
             print(
                 f"{policy:<16}{batch:>6}{m['steps']:>13,}{m['actions']:>10,}{m['wall']:>10.3f}"
-                f"{m['steps'] / m['wall']:>10,.0f}{m['cpu']:>8.3f}{m['steps'] / m['cpu']:>13,.0f}{m['setup']:>10.3f}"
+                f"{m['steps'] / m['wall']:>10,.0f}{m['cpu']:>8.3f}{m['steps'] / m['cpu']:>13,.0f}{per_action:>15}"
+                f"{m['setup']:>10.3f}"
             )
 
 

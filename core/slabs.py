@@ -14,9 +14,9 @@ adds the tensor storage behind each slab id. Policies read a ledger through its 
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from enum import IntEnum
+from heapq import heappop, heappush
 
 from core.keys import ExpertKey
 
@@ -60,8 +60,22 @@ class SlabClass:
             )
 
 
+# Slab states as plain ints inside the ledger (an IntEnum compare costs ~4x an int compare);
+# the public methods hand out SlabState members.
+_FREE, _LOADING, _READY, _DRAINING = 0, 1, 2, 3
+_STATES = tuple(SlabState)  # int -> member
+_NO_FREE_SLAB, _ALREADY_PRESENT = Refusal.NO_FREE_SLAB, Refusal.ALREADY_PRESENT
+_NOT_PRESENT, _IN_FLIGHT, _UNKNOWN_PRECISION = Refusal.NOT_PRESENT, Refusal.IN_FLIGHT, Refusal.UNKNOWN_PRECISION
+_ClassBooks = tuple[dict[ExpertKey, int], list[int], int]  # (slot, free heap, slab bytes) of one class
+
+
 class SlabLedger:
-    """Which expert copy lives in which slab, and in which state; see the module docstring."""
+    """Which expert copy lives in which slab, and in which state; see the module docstring.
+
+    Internally one record per precision, ``(slot, free, slab_bytes)``: ``slot`` maps an
+    :class:`ExpertKey` to the slab holding its copy (LOADING or READY; a DRAINING slab has
+    left it), ``free`` is the class's min-heap of free slab ids. Slab states are ints.
+    """
 
     def __init__(self, classes: list[SlabClass], budget_bytes: int) -> None:
         if budget_bytes <= 0:
@@ -77,17 +91,16 @@ class SlabLedger:
         self.budget_bytes = budget_bytes
         self.pool_bytes = total
         self.classes: dict[str, SlabClass] = {c.precision: c for c in classes}
-        self._class_of: list[str] = []
-        self._free: dict[str, list[int]] = {}
+        self._class_of: list[_ClassBooks] = []  # slab id -> its class's books
+        self._cls: dict[str, _ClassBooks] = {}
         for c in classes:
             first = len(self._class_of)
-            self._class_of.extend([c.precision] * c.count)
-            self._free[c.precision] = list(range(first, first + c.count))  # already a heap
+            rec: _ClassBooks = ({}, list(range(first, first + c.count)), c.slab_bytes)  # a range is a heap
+            self._cls[c.precision] = rec
+            self._class_of.extend([rec] * c.count)
         n = len(self._class_of)
-        self._state = [SlabState.FREE] * n
-        self._owner: list[ExpertKey | None] = [None] * n
+        self._state = [_FREE] * n
         self._pins = [0] * n
-        self._slot: dict[tuple[ExpertKey, str], int] = {}
         self.used_bytes = 0
 
     # ---- residency view (read-only queries) ----
@@ -97,77 +110,93 @@ class SlabLedger:
 
     def state(self, key: ExpertKey, precision: str) -> SlabState:
         """State of ``key``'s copy in ``precision`` (FREE when there is none)."""
-        slab = self._slot.get((key, precision))
-        return SlabState.FREE if slab is None else self._state[slab]
+        slab = self.slab_of(key, precision)
+        return SlabState.FREE if slab is None else _STATES[self._state[slab]]
 
     def is_ready(self, key: ExpertKey, precision: str) -> bool:
-        slab = self._slot.get((key, precision))
-        return slab is not None and self._state[slab] == SlabState.READY
+        rec = self._cls.get(precision)
+        slab = None if rec is None else rec[0].get(key)
+        return slab is not None and self._state[slab] == _READY
 
     def is_loading(self, key: ExpertKey, precision: str) -> bool:
-        slab = self._slot.get((key, precision))
-        return slab is not None and self._state[slab] == SlabState.LOADING
+        rec = self._cls.get(precision)
+        slab = None if rec is None else rec[0].get(key)
+        return slab is not None and self._state[slab] == _LOADING
 
     def has_copy(self, key: ExpertKey, precision: str) -> bool:
         """A READY or LOADING copy exists (DRAINING ones are on their way out)."""
-        slab = self._slot.get((key, precision))
-        return slab is not None and self._state[slab] in (SlabState.READY, SlabState.LOADING)
+        return self.slab_of(key, precision) is not None
 
     def free_slabs(self, precision: str) -> int:
-        free = self._free.get(precision)
-        return 0 if free is None else len(free)
+        rec = self._cls.get(precision)
+        return 0 if rec is None else len(rec[1])
 
     def slab_of(self, key: ExpertKey, precision: str) -> int | None:
-        return self._slot.get((key, precision))
+        rec = self._cls.get(precision)
+        return None if rec is None else rec[0].get(key)
 
     def copies(self) -> list[tuple[ExpertKey, str, SlabState]]:
         """Every copy in the pool, sorted, for tests and snapshots."""
-        return sorted((k, p, self._state[s]) for (k, p), s in self._slot.items())
+        state = self._state
+        return sorted((k, p, _STATES[state[s]]) for p, rec in self._cls.items() for k, s in rec[0].items())
 
     # ---- mechanism (engines only) ----
     def begin_load(self, key: ExpertKey, precision: str) -> int | Refusal:
         """Reserve a slab for a copy about to be written; the slab id, or why not."""
-        free = self._free.get(precision)
-        if free is None:
-            return Refusal.UNKNOWN_PRECISION
-        if (key, precision) in self._slot:
-            slab = self._slot[(key, precision)]
-            return Refusal.IN_FLIGHT if self._state[slab] == SlabState.LOADING else Refusal.ALREADY_PRESENT
+        rec = self._cls.get(precision)
+        if rec is None:
+            return _UNKNOWN_PRECISION
+        slot, free, nbytes = rec
         if not free:
-            return Refusal.NO_FREE_SLAB
-        slab = heapq.heappop(free)
-        self._state[slab] = SlabState.LOADING
-        self._owner[slab] = key
-        self._slot[(key, precision)] = slab
-        self.used_bytes += self.classes[precision].slab_bytes
-        return slab
+            slab = slot.get(key)
+            if slab is None:
+                return _NO_FREE_SLAB
+        else:
+            slab = slot.setdefault(key, free[0])  # one hash: the lowest free slab, unless a copy exists
+            if slab == free[0]:
+                heappop(free)
+                self._state[slab] = _LOADING
+                self.used_bytes += nbytes
+                return slab
+        return _IN_FLIGHT if self._state[slab] == _LOADING else _ALREADY_PRESENT
 
     def finish_load(self, slab: int) -> None:
         """The copy into ``slab`` is complete: it may be served from now on."""
-        self._check_id(slab)
-        if self._state[slab] != SlabState.LOADING:
-            raise PoolError(f"finish_load on slab {slab} in state {self._state[slab].name}")
-        self._state[slab] = SlabState.READY
+        state = self._state
+        if slab.__class__ is not int or not 0 <= slab < len(state):
+            self._check_id(slab)
+        if state[slab] != _LOADING:
+            raise PoolError(f"finish_load on slab {slab} in state {_STATES[state[slab]].name}")
+        state[slab] = _READY
 
     def evict(self, key: ExpertKey, precision: str) -> int | Refusal:
         """Drop ``key``'s copy in ``precision``; a pinned slab drains and frees on its last unpin."""
-        slab = self._slot.get((key, precision))
-        if slab is None or self._state[slab] == SlabState.DRAINING:
-            return Refusal.NOT_PRESENT
-        if self._state[slab] == SlabState.LOADING:
-            return Refusal.IN_FLIGHT
-        del self._slot[(key, precision)]
+        rec = self._cls.get(precision)
+        if rec is None:
+            return _NOT_PRESENT
+        slot, free, nbytes = rec
+        slab = slot.pop(key, None)
+        if slab is None:
+            return _NOT_PRESENT
+        state = self._state
+        if state[slab] == _LOADING:
+            slot[key] = slab  # put back: a copy in flight cannot be dropped
+            return _IN_FLIGHT
         if self._pins[slab]:
-            self._state[slab] = SlabState.DRAINING
+            state[slab] = _DRAINING
         else:
-            self._release(slab)
+            state[slab] = _FREE
+            self.used_bytes -= nbytes
+            heappush(free, slab)
         return slab
 
     def pin(self, slab: int) -> None:
         """A kernel starts reading ``slab`` (it must be READY)."""
         self._check_id(slab)
-        if self._state[slab] != SlabState.READY:
-            raise PoolError(f"pin of slab {slab} in state {self._state[slab].name}: only READY copies are served")
+        if self._state[slab] != _READY:
+            raise PoolError(
+                f"pin of slab {slab} in state {_STATES[self._state[slab]].name}: only READY copies are served"
+            )
         self._pins[slab] += 1
 
     def unpin(self, slab: int) -> None:
@@ -176,7 +205,7 @@ class SlabLedger:
         if self._pins[slab] <= 0:
             raise PoolError(f"unpin of slab {slab} that is not pinned")
         self._pins[slab] -= 1
-        if self._pins[slab] == 0 and self._state[slab] == SlabState.DRAINING:
+        if self._pins[slab] == 0 and self._state[slab] == _DRAINING:
             self._release(slab)
 
     def _check_id(self, slab: int) -> None:
@@ -185,8 +214,7 @@ class SlabLedger:
             raise PoolError(f"{slab!r} is not a slab id of this pool (0..{len(self._state) - 1})")
 
     def _release(self, slab: int) -> None:
-        precision = self._class_of[slab]
-        self._state[slab] = SlabState.FREE
-        self._owner[slab] = None
-        self.used_bytes -= self.classes[precision].slab_bytes
-        heapq.heappush(self._free[precision], slab)
+        _, free, nbytes = self._class_of[slab]
+        self._state[slab] = _FREE
+        self.used_bytes -= nbytes
+        heappush(free, slab)

@@ -25,7 +25,7 @@ import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -58,34 +58,41 @@ class ActionKind(IntEnum):
     DEMOTE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Action:
-    """One decision about one expert copy."""
+class Action(NamedTuple):
+    """One decision about one expert copy.
+
+    A NamedTuple (immutable, hashable, compared by value): it costs about half a frozen
+    dataclass to build, and policies that thrash build one or two per miss."""
 
     kind: ActionKind
     key: ExpertKey
     precision: str
 
 
+_PROMOTE, _PREFETCH, _DEMOTE = ActionKind.PROMOTE, ActionKind.PREFETCH, ActionKind.DEMOTE
+
+
 def promote(layer: int, expert: int, precision: str) -> Action:
-    return Action(ActionKind.PROMOTE, ExpertKey(layer, expert), precision)
+    return Action(_PROMOTE, ExpertKey(layer, expert), precision)
 
 
 def prefetch(layer: int, expert: int, precision: str) -> Action:
-    return Action(ActionKind.PREFETCH, ExpertKey(layer, expert), precision)
+    return Action(_PREFETCH, ExpertKey(layer, expert), precision)
 
 
 def demote(layer: int, expert: int, precision: str) -> Action:
-    return Action(ActionKind.DEMOTE, ExpertKey(layer, expert), precision)
+    return Action(_DEMOTE, ExpertKey(layer, expert), precision)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LayerObs:
-    """The routing of one layer step, as the router produced it.
+    """The routing of one layer step, as the router produced it (read-only by contract).
 
     ``experts`` are the distinct experts needed (ascending), ``tokens`` the tokens routed to
     each and ``gate`` their summed gate weight, all numpy arrays of equal length. ``index`` is
     the layer step's position in the replay (0, 1, ...), ``now_s`` the engine's clock.
+    Not frozen: an engine builds one per layer step, and a frozen dataclass costs six times
+    as much to build; policies must not assign to it.
     """
 
     index: int

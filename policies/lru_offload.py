@@ -139,19 +139,22 @@ class OffloadCache(Policy):
     # ---- serving ----
     def on_layer_step(self, obs: LayerObs, res: SlabLedger) -> Sequence[Action]:
         base = obs.layer * self._experts
-        keys = [base + e for e in obs.experts.tolist()]
+        keys = [base + e for e in obs.experts.tolist()]  # flat ids
         misses = self._use(keys, obs)
         if not misses:
             return ()
         return self._fetch(misses, keys, obs, res)
 
-    def _fetch(self, misses: list[int], keys: list[int], obs: LayerObs, res: SlabLedger) -> list[Action]:
-        """DEMOTE/PROMOTE pairs (or a bare PROMOTE into a free slab) for each miss, in order."""
+    def _check_fits(self, keys: list[int], obs: LayerObs) -> None:
         if len(keys) > self.capacity:
             raise ValueError(
                 f"{self.cfg.name}: layer step {obs.index} (layer {obs.layer}) needs {len(keys)} experts "
                 f"at once but the cache holds {self.capacity}; raise budget_gb or lower the batch size"
             )
+
+    def _fetch(self, misses: list[int], keys: list[int], obs: LayerObs, res: SlabLedger) -> list[Action]:
+        """DEMOTE/PROMOTE pairs (or a bare PROMOTE into a free slab) for each miss, in order."""
+        self._check_fits(keys, obs)
         free = res.free_slabs(self.precision)
         needed = set(keys)
         actions: list[Action] = []
@@ -226,12 +229,43 @@ class LruOffload(OffloadCache):
     def _admit(self, k: int) -> None:
         self._lru[k] = None
 
-    def _pop_victim(self, needed: set[int], res: SlabLedger, obs: LayerObs) -> int:
+    def _fetch(self, misses: list[int], keys: list[int], obs: LayerObs, res: SlabLedger) -> list[Action]:
+        """As :meth:`OffloadCache._fetch`, with all victims found in one pass over the LRU order
+        (the same ones: an admitted miss is needed now, so never a victim of this step)."""
+        if len(keys) > self.capacity:
+            self._check_fits(keys, obs)
+        free = res.free_slabs(self.precision)
+        lru, promote_of = self._lru, self._promote_of
+        if len(misses) <= free:
+            for k in misses:
+                lru[k] = None
+            return [promote_of[k] for k in misses]
+        victims = self._victims(len(misses) - free, set(keys), res, obs)
+        actions = [promote_of[k] for k in misses[:free]]
+        demote_of = self._demote_of
+        for v, k in zip(victims, misses[free:], strict=True):
+            del lru[v]
+            actions.append(demote_of[v])
+            actions.append(promote_of[k])
+        for k in misses:
+            lru[k] = None
+        return actions
+
+    def _victims(self, n: int, needed: set[int], res: SlabLedger, obs: LayerObs) -> list[int]:
+        """The ``n`` least recently used evictable experts, least recent first."""
+        is_ready, key_of, precision = res.is_ready, self._key_of, self.precision
+        victims: list[int] = []
         for k in self._lru:
-            if self.evictable(k, needed, res):
-                del self._lru[k]
-                return k
+            if k not in needed and is_ready(key_of[k], precision):
+                victims.append(k)
+                if len(victims) == n:
+                    return victims
         raise self.no_victim(obs)
+
+    def _pop_victim(self, needed: set[int], res: SlabLedger, obs: LayerObs) -> int:
+        k = self._victims(1, needed, res, obs)[0]
+        del self._lru[k]
+        return k
 
     def _forget(self, k: int) -> None:
         self._lru.pop(k, None)

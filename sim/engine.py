@@ -27,17 +27,22 @@ Timing of one layer step, starting at ``t0`` (the end of the previous one):
    comes after the unpin, so pins never change a decision).
 
 Initial loads (``policy.initial_loads()``) are placed before t = 0, untimed and uncounted.
-Copy completions are closed-form times; the engine yields one SimPy timeout per layer step.
-Static policies whose experts are all resident take a vectorized path (:mod:`sim.fastpath`)
-that gives the same numbers bit for bit.
+Copy completions are closed-form times, and copies turn READY lazily: when a step starts or
+waits past the earliest pending completion (no event per copy); the engine yields one SimPy
+timeout per layer step. The policy's actions of a step go to the pool in one call
+(:meth:`sim.pool.SimPool.apply`). Routing is turned into Python lists a chunk of layer steps
+at a time. Two shortcuts give the same numbers bit for bit (tests check it): static policies
+whose experts are all resident take a vectorized path, and one-class pools (one precision,
+e.g. the offload caches) take each step's tokens, kernel time and error from numpy per chunk
+(both in :mod:`sim.fastpath`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import simpy
@@ -51,15 +56,26 @@ from core.quality import SensitivityTable, analytic_error
 from core.routing import LayerSteps
 from core.slabs import Refusal, SlabLedger
 from policies.base import Action, ActionKind, LayerObs, MissRule, Policy, PolicyContext
-from sim.fastpath import static_plan
+from sim.fastpath import single_class_server, static_plan
 from sim.kernels import KernelModel
 from sim.link import Link
 from sim.metrics import Recorder, RunResult
 from sim.pool import SimPool
 
 CHUNK = 4096  # layer steps converted to Python lists at a time
-_DEMOTE, _PREFETCH = ActionKind.DEMOTE, ActionKind.PREFETCH
 _STALL, _HOST = MissRule.STALL, MissRule.HOST
+
+
+class _Chunk(NamedTuple):
+    """Layer steps of one chunk as Python lists (entry offsets relative to ``lo``)."""
+
+    lo: int
+    off: list[int]
+    ex: tuple[list[int], list[int], list[float]]  # expert, tokens, gate per entry
+    layers: list[int]
+    passes: list[int]
+    non_moe_s: list[float]
+    pass_end: list[bool]
 
 
 class PolicyError(ValueError):
@@ -142,7 +158,8 @@ class Engine:
         for n in names:
             mix = mixes[n]
             per.append(col[n] if mix is None else np.asarray(mix.error(col[mix.low], col[mix.high])))
-        self.err_of = np.stack(per[: self.P], axis=2).tolist()  # [L][E][P]
+        self.err_table = np.stack(per[: self.P], axis=2).astype(np.float64)  # [L, E, P]
+        self.err_of = self.err_table.tolist()  # [L][E][P]
         self.host_err = per[self.P].tolist()  # [L][E]
 
     def _check_feasible(self) -> None:
@@ -166,7 +183,7 @@ class Engine:
                 self.policy.on_refused(a, r)
 
     def _check_key(self, key: ExpertKey) -> None:
-        if not (0 <= key.layer < self.spec.layers and 0 <= key.expert < self.spec.experts):
+        if not (0 <= key[0] < self.spec.layers and 0 <= key[1] < self.spec.experts):
             raise PolicyError(f"policy {self.name} named expert {key}, outside {self.spec.name}'s "
                               f"{self.spec.layers} layers x {self.spec.experts} experts")
 
@@ -206,67 +223,70 @@ class Engine:
         return (self.h2d.bytes_total, self.d2h.bytes_total, self.pool.loaded_bytes, c["promotions"],
                 c["prefetches"], c["demotions"], c["refusals"], self.ledger.used_bytes, self.pool.peak_bytes)
 
+    def _chunk(self, c0: int, c1: int, non_moe: np.ndarray, ends: np.ndarray) -> _Chunk:
+        """Layer steps ``c0:c1`` as Python lists for the event loop (one numpy pass per chunk)."""
+        v = self.view
+        lo, hi = int(v.offsets[c0]), int(v.offsets[c1])
+        ex = (np.asarray(v.ex_expert[lo:hi]).tolist(), np.asarray(v.ex_tokens[lo:hi]).tolist(),
+              np.asarray(v.ex_gate[lo:hi], dtype=np.float64).tolist())
+        return _Chunk(lo, (np.asarray(v.offsets[c0 : c1 + 1]) - lo).tolist(), ex, v.ls_layer[c0:c1].tolist(),
+                      v.ls_pass[c0:c1].tolist(), non_moe[c0:c1].tolist(), ends[c0:c1].tolist())
+
     def _replay(self, env: simpy.Environment, rec: Recorder, bar: tqdm) -> Generator[simpy.Event, Any, None]:
-        v, pool = self.view, self.pool
-        S = v.layer_steps
-        non_moe = self.kernels.non_moe_s(np.asarray(v.ls_tokens))
-        ends = self.pass_ends()
-        call = not self.policy.is_static
-        pending, serve, consult, timeout = pool.pending, self._serve, self._consult, env.timeout
-        t = 0.0
-        for c0 in range(0, S, CHUNK):
-            c1 = min(S, c0 + CHUNK)
-            lo, hi = int(v.offsets[c0]), int(v.offsets[c1])
-            off = (np.asarray(v.offsets[c0 : c1 + 1]) - lo).tolist()
-            ex = (np.asarray(v.ex_expert[lo:hi]).tolist(), np.asarray(v.ex_tokens[lo:hi]).tolist(),
-                  np.asarray(v.ex_gate[lo:hi], dtype=np.float64).tolist())
-            layers, passes = v.ls_layer[c0:c1].tolist(), v.ls_pass[c0:c1].tolist()
-            nm, pe = non_moe[c0:c1].tolist(), ends[c0:c1].tolist()
-            for j in range(c1 - c0):
+        """The event loop: per layer step, finish due copies, consult the policy, serve."""
+        v, pool, ledger = self.view, self.pool, self.ledger
+        non_moe, ends = self.kernels.non_moe_s(np.asarray(v.ls_tokens)), self.pass_ends()
+        on_step = None if self.policy.is_static else self.policy.on_layer_step
+        single = self.P == 1 and not self.opt.check and self.log is None
+        ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate
+        pending, advance, apply, timeout = pool.pending, pool.advance, self._apply, env.timeout
+        t = now = 0.0
+        for c0 in range(0, v.layer_steps, CHUNK):
+            c = self._chunk(c0, min(v.layer_steps, c0 + CHUNK), non_moe, ends)
+            serve = single_class_server(self, c0, c, rec) if single else self._server(c0, c, rec)
+            lo, off, _, layers, passes, nm, pe = c
+            for j in range(len(nm)):
                 t1 = t + nm[j]
                 if pending and pending[0][0] <= t1:
-                    pool.advance(t1)
-                if call:
-                    consult(c0 + j, layers[j], passes[j], lo + off[j], lo + off[j + 1], t1)
-                t = serve(c0 + j, layers[j], ex, off[j], off[j + 1], t1, rec)
+                    advance(t1)
+                layer = layers[j]
+                if on_step is not None:
+                    pi, a, b = passes[j], lo + off[j], lo + off[j + 1]
+                    actions = on_step(LayerObs(c0 + j, layer, 1 if pi else 0, pi, ex_expert[a:b], ex_tokens[a:b],
+                                               ex_gate[a:b], t1), ledger)
+                    if actions:
+                        apply(actions, t1)
+                t = serve(j, layer, t1)
                 if pe[j]:
                     rec.snaps.append(self.snapshot())
-                yield timeout(max(0.0, t - env.now))
-            bar.update(c1 - c0)
+                d = t - now  # SimPy's clock, tracked here: env.now + d is what the timeout sets
+                if d < 0.0:
+                    d = 0.0
+                now += d
+                yield timeout(d)
+            bar.update(len(nm))
 
-    def _consult(self, i: int, layer: int, pass_index: int, a: int, b: int, t1: float) -> None:
-        """Ask the policy about layer step ``i`` (entries ``a:b`` of the view) at ``t1``."""
-        v = self.view
-        obs = LayerObs(i, layer, 0 if pass_index == 0 else 1, pass_index,
-                       v.ex_expert[a:b], v.ex_tokens[a:b], v.ex_gate[a:b], t1)
-        actions = self.policy.on_layer_step(obs, self.ledger)
-        if actions:
-            self._apply(actions, t1)
+    def _server(self, c0: int, c: _Chunk, rec: Recorder) -> Callable[[int, int, float], float]:
+        """``serve(j, layer, t1)`` for step ``j`` of chunk ``c``: the general :meth:`_serve`."""
+        off, ex, serve = c.off, c.ex, self._serve
+
+        def serve_step(j: int, layer: int, t1: float) -> float:
+            return serve(c0 + j, layer, ex, off[j], off[j + 1], t1, rec)
+
+        return serve_step
 
     def _apply(self, actions: Sequence[Action], now: float) -> None:
         """Carry out a policy's actions in order at ``now``; report refusals back."""
-        pool, counts, log = self.pool, self.counts, self.log
-        evict, load = pool.evict, pool.load
-        L, E = self.spec.layers, self.spec.experts
-        for a in actions:
-            key, kind = a.key, a.kind
-            if not (0 <= key[0] < L and 0 <= key[1] < E):
-                self._check_key(key)
-            if kind is _DEMOTE:
-                r = evict(key, a.precision)
-                ok_name = "demotions"
-            else:
-                r = load(key, a.precision, now)
-                ok_name = "prefetches" if kind is _PREFETCH else "promotions"
-            if r.__class__ is Refusal:
-                self._refused(a, r, now)  # type: ignore[arg-type]
-                continue
-            counts[ok_name] += 1
-            if log is not None:
-                done = now if kind is _DEMOTE else pool.ready_time(key[0], key[1], pool.index[a.precision])
-                log.append((kind.name.lower(), str(key), a.precision, _us(now), _us(done)))
+        if self.log is None:
+            self.pool.apply(actions, now, self.counts, self._refused, self._check_key)
+        else:
+            self.pool.apply(actions, now, self.counts, lambda a, r: self._refused(a, r, now), self._check_key,
+                            self._log_action)
 
-    def _refused(self, a: Action, reason: Refusal, now: float) -> None:
+    def _log_action(self, a: Action, now: float, done: float) -> None:
+        self.log.append((a.kind.name.lower(), str(a.key), a.precision, _us(now), _us(done)))  # type: ignore[union-attr]
+
+    def _refused(self, a: Action, reason: Refusal, now: float = 0.0) -> None:
         self.counts["refusals"] += 1
         if self.log is not None:
             self.log.append(("refused", a.kind.name, str(a.key), a.precision, reason.name, _us(now)))

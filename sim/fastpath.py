@@ -1,4 +1,6 @@
-"""The vectorized replay of a static policy: nothing moves, so every step is known up front.
+"""Shortcuts of the replay that give the general loop's numbers bit for bit.
+
+The vectorized replay of a static policy: nothing moves, so every step is known up front.
 
 When a static policy's initial placement leaves a READY copy for every expert the workload
 needs, each layer step serves the same copies the general loop would (the best READY one),
@@ -10,7 +12,7 @@ order, so both paths give the same numbers bit for bit (a test checks it).
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,8 +86,76 @@ def static_plan(eng: Engine) -> StaticPlan | None:
     gpu = np.zeros(S)
     for p in range(P):
         gpu += eng.kernels.group_s_vec(p, tok[:, p], cnt[:, p])
-    err_table = np.asarray(eng.err_of, dtype=np.float64)  # [L, E, P]
-    w = np.asarray(v.ex_gate, dtype=np.float64) * err_table[layer_of, expert, p_of]
+    w = np.asarray(v.ex_gate, dtype=np.float64) * eng.err_table[layer_of, expert, p_of]
     err = np.bincount(step_of, weights=w, minlength=S)
     act = np.concatenate([tok, np.zeros((S, 1), np.int64)], axis=1)
     return StaticPlan(eng, gpu, err, act)
+
+
+def single_class_steps(eng: Engine, c0: int, c1: int) -> tuple[list[int], list[float], list[float]]:
+    """Layer steps ``c0:c1`` of a one-class pool: tokens, device seconds and gate-weighted
+    error of each step as if every needed expert is served from that class (what the general
+    loop computes whenever no expert goes to the host), as Python lists."""
+    v = eng.view
+    lo, hi = int(v.offsets[c0]), int(v.offsets[c1])
+    n = c1 - c0
+    sizes = np.diff(np.asarray(v.offsets[c0 : c1 + 1]))
+    step_of = np.repeat(np.arange(n, dtype=np.int64), sizes)
+    tok = np.bincount(step_of, weights=np.asarray(v.ex_tokens[lo:hi], dtype=np.int64), minlength=n).astype(np.int64)
+    gpu = eng.kernels.group_s_vec(0, tok, sizes)
+    layer_of = np.repeat(np.asarray(v.ls_layer[c0:c1], dtype=np.int64), sizes)
+    w = np.asarray(v.ex_gate[lo:hi], dtype=np.float64) * eng.err_table[layer_of, np.asarray(v.ex_expert[lo:hi], np.int64), 0]
+    err = np.bincount(step_of, weights=w, minlength=n)
+    return tok.tolist(), gpu.tolist(), err.tolist()
+
+
+def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable[[int, int, float], float]:
+    """``serve(j, layer, t1)`` for step ``j`` of chunk ``c`` (an engine chunk starting at
+    layer step ``c0``) of a one-class pool, without check or log. Every served copy is of
+    the one precision, so tokens, kernel time and error come from :func:`single_class_steps`;
+    per step only the copies to wait for are left. A step with an expert that has no copy
+    goes through the engine's general ``_serve`` (HOST computes it on the host; the other
+    rules raise). Same numbers as the general path, bit for bit."""
+    tsum, gpu, err = single_class_steps(eng, c0, c0 + len(c.layers))
+    ex_e, off, ready, general = c.ex[0], c.off, eng.pool.ready, eng._serve
+    end_s, stall_s, host_wait_s, errs, act = rec.end_s, rec.stall_s, rec.host_wait_s, rec.err, rec.act
+    wait = _single_wait if eng.policy.miss_rule is not MissRule.HOST else None
+
+    def serve(j: int, layer: int, t1: float) -> float:
+        exs = ex_e[off[j] : off[j + 1]]
+        start = t1
+        if not all(map(ready[layer].__getitem__, exs)):  # some needed copy is not READY
+            waited = None if wait is None else wait(eng, layer, exs, t1)
+            if waited is None:
+                return general(c0 + j, layer, c.ex, off[j], off[j + 1], t1, rec)
+            start = waited
+        end = start + gpu[j]
+        end_s.append(end)
+        stall_s.append(start - t1)
+        host_wait_s.append(0.0)
+        errs.append(err[j])
+        act.append(tsum[j])
+        act.append(0)
+        return end
+
+    return serve
+
+
+def _single_wait(eng: Engine, layer: int, exs: list[int], t1: float) -> float | None:
+    """When compute may start: after the last needed copy in flight (copies due by then turn
+    READY), or None when a needed expert has no copy at all."""
+    pool = eng.pool
+    rl, ll, done_at, base = pool.ready[layer], pool.loading[layer], pool.done_at, layer * eng.spec.experts
+    wait = 0.0
+    for e in exs:
+        if rl[e]:
+            continue
+        if not ll[e]:
+            return None
+        d = done_at[base + e]
+        if d > wait:
+            wait = d
+    if wait <= t1:
+        return t1
+    pool.advance(wait)
+    return wait

@@ -35,9 +35,11 @@ class Link:
 
     def submit(self, now_s: float, nbytes: int) -> float:
         """Queue a copy of ``nbytes`` at ``now_s``; returns the time it completes."""
-        dt = self.time_s(nbytes)
-        start = now_s if now_s > self.free_at else self.free_at
-        done = start + dt
+        dt = self._time_of.get(nbytes)
+        if dt is None:
+            dt = self.time_s(nbytes)
+        free_at = self.free_at
+        done = (now_s if now_s > free_at else free_at) + dt
         self.free_at = done
         self.bytes_total += nbytes
         self.busy_s += dt

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
 
 FP8_MAX = 448.0
+GROUPED_MM_MAX_GROUPS = 1024  # torch._grouped_mm refuses more groups ("Can't process more than 1024 groups")
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,7 @@ def run_class(
             tk.int_class(x, plan, layout, c, gate_up, down, w_ext, y_pair, h_buf)
             return
     rows = class_rows(plan, layout, c)
+    fast = fast and gate_up.shape[0] <= GROUPED_MM_MAX_GROUPS  # else: the active slots only (host sync)
     if fast and isinstance(gate_up, DenseStack) and isinstance(down, DenseStack):
         dense_class(x, rows, gate_up, down, w_ext, y_pair)
     elif fast and isinstance(gate_up, Fp8Stack) and isinstance(down, Fp8Stack) and fp8_grouped_supported(x.device):

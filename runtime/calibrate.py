@@ -1,0 +1,295 @@
+"""Calibration: measure this machine and write a :class:`core.hardware.HardwareProfile` YAML.
+
+``python -m runtime.calibrate [--model qwen3_30b_a3b] [--out conf/hardware/calibrated_<device>.yaml]``
+
+Measured on the current device (the GPU when there is one, else the CPU, with small sizes):
+
+- ``h2d`` / ``d2h``: pinned copies of 64 KiB .. 256 MiB (CPU: memcpy of 4 KiB .. 4 MiB); the
+  latency is the intercept of a least-squares line through (bytes, seconds), and the bandwidth
+  at each size is ``bytes / (seconds - latency)``, so ``LinkCurve.time_s`` reproduces the points;
+- ``launch_s``: one tiny kernel launched from eager Python;
+- ``kernel_tables``: the mixed-precision layer (:class:`runtime.moe_layer.MixedPrecisionMoE`) at
+  the model's expert shape, per precision and tokens per expert ``m``: the slope of one grouped
+  call's time from 1 to ``n`` experts with ``m`` tokens each (GPU: device time of CUDA-graph
+  replays, ``n`` = 64; CPU: wall clock, ``n = top_k``); ``expert_launch_ops``: the host time of
+  one eager grouped call (what eager decoding pays per layer) in units of ``launch_s``;
+- ``non_moe_launches``: a random-weight transformers decoder of the model's shape whose experts
+  return zeros, one decode token: the time per layer in units of ``launch_s``;
+- ``hbm_gbps``: bf16 expert bytes over the per-expert bf16 time at one token (streaming read);
+  ``peak_tflops``: a large bf16 matmul; host: an fp32 matmul and a large memcpy on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.hardware import HardwareProfile, KernelTable, LinkCurve
+from core.model_spec import MODEL_PRESETS, ModelSpec
+from runtime.moe_layer import MixedPrecisionMoE, build_mixed_experts
+
+CONF_HW = Path(__file__).resolve().parents[1] / "conf" / "hardware"
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    """``time(fn, reps)``: median seconds of one call (CUDA events on a GPU, wall clock on CPU)."""
+    def run(fn: Callable[[], Any], reps: int) -> float:
+        fn()  # warm-up (compiles, autotunes)
+        out = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                out.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+        return float(np.median(out))
+    return run
+
+
+def link_curve(sizes: list[int], seconds: list[float]) -> LinkCurve:
+    """Latency = least-squares intercept (>= 0); bandwidth per size reproduces each point."""
+    s, t = np.asarray(sizes, float), np.asarray(seconds, float)
+    slope, intercept = np.polyfit(s, t, 1)
+    lat = float(max(0.0, min(intercept, t.min() * 0.9)))
+    gbps = [float(x / max(y - lat, 1e-12) / 1e9) for x, y in zip(s, t, strict=True)]
+    return LinkCurve(latency_s=lat, sizes_bytes=[float(x) for x in s], gbps=gbps)
+
+
+def measure_link(device: torch.device, sizes: list[int], reps: int, to_device: bool) -> LinkCurve:
+    """Host<->device copies (pinned host memory); on CPU, plain memcpy between two buffers."""
+    time_fn = timer(device)
+    cuda = device.type == "cuda"
+    host = torch.empty(max(sizes), dtype=torch.uint8, pin_memory=cuda)
+    dev = torch.empty(max(sizes), dtype=torch.uint8, device=device)
+    secs = []
+    for n in sizes:
+        src, dst = (host[:n], dev[:n]) if to_device else (dev[:n], host[:n])
+        secs.append(time_fn(lambda src=src, dst=dst: dst.copy_(src, non_blocking=cuda), reps))
+    return link_curve(sizes, secs)
+
+
+def measure_launch(device: torch.device, reps: int = 200) -> float:
+    """Seconds per tiny op launched back to back from eager Python."""
+    x = torch.zeros(1, device=device)
+    time_fn = timer(device)
+
+    def burst() -> None:
+        for _ in range(reps):
+            x.add_(1)
+
+    return time_fn(burst, 5) / reps
+
+
+def graph_time(fn: Callable[[], Any], reps: int) -> float:
+    """Median GPU seconds of ``fn`` replayed from a CUDA graph (no launch overhead); eager if it cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up off the capture (autotuning, allocations)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return timer(torch.device("cuda"))(fn, reps)
+    return timer(torch.device("cuda"))(graph.replay, reps)
+
+
+def wall_time(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
+    """Wall seconds per call of ``fn`` issued back to back (the host's cost when launch-bound)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def measure_kernels(spec: ModelSpec, precisions: list[str], tokens: list[int], device: torch.device,
+                    launch_s: float, reps: int) -> tuple[list[KernelTable], float]:
+    """Per-expert seconds per (precision, tokens per expert) and the launch ops of a grouped launch.
+
+    On a GPU the per-expert time is the slope between 1 and ``n`` experts of CUDA-graph replays
+    (device time; eager timing would measure the host's launches), and the launch ops are the
+    eager host time of one grouped call of ``top_k`` experts at one token, less its device work.
+    On CPU both come from wall-clock times of 1 and ``top_k`` experts."""
+    cuda = device.type == "cuda"
+    n = min(spec.experts, 64) if cuda else min(spec.top_k, spec.experts)
+    gen = torch.Generator().manual_seed(0)
+    e, h, i = max(n, 2), spec.hidden, spec.expert_intermediate
+    gu = (0.02 * torch.randn(e, 2 * i, h, generator=gen)).to(device)
+    dn = (0.02 * torch.randn(e, h, i, generator=gen)).to(device)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    time_fn = timer(device)
+    tables, intercepts = [], []
+    for p in precisions:
+        layer = MixedPrecisionMoE(*build_mixed_experts(gu, dn, [p] * e))
+
+        def call(m: int, count: int, lay: MixedPrecisionMoE = layer) -> Callable[[], Any]:
+            x = torch.randn(m, h, generator=gen).to(device, dtype)
+            ids = torch.arange(count, device=device).repeat(m, 1)                   # [m, count]
+            w = torch.full((m, count), 1.0 / count, device=device)
+            return lambda: lay(x, ids, w)
+
+        per = []
+        for m in tokens:
+            t_of = {c: (graph_time(call(m, c), reps) if cuda else time_fn(call(m, c), reps)) for c in (1, n)}
+            slope = max((t_of[n] - t_of[1]) / max(n - 1, 1), 0.0)
+            per.append(slope)
+            if not cuda:
+                intercepts.append(max(t_of[1] - slope, 0.0))
+        if cuda:
+            k = min(spec.top_k, e)
+            intercepts.append(max(wall_time(call(1, k), reps, device) - k * per[0], 0.0))
+        tables.append(KernelTable(p, h, i, tokens=[float(m) for m in tokens], seconds=per))
+    ops = float(np.median(intercepts)) / max(launch_s, 1e-9)
+    return tables, ops
+
+
+def measure_non_moe(spec: ModelSpec, device: torch.device, launch_s: float, reps: int) -> float:
+    """Non-MoE launches per layer: one decode token through a decoder whose experts return zeros."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    from runtime import hf
+
+    ExpertsInterface.register("moebits_null", lambda module, x, ids, w: torch.zeros_like(x))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, _ = hf.build_random_model(spec, device=device, dtype=dtype)
+    hf.set_experts_implementation(model, "moebits_null")
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        t = timer(device)(lambda: model(input_ids=ids, use_cache=False), reps)
+    return t / spec.layers / max(launch_s, 1e-9)
+
+
+def measure_peak_tflops(device: torch.device, n: int) -> float:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t = timer(device)(lambda: a @ a, 5)
+    return 2 * n**3 / t / 1e12
+
+
+def measure_host(n: int, nbytes: int) -> tuple[float, float]:
+    """(host GFLOP/s of an fp32 matmul, host memcpy GB/s)."""
+    cpu = torch.device("cpu")
+    a = torch.randn(n, n)
+    flops = 2 * n**3 / timer(cpu)(lambda: a @ a, 3) / 1e9
+    src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    gbps = nbytes / timer(cpu)(lambda: dst.copy_(src), 3) / 1e9
+    return flops, gbps
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def calibrate(spec: ModelSpec, device: torch.device, *, small: bool = False,
+              precisions: tuple[str, ...] = ("bf16", "fp8", "int8", "int4", "int3", "int2"),
+              tokens: tuple[int, ...] = (1, 16, 128), reps: int = 20, log: Callable[[str], None] = print) -> HardwareProfile:
+    """Measure ``device`` (see the module docstring) and return the profile."""
+    cuda = device.type == "cuda"
+    sizes = [2**k for k in ((12, 14, 16, 18, 20, 22) if small else (16, 18, 20, 22, 24, 26, 28))]
+    h2d = measure_link(device, sizes, reps, to_device=True)
+    d2h = measure_link(device, sizes, reps, to_device=False)
+    log(f"h2d latency {h2d.latency_s * 1e6:.1f} us, {h2d.gbps[-1]:.1f} GB/s at {sizes[-1] >> 20} MiB")
+    launch = measure_launch(device)
+    log(f"launch {launch * 1e6:.1f} us")
+    if not cuda:
+        precisions = tuple(p for p in precisions if p != "fp8")  # no fp8 matmul on CPU
+    tables, ops = measure_kernels(spec, list(precisions), list(tokens), device, launch, reps)
+    bf16 = next((t for t in tables if t.precision == "bf16"), None)
+    hbm = spec.expert_bytes("bf16") / bf16.seconds[0] / 1e9 if bf16 and bf16.seconds[0] > 0 else 1000.0
+    non_moe = measure_non_moe(spec, device, launch, max(3, reps // 4))
+    peak = measure_peak_tflops(device, 256 if small else 8192)
+    host_gflops, host_gbps = measure_host(256 if small else 2048, 2**22 if small else 2**28)
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else _host_ram_bytes()
+    name = f"calibrated_{device_slug(device)}"
+    return HardwareProfile(
+        name=name, hbm_capacity_gb=_sig(total / 1e9 * 0.98), hbm_gbps=_sig(hbm), h2d=h2d, d2h=d2h,
+        peak_tflops={"bf16": _sig(peak)}, launch_s=launch, expert_launch_ops=max(1, round(ops)),
+        non_moe_launches=max(1, round(non_moe)), kernel_tables=tables,
+        host_gflops=_sig(host_gflops), host_gbps=_sig(host_gbps), host_overhead_s=launch,
+        source=f"python -m runtime.calibrate on {device_slug(device)} (model shape {spec.name}: "
+               f"{spec.hidden}x{spec.expert_intermediate})",
+    )
+
+
+def _sig(x: float) -> float:
+    """Four significant digits, never below 1e-6 (profiles need positive rates)."""
+    return max(float(f"{x:.4g}"), 1e-6)
+
+
+def _host_ram_bytes() -> int:
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def write_profile(hw: HardwareProfile, path: Path) -> Path:
+    """The profile as a ``conf/hardware/`` preset (composes as ``hardware=<stem>``)."""
+    import yaml
+
+    body = hw.to_dict()
+    body = {k: (_rounded(v) if isinstance(v, float) else v) for k, v in body.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# {hw.source}\ndefaults:\n  - base_hardware\n  - _self_\n\n" + yaml.safe_dump(body, sort_keys=False)
+    path.write_text(text)
+    return path
+
+
+def _rounded(x: float) -> float:
+    return float(f"{x:.6g}") if math.isfinite(x) else x
+
+
+def read_profile(path: Path) -> HardwareProfile:
+    import yaml
+
+    body = yaml.safe_load(path.read_text())
+    body.pop("defaults", None)
+    return HardwareProfile.from_dict(body)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3_30b_a3b", help="ModelSpec preset (file stem) whose expert shape to time")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--small", action="store_true", help="small sizes (CPU smoke runs); default on CPU")
+    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per point (median)")
+    ap.add_argument("--out", default=None, help="output YAML (default conf/hardware/calibrated_<device>.yaml)")
+    args = ap.parse_args(argv)
+    stems = {n.lower().replace(".", "").replace("-", "_"): s for n, s in MODEL_PRESETS.items()}
+    if args.model not in stems:
+        raise SystemExit(f"error: unknown --model {args.model!r}; known: {', '.join(sorted(stems))}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    spec = stems[args.model]
+    small = args.small or device.type == "cpu"
+    if small:
+        spec = ModelSpec(spec.name, layers=2, experts=8, top_k=4, hidden=256, expert_intermediate=128,
+                         attention_params=4 * 256 * 256, vocab_size=1024)
+    hw = calibrate(spec, device, small=small, reps=args.reps)
+    out = Path(args.out) if args.out else CONF_HW / f"{hw.name}.yaml"
+    print(f"wrote {write_profile(hw, out)}")
+
+
+if __name__ == "__main__":
+    main()

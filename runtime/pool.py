@@ -1,0 +1,217 @@
+"""The device slab pool: one buffer for the whole expert budget, carved into typed slab views.
+
+Dimension legend: H hidden, I expert intermediate, g quantization group, b bits, P slabs of
+one class (one precision), C packed columns.
+
+A *slab* holds one expert in one precision, packed exactly as the Precision registry counts
+its bytes (:class:`SlabLayout`): the fields of ``gate_up [2I, H]`` and ``down [H, I]`` one after
+another, widest element type first so that every field starts aligned::
+
+    bf16   gate_up.weight [2I, H] bf16 | down.weight [H, I] bf16
+    fp8    gate_up.scale [2I] f32 | down.scale [H] f32 | gate_up.weight [2I, H] e4m3 | down.weight
+    intb   gate_up.scales, gate_up.zeros [2I, H/g] f16 | down.scales, down.zeros [H, I/g] f16 |
+           gate_up.qweight [2I, H*b/8] u8 | down.qweight [H, I*b/8] u8
+
+A host copy of an expert (:mod:`runtime.host_store`) has the same bytes, so promoting it is
+one contiguous copy. :class:`DevicePool` allocates one ``uint8`` buffer at start-up for the
+policy's slab plan (never more than the budget), and lays each class out as ``P`` slabs at a
+fixed stride. Every field of a class is then one strided view ``[P, N, C]`` over the buffer
+(dimension 0 steps one slab), which is exactly the stacked :mod:`runtime.quant` weight stack
+the grouped kernels read; slab ``s`` of the class is slot ``s - first`` of those stacks.
+Which slab holds which expert is the :class:`core.slabs.SlabLedger`'s business (deterministic
+lowest-id allocation); nothing here allocates after start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.model_spec import ModelSpec
+from core.precision import get_channel_mix, get_precision
+from core.slabs import PoolError, SlabLedger
+from runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
+
+CLASS_ALIGN = 256  # bytes: where each class starts, when the budget leaves room for it
+STRIDE_ALIGN = 16  # bytes: slab stride, when the budget leaves room for it
+_PROJ = ("gate_up", "down")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One tensor of a packed expert: ``proj.attr`` with per-expert shape ``shape`` at ``offset`` bytes."""
+
+    proj: str
+    attr: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class SlabLayout:
+    """Byte layout of one expert in ``precision`` (see the module docstring)."""
+
+    precision: str
+    hidden: int
+    intermediate: int
+    fields: tuple[Field, ...]
+    nbytes: int
+
+    @property
+    def align(self) -> int:
+        """The widest element size: slab strides and bases must be multiples of it."""
+        return max(f.dtype.itemsize for f in self.fields)
+
+    def stacks(self, buf: torch.Tensor, base: int, count: int, stride: int) -> tuple[WeightStack, WeightStack]:
+        """(gate_up, down) stacks of ``count`` slabs in ``buf`` (1-D uint8) from byte ``base``, ``stride`` apart."""
+        if base % self.align or stride % self.align:
+            raise PoolError(f"{self.precision} slabs need {self.align}-byte alignment, got base {base}, stride {stride}")
+        if count and base + (count - 1) * stride + self.nbytes > buf.numel():
+            raise PoolError(f"{count} {self.precision} slabs from byte {base} overrun a {buf.numel()}-byte buffer")
+        views = {(f.proj, f.attr): _field_view(buf, base, count, stride, f) for f in self.fields}
+        return self._stack("gate_up", views), self._stack("down", views)
+
+    def _stack(self, proj: str, v: dict[tuple[str, str], torch.Tensor]) -> WeightStack:
+        p = get_precision(self.precision)
+        if p.name == "bf16":
+            return DenseStack(v[(proj, "weight")])
+        if p.name == "fp8":
+            return Fp8Stack(v[(proj, "weight")], v[(proj, "scale")])
+        return QuantizedStack(p.bits, p.group_size, v[(proj, "qweight")], v[(proj, "scales")], v[(proj, "zeros")])
+
+
+def _field_view(buf: torch.Tensor, base: int, count: int, stride: int, f: Field) -> torch.Tensor:
+    """``[count, *f.shape]`` view of field ``f`` of every slab (dim 0 steps ``stride`` bytes)."""
+    isz = f.dtype.itemsize
+    if count == 0:
+        return torch.empty((0, *f.shape), dtype=f.dtype, device=buf.device)
+    start = base + f.offset
+    span = (count - 1) * stride + f.nbytes
+    flat = buf[start : start + span].view(f.dtype)
+    inner = [1] * len(f.shape)
+    for i in range(len(f.shape) - 2, -1, -1):
+        inner[i] = inner[i + 1] * f.shape[i + 1]
+    return flat.as_strided((count, *f.shape), (stride // isz, *inner))
+
+
+def slab_layout(precision: str, hidden: int, intermediate: int) -> SlabLayout:
+    """The packed layout of one ``hidden`` x ``intermediate`` expert in ``precision``."""
+    if get_channel_mix(precision) is not None:
+        raise PoolError(f"the runtime has no kernel for channel mix {precision!r} (a dynamo precision); "
+                        "pick a policy whose precisions are plain formats")
+    p = get_precision(precision)
+    h, i = hidden, intermediate
+    shapes = {"gate_up": (2 * i, h), "down": (h, i)}
+    if p.name == "bf16":
+        spec = [(proj, "weight", torch.bfloat16, shapes[proj]) for proj in _PROJ]
+    elif p.name == "fp8":
+        spec = [(proj, "scale", torch.float32, shapes[proj][:1]) for proj in _PROJ]
+        spec += [(proj, "weight", torch.float8_e4m3fn, shapes[proj]) for proj in _PROJ]
+    else:
+        spec = []
+        for proj in _PROJ:
+            n, k = shapes[proj]
+            if k % p.group_size:
+                raise PoolError(f"{p.name}: the input size {k} of {proj} is not a multiple of the group size "
+                                f"{p.group_size}; pick sizes that are (e.g. hidden and intermediate multiples of 128)")
+            spec += [(proj, a, torch.float16, (n, k // p.group_size)) for a in ("scales", "zeros")]
+        spec += [(proj, "qweight", torch.uint8, (shapes[proj][0], shapes[proj][1] * p.bits // 8)) for proj in _PROJ]
+    fields, off = [], 0
+    for proj, attr, dtype, shape in spec:
+        f = Field(proj, attr, dtype, shape, off)
+        fields.append(f)
+        off += f.nbytes
+    return SlabLayout(p.name, h, i, tuple(fields), off)
+
+
+def _round_up(x: int, a: int) -> int:
+    return -(-x // a) * a
+
+
+@dataclass(frozen=True)
+class ClassRegion:
+    """Where one slab class lives in the buffer: slabs ``first .. first + count - 1``."""
+
+    precision: str
+    first: int
+    count: int
+    base: int
+    stride: int
+
+
+def carve(ledger: SlabLedger, layouts: dict[str, SlabLayout], class_align: int, stride_align: int) -> list[ClassRegion]:
+    """Class regions in plan order; slab ids run consecutively through the classes, as the ledger numbers them."""
+    regions, first, end = [], 0, 0
+    for name, cls in ledger.classes.items():
+        lay = layouts[name]
+        stride = _round_up(cls.slab_bytes, max(stride_align, lay.align))
+        base = _round_up(end, max(class_align, lay.align))
+        regions.append(ClassRegion(name, first, cls.count, base, stride))
+        first += cls.count
+        end = base + stride * cls.count
+    return regions
+
+
+class DevicePool:
+    """The expert slab pool's storage on ``device``; see the module docstring."""
+
+    def __init__(self, ledger: SlabLedger, spec: ModelSpec, device: torch.device | str) -> None:
+        self.ledger = ledger
+        self.device = torch.device(device)
+        self.layouts = {p: slab_layout(p, spec.hidden, spec.expert_intermediate) for p in ledger.classes}
+        for p, lay in self.layouts.items():
+            if lay.nbytes != ledger.classes[p].slab_bytes:
+                raise PoolError(f"the plan's {p} slab is {ledger.classes[p].slab_bytes} bytes but a packed "
+                                f"{spec.hidden}x{spec.expert_intermediate} expert takes {lay.nbytes}")
+        self.regions = self._fit(ledger)
+        self.nbytes = max((r.base + r.stride * r.count for r in self.regions), default=0)
+        self.buffer = torch.zeros(max(self.nbytes, 1), dtype=torch.uint8, device=self.device)  # the one allocation
+        self.region = {r.precision: r for r in self.regions}
+        self._class_of: list[ClassRegion] = [r for r in self.regions for _ in range(r.count)]
+        self.stacks = {r.precision: self.layouts[r.precision].stacks(self.buffer, r.base, r.count, r.stride)
+                       for r in self.regions}
+
+    def _fit(self, ledger: SlabLedger) -> list[ClassRegion]:
+        """Aligned regions if they fit the budget, else the tightest layout that does."""
+        for class_align, stride_align in ((CLASS_ALIGN, STRIDE_ALIGN), (1, 1)):
+            regions = carve(ledger, self.layouts, class_align, stride_align)
+            total = max((r.base + r.stride * r.count for r in regions), default=0)
+            if total <= ledger.budget_bytes:
+                return regions
+        raise PoolError(f"the slab plan needs {total} bytes once aligned, more than the budget of "
+                        f"{ledger.budget_bytes} bytes")
+
+    @property
+    def slabs(self) -> int:
+        return len(self._class_of)
+
+    def slot(self, slab: int) -> tuple[str, int]:
+        """(precision, slot in its class's stacks) of slab id ``slab``."""
+        r = self._class_of[slab]
+        return r.precision, slab - r.first
+
+    def span(self, slab: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of slab ``slab`` in the buffer."""
+        r = self._class_of[slab]
+        start = r.base + (slab - r.first) * r.stride
+        return start, start + self.layouts[r.precision].nbytes
+
+    def slab_bytes(self, slab: int) -> torch.Tensor:
+        """The raw bytes of slab ``slab`` (a 1-D uint8 view; copies land here)."""
+        start, end = self.span(slab)
+        return self.buffer[start:end]
+
+    def slab_stacks(self, slab: int) -> tuple[WeightStack, WeightStack]:
+        """Typed (gate_up, down) views of the one expert in slab ``slab`` (leading dimension 1)."""
+        r = self._class_of[slab]
+        start, _ = self.span(slab)
+        return self.layouts[r.precision].stacks(self.buffer, start, 1, r.stride)

@@ -1,0 +1,272 @@
+"""From a :class:`RuntimeRunConfig` to a finished live run: model, host store, engine, passes.
+
+Two modes (``runtime.mode``):
+
+- ``GENERATE``: a transformers model of the configured :class:`core.model_spec.ModelSpec` (random
+  weights, or ``runtime.model_dir``) generates greedily with the moebits experts installed and
+  the policy in the loop: ``workload.seqs`` prompts of ``workload.prompt_tokens`` random tokens,
+  ``workload.batch`` at a time, ``workload.decode_tokens`` decode passes each. With
+  ``runtime.kl`` each batch is then re-run through the exact bf16 experts (teacher forcing on
+  the same tokens) and the KL divergence of every pass's next-token distribution is recorded.
+- ``REPLAY``: a trace (``workload=default`` or ``workload=file``) drives the engine layer step
+  by layer step (:func:`runtime.engine.replay`), with random expert weights and activations.
+
+A model too large for the machine is scaled down: ``runtime.layers`` MoE layers, hidden and
+expert sizes times ``runtime.scale`` (rounded up to multiples of 128, the int4 group) and a
+``runtime.vocab`` vocabulary; 0 picks defaults (everything on a GPU; 2 layers, 1/8 and 4096 on
+a CPU). With ``runtime.scale_budget`` the expert budget shrinks with the experts (the budget is
+resolved for the full model, then multiplied by the ratio of the scaled to the full model's
+expert bytes), so a policy keeps the same share of experts resident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import traces
+from core.config import BaseRunConfig, WorkloadKind, budget_bytes, preset_stem
+from core.model_spec import MODEL_PRESETS, ModelSpec
+from core.precision import PRECISIONS
+from core.quality import SensitivityTable, read_sensitivity
+from policies._tables import synthetic_table
+from policies.base import Policy, build_policy
+from runtime.engine import RuntimeEngine, replay
+from runtime.host_store import HostStore, random_weights
+from runtime.metrics import RuntimeRecords, summarize
+from runtime.quant import QuantMethod
+from traces.format import Trace, read_trace
+from traces.replay import ReplayView, build_view, load_view
+
+GROUP = 128  # hidden and intermediate sizes round up to this (the int4/int8 quantization group)
+
+
+class Mode(Enum):
+    """Live generation through a transformers model, or trace-driven replay."""
+
+    GENERATE = "generate"
+    REPLAY = "replay"
+
+
+@dataclass
+class RuntimeConfig:
+    """The runtime's own knobs (``runtime.*``); see the module docstring."""
+
+    mode: Mode = Mode.GENERATE
+    device: str = "auto"
+    layers: int = 0
+    scale: float = 0.0
+    vocab: int = 0
+    arch: str = "auto"
+    model_dir: str | None = None
+    kl: bool = True
+    quant: QuantMethod = QuantMethod.RTN
+    scale_budget: bool = True
+
+
+@dataclass
+class RuntimeRunConfig(BaseRunConfig):
+    """One live run: the simulator's shared fields plus ``runtime``."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"runtime.device={name} but no CUDA device is available; use runtime.device=cpu")
+    return torch.device(name)
+
+
+def scaled_spec(spec: ModelSpec, rc: RuntimeConfig, device: torch.device) -> ModelSpec:
+    """``spec`` with ``runtime.layers`` / ``scale`` / ``vocab`` applied (CPU defaults when 0)."""
+    cpu = device.type == "cpu"
+    layers = rc.layers or (min(2, spec.layers) if cpu else spec.layers)
+    scale = rc.scale or (0.125 if cpu else 1.0)
+    vocab = rc.vocab or (min(spec.vocab_size, 4096) if cpu else spec.vocab_size)
+    if layers < 1 or layers > spec.layers or not 0 < scale <= 1 or vocab < 2:
+        raise ValueError(f"runtime.layers must be in 1..{spec.layers}, runtime.scale in (0, 1] and runtime.vocab >= 2; "
+                         f"got {layers}, {scale}, {vocab}")
+
+    def size(n: int) -> int:
+        return n if scale == 1.0 else max(GROUP, math.ceil(n * scale / GROUP) * GROUP)
+
+    return dataclasses.replace(spec, layers=layers, hidden=size(spec.hidden),
+                               expert_intermediate=size(spec.expert_intermediate),
+                               attention_params=int(spec.attention_params * scale * scale), vocab_size=vocab,
+                               dense_params=spec.dense_params * layers // spec.layers)
+
+
+def resolve_budget(cfg: RuntimeRunConfig, full: ModelSpec, spec: ModelSpec) -> int:
+    """Expert budget in bytes for the (possibly scaled) model ``spec``."""
+    b = budget_bytes(cfg.budget_gb, cfg.budget, full)
+    if cfg.runtime.scale_budget and spec != full:
+        b = int(b * spec.all_experts_bytes("bf16") / full.all_experts_bytes("bf16"))
+    return b
+
+
+def sensitivity_table(cfg: RuntimeRunConfig, spec: ModelSpec) -> tuple[SensitivityTable | None, str]:
+    """As the simulator: a file, ``analytic``, or a synthetic table seeded by the run's seed."""
+    if cfg.quality_table == "analytic":
+        return None, "analytic"
+    if cfg.quality_table:
+        return read_sensitivity(cfg.quality_table), cfg.quality_table
+    table = synthetic_table(spec.layers, spec.experts, list(PRECISIONS), np.random.default_rng(cfg.seed),
+                            row_len=spec.hidden)
+    return table, f"synthetic(seed={cfg.seed})"
+
+
+# ---------------------------------------------------------------- workloads
+def trace_subset(t: Trace, max_seqs: int, layers: int) -> Trace:
+    """The first ``max_seqs`` sequences (0: all) and the first ``layers`` MoE layers of ``t``."""
+    keep = np.ones(t.rows, bool)
+    if max_seqs > 0:
+        keep &= np.isin(t.seq, np.unique(t.seq)[:max_seqs])
+    keep &= t.layer < layers
+    spec = dataclasses.replace(t.spec, layers=min(layers, t.spec.layers))
+    meta = dataclasses.replace(t.meta, spec=spec)
+    return Trace(meta, t.seq[keep], t.step[keep], t.phase[keep], t.layer[keep], t.expert[keep],
+                 None if t.gate is None else t.gate[keep])
+
+
+def load_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[ReplayView, ModelSpec, ModelSpec, str]:
+    """The replayed view, the full and the (layer-truncated, size-scaled) model, and the source."""
+    w = cfg.workload
+    if w.kind is WorkloadKind.SYNTH:
+        raise ValueError("runtime.mode=REPLAY replays trace files: use workload=default or workload=file "
+                         "(python -m sim's synthetic generator lives in the simulator)")
+    path = Path(traces.__file__).resolve().parent / "data" / "default.parquet" if w.kind is WorkloadKind.DEFAULT \
+        else Path(w.path or "").expanduser()
+    if not w.path and w.kind is WorkloadKind.FILE:
+        raise ValueError("workload=file needs workload.path=TRACE.parquet")
+    trace = read_trace(path)
+    full = trace.spec
+    want = cfg.model.to_spec()
+    if want is not None and want != full:
+        hint = f"model={preset_stem(full.name)}" if full.name in MODEL_PRESETS else "model=trace"
+        raise ValueError(f"{path} is a trace of {full.name} but model= is {want.name}; pass {hint}")
+    spec = scaled_spec(full, dataclasses.replace(cfg.runtime, vocab=full.vocab_size), device)
+    if cfg.runtime.layers or cfg.workload.max_seqs or spec.layers < full.layers:
+        view = build_view(trace_subset(trace, w.max_seqs, spec.layers), w.batch)
+    else:
+        view = load_view(path, w.batch)
+    return view, full, spec, str(path)
+
+
+# ---------------------------------------------------------------- the run
+def build_engine(cfg: RuntimeRunConfig, spec: ModelSpec, budget: int, store: HostStore, device: torch.device,
+                 profile: Any, future: Any) -> tuple[RuntimeEngine, Policy, str]:
+    policy = build_policy(cfg.policy)
+    table, table_src = sensitivity_table(cfg, spec)
+    if policy.needs_profile and profile is None:
+        raise ValueError(f"policy {cfg.policy.name} needs a profiling trace: set workload.profile_path "
+                         "(a trace of this model), or use runtime.mode=REPLAY")
+    engine = RuntimeEngine(spec, policy, budget, store, device=device, seed=cfg.seed, sensitivity=table,
+                           profile=profile, future=future)
+    return engine, policy, table_src
+
+
+def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeRecords, dict[str, Any]]:
+    view, full, spec, src = load_replay(cfg, device)
+    budget = resolve_budget(cfg, full, spec)
+    store = HostStore(spec, method=cfg.runtime.quant, progress=cfg.progress)
+    store.fill_bf16(random_weights(spec, cfg.seed, device))
+    profile = load_view(cfg.workload.profile_path, 1) if cfg.workload.profile_path else None
+    profile_src = cfg.workload.profile_path
+    if profile is None and build_policy(cfg.policy).needs_profile:
+        profile, profile_src = view, "in-sample (the replayed trace)"
+    engine, policy, table_src = build_engine(cfg, spec, budget, store, device, profile, view)
+    engine.warmup(sorted({int(t) for t in np.unique(view.ls_tokens)})[:4])
+    rec = replay(engine, view, seed=cfg.seed, progress=cfg.progress)
+    return rec, _info(cfg, engine, policy, full, spec, budget, src, profile_src, table_src, device)
+
+
+def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeRecords, dict[str, Any]]:
+    from runtime import hf
+
+    rc, w = cfg.runtime, cfg.workload
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if rc.model_dir:
+        from traces.capture import load_model_dir, spec_from_hf_config
+
+        model, _ = load_model_dir(rc.model_dir, dtype, "cpu")
+        full = spec = spec_from_hf_config(model.config, name=Path(rc.model_dir).name)
+        store = hf.store_from_model(model, spec, method=rc.quant, progress=cfg.progress)
+    else:
+        full = cfg.model.to_spec()
+        if full is None:
+            raise ValueError("model=trace needs a trace: use runtime.mode=REPLAY, or pick a model preset")
+        spec = scaled_spec(full, rc, device)
+        model, weights = hf.build_random_model(spec, arch=rc.arch, device=device, dtype=dtype, seed=cfg.seed,
+                                               full_hidden=full.hidden)
+        store = HostStore(spec, method=rc.quant, progress=cfg.progress).fill_bf16(weights)
+    budget = resolve_budget(cfg, full, spec)
+    profile = load_view(cfg.workload.profile_path, 1) if cfg.workload.profile_path else None
+    engine, policy, table_src = build_engine(cfg, spec, budget, store, device, profile, None)
+    runtime = hf.HFRuntime(spec, store, engine, device)
+    hf.install(model, runtime)
+    model.to(device)
+    if w.seqs < 1 or w.batch < 1 or w.prompt_tokens < 1 or w.decode_tokens < 0:
+        raise ValueError("workload.seqs, workload.batch and workload.prompt_tokens must be >= 1")
+    prompts = hf.random_prompts(w.seqs, w.prompt_tokens, spec.vocab_size, np.random.default_rng(cfg.seed))
+    engine.warmup([w.batch, w.batch * w.prompt_tokens])
+    engine.start()
+    for b, first in enumerate(tqdm(range(0, w.seqs, w.batch), desc=f"generate {engine.name}", disable=not cfg.progress)):
+        batch = torch.from_numpy(prompts[first : first + w.batch]).to(device)
+        gen = hf.generate(model, engine, batch, w.decode_tokens, batch=b)
+        if rc.kl:
+            kl = hf.kl_divergence(hf.reference_logits(model, runtime, gen), gen.logits).mean(0)   # [N + 1]
+            for p, v in enumerate(kl.tolist()):
+                engine.rec.kl[(b, p)] = v
+    rec = engine.finish()
+    src = f"generate(seqs={w.seqs}, prompt={w.prompt_tokens}, decode={w.decode_tokens}, random tokens)"
+    return rec, _info(cfg, engine, policy, full, spec, budget, src, cfg.workload.profile_path, table_src, device)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _info(cfg: RuntimeRunConfig, engine: RuntimeEngine, policy: Policy, full: ModelSpec, spec: ModelSpec,
+          budget: int, workload: str, profile: str | None, table_src: str, device: torch.device) -> dict[str, Any]:
+    metrics = getattr(policy, "metrics", None)
+    b = cfg.budget
+    kind = "gb" if b.all_at is None else (f"all_{b.all_at}" if b.fraction == 1.0 else f"{b.all_at}_{b.fraction * 100:g}pct")
+    return {
+        "model": full.name, "hardware": cfg.hardware.name, "budget_gb": budget / 1e9, "budget_bytes": budget,
+        "budget_kind": kind, "batch": cfg.workload.batch, "seed": cfg.seed, "workload": workload,
+        "profile": profile, "quality_table": table_src, "policy_config": _plain(cfg.policy), "policy": engine.name,
+        "precisions": list(engine.precisions), "policy_metrics": {k: float(v) for k, v in metrics().items()}
+        if callable(metrics) else {},
+        "engine": "runtime", "mode": cfg.runtime.mode.name, "device": _device_name(device),
+        "runtime_model": spec.to_dict(), "pool_bytes": engine.pool.nbytes, "host_store_bytes": engine.store.nbytes(),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def execute(cfg: RuntimeRunConfig) -> tuple[RuntimeRecords, dict[str, Any]]:
+    """Run ``cfg``; returns the records and the summary."""
+    device = pick_device(cfg.runtime.device)
+    t0 = time.perf_counter()
+    rec, info = (run_replay if cfg.runtime.mode is Mode.REPLAY else run_generate)(cfg, device)
+    info["setup_s"] = time.perf_counter() - t0 - rec.wall_s
+    return rec, summarize(rec, rec.wall_s, info)

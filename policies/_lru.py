@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from core.keys import ExpertKey
-from core.slabs import SlabLedger
+from core.slabs import Refusal, SlabLedger
+from policies._lookahead import PrefetchStats
 from policies.base import Action, ActionKind
 
 
@@ -103,3 +104,39 @@ class TieredCache:
     def cached(self, p: str) -> list[int]:
         """Flat ids holding a copy in class ``p``, least recently used first."""
         return list(self.lru[p])
+
+
+class CachedPrefetchBooks:
+    """Mixin for policies that keep a :class:`TieredCache` (``self.cache``) and prefetch
+    counters (``self.stats``, a :class:`policies._lookahead.PrefetchStats`) over flat expert
+    ids ``layer * self._E + expert``: keeps those books equal to the pool on refusals and
+    reports the counters."""
+
+    cache: TieredCache
+    stats: PrefetchStats
+    _E: int
+
+    def on_refused(self, action: Action, reason: Refusal) -> None:
+        """A refused load leaves no copy; a refused demotion leaves the copy (least recently
+        used again)."""
+        k = action.key.layer * self._E + action.key.expert
+        if action.kind == ActionKind.DEMOTE:
+            if reason != Refusal.NOT_PRESENT:
+                self.cache.readd(k, action.precision)
+            return
+        if reason != Refusal.ALREADY_PRESENT and reason != Refusal.IN_FLIGHT:
+            self.cache.forget(k, action.precision)
+        if action.kind == ActionKind.PREFETCH:
+            self.stats.on_refused(action.key.layer, k)
+
+    @property
+    def prefetch_issued(self) -> int:
+        return self.stats.issued
+
+    @property
+    def prefetch_hits(self) -> int:
+        return self.stats.hits
+
+    def metrics(self) -> dict[str, float]:
+        """Prefetch counters for the run summary (issued, hits, hit rate)."""
+        return self.stats.metrics()

@@ -47,10 +47,10 @@ import numpy as np
 
 from core.keys import ExpertKey
 from core.precision import get_precision
-from core.slabs import Refusal, SlabClass, SlabLedger
+from core.slabs import SlabClass, SlabLedger
 from policies._hotness import LayerEma
 from policies._lookahead import NextLayerPredictor, Predictor, PrefetchStats
-from policies._lru import TieredCache
+from policies._lru import CachedPrefetchBooks, TieredCache
 from policies._tables import profile_gate_mean, stats_for
 from policies.base import (
     Action,
@@ -108,7 +108,7 @@ def layer_shares(critical: list[bool], high: str, crit: str, low: str, high_shar
 
 
 @register_policy(DyMoEConfig)
-class DyMoE(Policy):
+class DyMoE(CachedPrefetchBooks, Policy):
     """Importance-aware precision, critical-layer floors, look-ahead prefetch."""
 
     needs_profile: ClassVar[bool] = True
@@ -259,28 +259,3 @@ class DyMoE(Policy):
             order = sorted(range(len(ids)), key=lambda i: (-w[i], ids[i]))
             return [ids[i] for i in order[: self._count]]
         return self.predictor.predict(layer, experts, weights, self._count)
-
-    def on_refused(self, action: Action, reason: Refusal) -> None:
-        """Keep the books equal to the pool: a refused load leaves no copy, a refused
-        demotion leaves the copy (least recently used again)."""
-        k = action.key.layer * self._E + action.key.expert
-        if action.kind == ActionKind.DEMOTE:
-            if reason != Refusal.NOT_PRESENT:
-                self.cache.readd(k, action.precision)
-            return
-        if reason != Refusal.ALREADY_PRESENT and reason != Refusal.IN_FLIGHT:
-            self.cache.forget(k, action.precision)
-        if action.kind == ActionKind.PREFETCH:
-            self.stats.on_refused(action.key.layer, k)
-
-    @property
-    def prefetch_issued(self) -> int:
-        return self.stats.issued
-
-    @property
-    def prefetch_hits(self) -> int:
-        return self.stats.hits
-
-    def metrics(self) -> dict[str, float]:
-        """Prefetch counters for the run summary (issued, hits, hit rate)."""
-        return self.stats.metrics()

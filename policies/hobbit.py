@@ -41,9 +41,9 @@ import numpy as np
 
 from core.keys import ExpertKey
 from core.precision import get_precision
-from core.slabs import Refusal, SlabClass, SlabLedger
+from core.slabs import SlabClass, SlabLedger
 from policies._lookahead import NextLayerPredictor, Predictor, PrefetchStats
-from policies._lru import TieredCache
+from policies._lru import CachedPrefetchBooks, TieredCache
 from policies._tables import profile_mean_gate
 from policies.base import (
     Action,
@@ -86,7 +86,7 @@ class HobbitConfig(PolicyConfig):
 
 
 @register_policy(HobbitConfig)
-class Hobbit(Policy):
+class Hobbit(CachedPrefetchBooks, Policy):
     """High-precision LRU cache, low-precision fetch for non-critical misses, prefetch."""
 
     needs_profile: ClassVar[bool] = True
@@ -202,27 +202,3 @@ class Hobbit(Policy):
             if (have is None or self.bits[have] < self.bits[p]) and self.cache.load(
                     k, [p], protect, res, actions, ActionKind.PREFETCH, self.cfg.prefetch_evicts):
                 self.stats.on_issue(nxt, k)
-
-    def on_refused(self, action: Action, reason: Refusal) -> None:
-        """Keep the books equal to the pool (see :meth:`policies.dymoe.DyMoE.on_refused`)."""
-        k = action.key.layer * self._E + action.key.expert
-        if action.kind == ActionKind.DEMOTE:
-            if reason != Refusal.NOT_PRESENT:
-                self.cache.readd(k, action.precision)
-            return
-        if reason != Refusal.ALREADY_PRESENT and reason != Refusal.IN_FLIGHT:
-            self.cache.forget(k, action.precision)
-        if action.kind == ActionKind.PREFETCH:
-            self.stats.on_refused(action.key.layer, k)
-
-    @property
-    def prefetch_issued(self) -> int:
-        return self.stats.issued
-
-    @property
-    def prefetch_hits(self) -> int:
-        return self.stats.hits
-
-    def metrics(self) -> dict[str, float]:
-        """Prefetch counters for the run summary (issued, hits, hit rate)."""
-        return self.stats.metrics()

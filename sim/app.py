@@ -5,20 +5,22 @@ forward pass), ``figure.png`` and hydra's ``.hydra/`` (the config used). Sweeps
 (``-m policy=a,b seed=0,1``) write one folder per override set under ``multirun/``; re-running
 a sweep skips the runs whose ``summary.json`` exists (``resume=false`` reruns them).
 
-Bad settings stop before simulating with one line ``error: ...`` and exit status 2 (in a
-sweep, the failing run is reported and the sweep goes on); ``HYDRA_FULL_ERROR=1`` shows the
-traceback instead.
+Bad settings stop before simulating with one line ``error: ...`` and exit status 2. In a
+sweep, a failing run (bad settings, an infeasible budget, or a bug) writes ``error.txt`` in
+its folder and the sweep goes on; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -70,12 +72,25 @@ def check_compose(args: list[str]) -> str | None:
         return None  # --help, --cfg, -m ...: hydra handles those
     overrides = [a for a in args if not a.lstrip("+~").startswith("hydra.")]
     try:
+        if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
+            return None  # a sweep (hydra.mode=MULTIRUN set by an experiment): each run checks itself
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
             OmegaConf.to_object(cfg)
     except Exception as exc:  # hydra and OmegaConf raise many types; all are the user's input
         return one_line(exc)
     return None
+
+
+def record_failure(out_dir: Path, exc: Exception, msg: str) -> None:
+    """A failed sweep run: ``error.txt`` holds the one-line message (and, for an error that
+    is not the user's input, ``internal error`` and the traceback below it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = msg + "\n"
+    if not isinstance(exc, USER_ERRORS):
+        text = f"internal error: {type(exc).__name__}: {msg}\n\n" + "".join(traceback.format_exception(exc))
+    (out_dir / "error.txt").write_text(text)
+    print(f"error: {out_dir}: {text.splitlines()[0]}", file=sys.stderr)
 
 
 def run_task(cfg: DictConfig) -> None:
@@ -91,16 +106,14 @@ def run_task(cfg: DictConfig) -> None:
         assert isinstance(run_cfg, RunConfig)
         opts = EngineOptions(check=run_cfg.check, progress=run_cfg.progress)
         result, summary = simulate(run_cfg, opts)
-    except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as exc:  # noqa: BLE001 - a sweep records every failure and goes on
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (sweep or isinstance(exc, USER_ERRORS)):
             raise
         msg = one_line(exc)
         if not sweep:
             print(f"error: {msg}", file=sys.stderr)
             sys.exit(2)
-        print(f"error: {out_dir}: {msg}", file=sys.stderr)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "error.txt").write_text(msg + "\n")
+        record_failure(out_dir, exc, msg)
         return
     write_outputs(result, summary, out_dir, figure=run_cfg.figure)
     print(format_summary(summary))

@@ -44,8 +44,13 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def headline(summary: dict[str, Any]) -> str:
+    budget = summary.get("budget_gb")
+    budget_txt = f"{budget:.4g} GB" if isinstance(budget, int | float) else "? GB"
+    kind = summary.get("budget_kind")
+    if kind and kind != "gb":
+        budget_txt += f" ({kind})"
     return (f"{summary.get('policy', '?')} | {summary.get('model', '?')} on {summary.get('hardware', '?')} | "
-            f"budget {summary.get('budget_gb', '?')} GB | batch {summary.get('batch', '?')}")
+            f"budget {budget_txt} | batch {summary.get('batch', '?')}")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -55,6 +60,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     mix = summary.get("activations") or {}
     total = sum(mix.values()) or 1
     rows.append(("precision mix", ", ".join(f"{p} {n / total:.1%}" for p, n in mix.items() if n)))
+    rows += [(f"policy: {k}", _fmt(k, v)) for k, v in (summary.get("policy_metrics") or {}).items()]
     width = max(len(r[0]) for r in rows)
     return "\n".join([head, *(f"  {label:<{width}}  {value}" for label, value in rows)])
 

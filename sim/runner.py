@@ -4,6 +4,15 @@ Everything that can make a run impossible is checked here, before the first even
 workload and its model, the budget against the device, the policy's own configuration and
 slab plan, and the budget against the largest layer step. Each failure is one ValueError
 with one message; the CLI prints it as one line.
+
+Two things are settled here for every run: the expert budget in bytes (``budget_gb``, or a
+share of the model's own expert bytes, :class:`sim.config.BudgetConfig`) and the sensitivity
+table. Without a ``quality_table`` file the run builds one synthetic table
+(:func:`policies._tables.synthetic_table`, seeded by the run's seed) and hands that same
+table to the policy (``PolicyContext.sensitivity``) and to the quality proxy, so that what a
+policy ranks experts by and what the proxy charges agree; ``summary.json`` names the table
+(``quality_table``: a path, ``synthetic(seed=S)`` or ``analytic``). Policies that report
+counters (a ``metrics() -> dict[str, float]`` method) have them under ``policy_metrics``.
 """
 
 from __future__ import annotations
@@ -12,10 +21,15 @@ import dataclasses
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
+from core.config import budget_bytes
 from core.model_spec import ModelSpec
-from core.quality import read_sensitivity
-from policies.base import build_policy
-from sim.config import RunConfig
+from core.precision import PRECISIONS
+from core.quality import SensitivityTable, read_sensitivity
+from policies._tables import synthetic_table
+from policies.base import Policy, build_policy
+from sim.config import BudgetConfig, RunConfig
 from sim.engine import Engine, EngineOptions, InfeasibleError
 from sim.metrics import RunResult, summarize
 from sim.workload import load_profile, load_workload
@@ -26,20 +40,55 @@ def non_expert_total_bytes(spec: ModelSpec) -> int:
     return spec.layers * spec.non_expert_bytes_per_layer + 2 * 2 * spec.vocab_size * spec.hidden
 
 
+def budget_label(b: BudgetConfig) -> str:
+    """The budget's kind as the ``conf/budget/`` preset names it: ``gb``, ``all_int4``, ``bf16_25pct``."""
+    if b.all_at is None:
+        return "gb"
+    return f"all_{b.all_at}" if b.fraction == 1.0 else f"{b.all_at}_{b.fraction * 100:g}pct"
+
+
+def resolve_budget(cfg: RunConfig, spec: ModelSpec) -> int:
+    """The expert budget in bytes: ``budget_gb``, or ``fraction`` x all experts at ``all_at``
+    (:func:`core.config.budget_bytes`)."""
+    try:
+        return budget_bytes(cfg.budget_gb, cfg.budget, spec)
+    except ValueError as exc:
+        raise InfeasibleError(str(exc)) from None
+
+
 def check_device(cfg: RunConfig, spec: ModelSpec) -> int:
     """The expert budget in bytes, if it fits the device next to the non-expert weights."""
-    budget = int(round(cfg.budget_gb * 1e9))
-    if budget <= 0:
-        raise InfeasibleError(f'"budget_gb" must be > 0, got {cfg.budget_gb:g}')
+    budget = resolve_budget(cfg, spec)
     rest = non_expert_total_bytes(spec)
     hw = cfg.hardware
     if budget + rest > hw.hbm_capacity_bytes:
+        what = f"budget_gb={cfg.budget_gb:g}" if cfg.budget.all_at is None else \
+            f"budget={budget_label(cfg.budget)} ({budget / 1e9:.2f} GB for {spec.name})"
         raise InfeasibleError(
-            f"budget_gb={cfg.budget_gb:g} plus {rest / 1e9:.2f} GB of {spec.name}'s non-expert weights exceeds "
+            f"{what} plus {rest / 1e9:.2f} GB of {spec.name}'s non-expert weights exceeds "
             f"{hw.name}'s {hw.hbm_capacity_gb:g} GB of device memory; lower budget_gb to at most "
             f"{(hw.hbm_capacity_bytes - rest) / 1e9:.2f}"
         )
     return budget
+
+
+def sensitivity_table(cfg: RunConfig, spec: ModelSpec) -> tuple[SensitivityTable | None, str]:
+    """The run's sensitivity table and how the summary names it (see the module docstring)."""
+    if cfg.quality_table == "analytic":
+        return None, "analytic"
+    if cfg.quality_table:
+        return read_sensitivity(cfg.quality_table), cfg.quality_table
+    table = synthetic_table(spec.layers, spec.experts, list(PRECISIONS), np.random.default_rng(cfg.seed),
+                            row_len=spec.hidden)
+    return table, f"synthetic(seed={cfg.seed})"
+
+
+def policy_metrics(policy: Policy) -> dict[str, float]:
+    """The policy's own counters (its ``metrics()``), or {} for a policy without them."""
+    metrics = getattr(policy, "metrics", None)
+    if not callable(metrics):
+        return {}
+    return {str(k): float(v) for k, v in metrics().items()}
 
 
 def _plain(value: Any) -> Any:
@@ -65,18 +114,20 @@ def build_engine(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[
         profile, profile_src = load_profile(cfg.workload.profile_path, spec), cfg.workload.profile_path
     elif policy.needs_profile:
         profile, profile_src = work.view, "in-sample (the replayed trace)"
-    table = read_sensitivity(cfg.quality_table) if cfg.quality_table else None
+    table, table_src = sensitivity_table(cfg, spec)
     engine = Engine(work.view, spec, cfg.hardware, policy, budget, seed=cfg.seed, sensitivity=table,
                     profile=profile, options=options)
     info = {
         "model": spec.name,
         "hardware": cfg.hardware.name,
-        "budget_gb": cfg.budget_gb,
+        "budget_gb": budget / 1e9,
+        "budget_bytes": budget,
+        "budget_kind": budget_label(cfg.budget),
         "batch": cfg.workload.batch,
         "seed": cfg.seed,
         "workload": work.source,
         "profile": profile_src,
-        "quality_table": cfg.quality_table,
+        "quality_table": table_src,
         "policy_config": _plain(cfg.policy),
     }
     return engine, info
@@ -87,4 +138,5 @@ def simulate(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[RunR
     engine, info = build_engine(cfg, options)
     result = engine.run()
     result.info.update(info)
+    result.info["policy_metrics"] = policy_metrics(engine.policy)
     return result, summarize(result)

@@ -1,0 +1,46 @@
+"""``python -m analysis``: prepare the study's traces, describe them, and report a sweep.
+
+Subcommands (each a module ``analysis/cli_<name>.py`` with ``register(subparsers)``):
+
+- ``prepare-traces``: import the real traces into a cache outside the repo (once);
+- ``trace-stats``: skew, reuse and reuse-distance statistics of the study's workloads;
+- ``report``: a multirun directory -> runs.parquet/csv, figures and report.md.
+
+A ``ValueError`` (bad input: a missing directory, no runs, an unreadable trace) prints one
+line ``error: ...`` and exits 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from analysis import cli_prepare, cli_report, cli_trace_stats
+from traces.format import TraceError
+
+COMMANDS = (cli_prepare, cli_trace_stats, cli_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description="moebits results -> tidy tables and figures: prepare the real traces as "
+        "workloads, describe them, and report a hydra multirun of python -m sim.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (TraceError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

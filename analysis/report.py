@@ -1,0 +1,147 @@
+"""``report.md``: a sweep's tables and figures as one Markdown page.
+
+Sections: what was swept (counts of finished, failed and unfinished runs), the figures, per
+trace the policy x budget tables of latency, quality proxy and stall share on the primary
+GPU, each online policy's latency relative to the oracle, the policies' own counters
+(``policy_metrics``), and every run that failed, with its one-line error.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.figures import ONLINE, POLICY_ORDER, oracle_ratio, ordered, primary_hardware
+
+BUDGET_ORDER = ("all_int2", "all_int3", "bf16_25pct", "all_int4", "all_int8", "bf16_50pct", "all_bf16")
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float | np.floating):
+        return f"{value:.{digits}g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(df: pd.DataFrame, index: bool = True, digits: int = 3) -> str:
+    """``df`` as a GitHub Markdown table (NaN as ``-``)."""
+    cols = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for key, row in df.iterrows():
+        cells = ([_cell(key)] if index else []) + [_cell(v, digits) for v in row.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pivot(df: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Policy x budget kind of ``value`` (rows and columns in study order)."""
+    table = df.pivot_table(index="label", columns="budget_kind", values=value, aggfunc="first")
+    table = table.reindex(index=ordered(table.index.tolist(), POLICY_ORDER),
+                          columns=ordered(table.columns.tolist(), BUDGET_ORDER))
+    table.index.name = "policy"
+    return table
+
+
+def _geomean(x: pd.Series) -> float:
+    x = x[(x > 0) & np.isfinite(x)]
+    return float(np.exp(np.log(x).mean())) if len(x) else float("nan")
+
+
+def oracle_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Geometric mean over GPUs and budgets of latency / oracle latency, online policy x trace."""
+    ratio = oracle_ratio(df)
+    ratio = ratio[ratio["policy"].isin(ONLINE)]
+    table = ratio.pivot_table(index="label", columns="trace", values="oracle_ratio", aggfunc=_geomean)
+    table = table.reindex(index=ordered(table.index.tolist(), POLICY_ORDER))
+    table.index.name = "policy"
+    return table
+
+
+def metrics_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean of each ``policy_metrics.*`` counter per policy and trace (finished runs)."""
+    cols = [c for c in df.columns if c.startswith("policy_metrics.")]
+    ok = df[df["status"] == "ok"]
+    if not cols or ok.empty:
+        return None
+    table = ok.groupby(["label", "trace"])[cols].mean(numeric_only=True).dropna(how="all")
+    table.columns = [c.removeprefix("policy_metrics.") for c in table.columns]
+    table = table.reset_index().set_index("label")
+    return table.dropna(axis=1, how="all")
+
+
+def failures_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Failed and unfinished runs: where, and the first line of the error."""
+    bad = df[df["status"] != "ok"]
+    cols = [c for c in ("trace", "hardware", "budget", "label", "status", "error") if c in bad]
+    return bad[cols].sort_values(cols[:4]).reset_index(drop=True)
+
+
+def _section_trace(ok: pd.DataFrame, trace: str) -> list[str]:
+    part = ok[ok["trace"] == trace]
+    kind = "/".join(k.upper() for k in part["latency_kind"].unique() if k) or "latency"
+    model = part["model"].iloc[0] if "model" in part and len(part) else "?"
+    out = [f"### {trace} ({model})", ""]
+    for value, label in (("latency_ms", f"{kind} (ms, mean)"), ("quality_proxy", "quality proxy"),
+                         ("stall_share", "stall share"), ("bf16_share", "share of activations served in bf16")):
+        out += [f"{label}:", "", markdown_table(pivot(part, value)), ""]
+    return out
+
+
+def build_report(df: pd.DataFrame, root: Path, figures: dict[str, Path], out: Path) -> str:
+    """The Markdown text of ``report.md`` (figure links relative to ``out``)."""
+    counts = df["status"].value_counts()
+    hw = primary_hardware(df)
+    ok = df[df["status"] == "ok"]
+    lines = [
+        f"# Sweep report: {root}", "",
+        f"{len(df)} runs: {counts.get('ok', 0)} finished, {counts.get('error', 0)} failed (error.txt), "
+        f"{counts.get('missing', 0)} unfinished. Traces: {', '.join(ordered(df['trace'].tolist(), ()))}. "
+        f"GPUs: {', '.join(ordered(df['hardware'].dropna().tolist(), ()))}. "
+        f"Policies: {', '.join(ordered(df['policy'].dropna().tolist(), POLICY_ORDER))}.", "",
+        "Latency is TPOT (mean ms per decode pass) where the trace decodes and TTFT (mean ms) where it is "
+        "prefill-only. The quality proxy is the gate-weighted expert quantization error per token and layer "
+        "(lower is better; bf16 is 0), from the run's sensitivity table "
+        f"({', '.join(sorted(set(ok.get('quality_table', pd.Series(dtype=str)).dropna().astype(str))))}).",
+        "Tables: runs.parquet / runs.csv (one row per run).", "", "## Figures", "",
+    ]
+    for name, path in figures.items():
+        lines += [f"![{name}]({path.relative_to(out)})", ""]
+    lines += [f"## Per trace, on {hw}", ""]
+    for trace in ordered(ok["trace"].tolist(), ()):
+        lines += _section_trace(ok[ok["hardware"] == hw], trace)
+    lines += ["## Online policies vs the oracle", "",
+              "Latency over the Belady oracle's (bf16 cache) at the same trace, GPU and budget; geometric mean "
+              "over GPUs and budgets where both ran. Below 1: faster than the oracle's bf16 cache (by serving "
+              "lower precision).", "", markdown_table(oracle_table(df)), ""]
+    metrics = metrics_table(df)
+    if metrics is not None and len(metrics):
+        lines += ["## Policy counters (policy_metrics, mean over runs)", "", markdown_table(metrics), ""]
+    fails = failures_table(df)
+    lines += [f"## Failed or unfinished runs ({len(fails)})", ""]
+    lines += [markdown_table(fails, index=False) if len(fails) else "None.", ""]
+    return "\n".join(lines)
+
+
+def write_report(root: str | Path, out: str | Path | None = None, progress: bool = True) -> Path:
+    """Collect the runs under ``root``, write runs.parquet/csv, the figures and report.md to
+    ``out`` (default ``root/report``); returns the report's path."""
+    from analysis.figures import draw_all
+    from analysis.runs import collect_runs
+
+    root = Path(root)
+    out_dir = Path(out) if out else root / "report"
+    df = collect_runs(root, progress=progress)
+    if not (df["status"] == "ok").any():
+        raise ValueError(f"{root}: none of its {len(df)} runs finished (no summary.json); nothing to report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out_dir / "runs.parquet", index=False)
+    df.to_csv(out_dir / "runs.csv", index=False)
+    figures = draw_all(df, root, out_dir)
+    path = out_dir / "report.md"
+    path.write_text(build_report(df, root, figures, out_dir))
+    return path

@@ -1,0 +1,110 @@
+"""``python -m analysis report`` on a tiny sweep made here (2 policies x 2 budgets, one of them
+infeasible), and the reuse-distance statistics against a brute-force LRU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.figures import pareto_mask
+from analysis.report import write_report
+from analysis.runs import collect_runs
+from analysis.tracestats import stack_distances
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("quality_vs_budget", "quality_vs_latency", "latency_vs_budget", "stall_share", "pcie_bytes_per_token",
+           "oracle_gap", "precision_mix")
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """lru_offload and dynaexq x budgets all_int2 and bf16_50pct on a small OLMoE synthetic
+    workload; dynaexq (int4 floor) cannot fit all_int2, so that run fails."""
+    tmp = tmp_path_factory.mktemp("analysis")
+    out = tmp / "sweep"
+    proc = _run("-m", "sim", "-m", "model=olmoe_1b_7b", "workload=synth", "workload.seqs=2", "workload.prompt_tokens=4",
+                "workload.decode_tokens=6", "policy=lru_offload,dynaexq", "budget=all_int2,bf16_50pct",
+                "progress=false", "figure=false", f"hydra.sweep.dir={out}", cwd=tmp)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_run_table_has_one_row_per_run(sweep: Path) -> None:
+    df = collect_runs(sweep)
+    assert len(df) == 4
+    assert sorted(df["status"]) == ["error", "ok", "ok", "ok"]
+    for col in ("policy", "budget", "trace", "hardware", "quality_proxy", "latency_ms", "latency_kind", "stall_share",
+                "h2d_bytes_per_token", "tokens", "budget_gb", "budget_kind", "activations.bf16", "error", "run_dir"):
+        assert col in df.columns, col
+    bad = df[df["status"] == "error"].iloc[0]
+    assert (bad["policy"], bad["budget"]) == ("dynaexq", "all_int2") and "int4" in bad["error"]
+    ok = df[df["status"] == "ok"]
+    assert (ok["tokens"] == 2 * (4 + 6)).all() and (ok["latency_kind"] == "tpot").all()
+    assert ok["latency_ms"].notna().all() and (ok["budget_kind"] == ok["budget"]).all()
+    lru = ok[ok["policy"] == "lru_offload"].sort_values("budget_gb")
+    assert lru["h2d_bytes_per_token"].iloc[0] >= lru["h2d_bytes_per_token"].iloc[1]  # more budget, less traffic
+
+
+def test_report_writes_tables_figures_and_lists_the_failure(sweep: Path, tmp_path: Path) -> None:
+    report = write_report(sweep, tmp_path / "rep", progress=False)
+    out = report.parent
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert len(runs) == 4 and len(pd.read_csv(out / "runs.csv")) == 4
+    for name in FIGURES:
+        png = out / f"{name}.png"
+        assert png.exists() and png.stat().st_size > 1000, name
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    text = report.read_text()
+    assert "## Failed or unfinished runs (1)" in text and "dynaexq" in text
+    assert all(f"({name}.png)" in text for name in FIGURES)
+
+
+def test_cli_bad_dir_is_one_line(tmp_path: Path) -> None:
+    proc = _run("-m", "analysis", "report", str(tmp_path / "nope"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such directory "
+                                                "(give the sweep's directory, e.g. multirun/seed_policies)"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _run("-m", "analysis", "report", str(empty), cwd=tmp_path)
+    assert proc.returncode == 2 and "no runs found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _lru_hits(keys: list[int], capacity: int) -> list[bool]:
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = []
+    for k in keys:
+        hits.append(k in cache)
+        cache[k] = None
+        cache.move_to_end(k)
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+    return hits
+
+
+def test_stack_distance_predicts_lru_hits() -> None:
+    rng = np.random.default_rng(3)
+    keys = rng.zipf(1.3, size=3000) % 50
+    dist = stack_distances(keys)
+    assert (dist[np.unique(keys, return_index=True)[1]] == -1).all()  # first touches are cold
+    for cap in (1, 5, 20):
+        predicted = (dist >= 0) & (dist < cap)
+        assert predicted.tolist() == _lru_hits(keys.tolist(), cap)
+    assert stack_distances(np.array([1, 2, 3, 1, 1, 2])).tolist() == [-1, -1, -1, 2, 0, 2]
+
+
+def test_pareto_mask() -> None:
+    x, y = np.array([1.0, 2.0, 2.0, 3.0]), np.array([3.0, 1.0, 2.0, 1.0])
+    assert pareto_mask(x, y).tolist() == [True, True, False, False]

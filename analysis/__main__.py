@@ -4,7 +4,8 @@ Subcommands (each a module ``analysis/cli_<name>.py`` with ``register(subparsers
 
 - ``prepare-traces``: import the real traces into a cache outside the repo (once);
 - ``trace-stats``: skew, reuse and reuse-distance statistics of the study's workloads;
-- ``report``: a multirun directory -> runs.parquet/csv, figures and report.md.
+- ``report``: a multirun directory -> runs.parquet/csv, figures and report.md;
+- ``study``: all three of prepare, the experiment's sweep and its report, in one command.
 
 A ``ValueError`` (bad input: a missing directory, no runs, an unreadable trace) prints one
 line ``error: ...`` and exits 2, never a traceback.
@@ -15,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis import cli_prepare, cli_report, cli_trace_stats
+from analysis import cli_prepare, cli_report, cli_study, cli_trace_stats
 from traces.format import TraceError
 
-COMMANDS = (cli_prepare, cli_trace_stats, cli_report)
+COMMANDS = (cli_prepare, cli_trace_stats, cli_report, cli_study)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ Measured on the current device (the GPU when there is one, else the CPU, with sm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import time
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                          attention_params=4 * 256 * 256, vocab_size=1024)
     hw = calibrate(spec, device, small=small, reps=args.reps)
     out = Path(args.out) if args.out else CONF_HW / f"{hw.name}.yaml"
+    hw = dataclasses.replace(hw, name=out.stem)  # hydra presets are named after their file
     print(f"wrote {write_profile(hw, out)}")
 
 

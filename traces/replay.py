@@ -166,6 +166,8 @@ def _cache_dir(path: Path, batch: int) -> Path:
 
 
 def _save(view: ReplayView, where: Path) -> None:
+    if view.meta is None:
+        raise ValueError("a replay view without trace metadata cannot be cached")
     tmp = where.with_name(where.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     for name in _ARRAYS:

@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.config import one_line
 from sim.config import GROUPS, RunConfig, register_configs
 from sim.engine import EngineOptions
 from sim.report import format_summary, write_outputs
@@ -37,18 +38,6 @@ USER_ERRORS = (ValueError, OmegaConfBaseException)
 def presets(group: str) -> list[str]:
     """The YAML presets of a config group (file stems)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception and its causes as one line (first line of each, deduplicated)."""
-    parts: list[str] = []
-    cur: BaseException | None = exc
-    while cur is not None:
-        text = str(cur).strip().splitlines()
-        if text and text[0].strip() not in parts:
-            parts.append(text[0].strip())
-        cur = cur.__cause__
-    return ": ".join(parts) or type(exc).__name__
 
 
 def check_choices(args: list[str]) -> str | None:

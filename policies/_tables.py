@@ -42,7 +42,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.quality import SensitivityTable, analytic_error
+from core.model_spec import ModelSpec
+from core.precision import PRECISIONS
+from core.quality import SensitivityTable, analytic_error, read_sensitivity
 from core.routing import LayerSteps
 
 if TYPE_CHECKING:
@@ -148,6 +150,20 @@ def synthetic_table(layers: int, experts: int, precisions: list[str], rng: np.ra
                "max_intra_neuron_variance": st.max_variance[l_, e_].tolist(),
                "dataset": [names[i] for i in d_.tolist()], "frequency": freq[l_, e_, d_].tolist()},
     )
+
+
+def run_table(quality_table: str | None, spec: ModelSpec, seed: int) -> tuple[SensitivityTable | None, str]:
+    """The sensitivity table of one run (sim or runtime) and how its summary names it.
+
+    ``"analytic"``: none (the proxy's analytic per-precision errors); a path: that file;
+    empty: a synthetic table seeded by the run's seed, shared by the policy and the proxy."""
+    if quality_table == "analytic":
+        return None, "analytic"
+    if quality_table:
+        return read_sensitivity(quality_table), quality_table
+    table = synthetic_table(spec.layers, spec.experts, list(PRECISIONS), np.random.default_rng(seed),
+                            row_len=spec.hidden)
+    return table, f"synthetic(seed={seed})"
 
 
 def _column(table: SensitivityTable, name: str, layers: int, experts: int) -> np.ndarray | None:

@@ -36,9 +36,8 @@ from tqdm import tqdm
 import traces
 from core.config import BaseRunConfig, WorkloadKind, budget_bytes, preset_stem
 from core.model_spec import MODEL_PRESETS, ModelSpec
-from core.precision import PRECISIONS
-from core.quality import SensitivityTable, read_sensitivity
-from policies._tables import synthetic_table
+from core.quality import SensitivityTable
+from policies._tables import run_table
 from policies.base import Policy, build_policy
 from runtime.engine import RuntimeEngine, replay
 from runtime.host_store import HostStore, random_weights
@@ -116,14 +115,8 @@ def resolve_budget(cfg: RuntimeRunConfig, full: ModelSpec, spec: ModelSpec) -> i
 
 
 def sensitivity_table(cfg: RuntimeRunConfig, spec: ModelSpec) -> tuple[SensitivityTable | None, str]:
-    """As the simulator: a file, ``analytic``, or a synthetic table seeded by the run's seed."""
-    if cfg.quality_table == "analytic":
-        return None, "analytic"
-    if cfg.quality_table:
-        return read_sensitivity(cfg.quality_table), cfg.quality_table
-    table = synthetic_table(spec.layers, spec.experts, list(PRECISIONS), np.random.default_rng(cfg.seed),
-                            row_len=spec.hidden)
-    return table, f"synthetic(seed={cfg.seed})"
+    """The run's sensitivity table, chosen as the simulator and runtime both do."""
+    return run_table(cfg.quality_table, spec, cfg.seed)
 
 
 # ---------------------------------------------------------------- workloads

@@ -21,13 +21,10 @@ import dataclasses
 from enum import Enum
 from typing import Any
 
-import numpy as np
-
 from core.config import budget_bytes
 from core.model_spec import ModelSpec
-from core.precision import PRECISIONS
-from core.quality import SensitivityTable, read_sensitivity
-from policies._tables import synthetic_table
+from core.quality import SensitivityTable
+from policies._tables import run_table
 from policies.base import Policy, build_policy
 from sim.config import BudgetConfig, RunConfig
 from sim.engine import Engine, EngineOptions, InfeasibleError
@@ -73,14 +70,8 @@ def check_device(cfg: RunConfig, spec: ModelSpec) -> int:
 
 
 def sensitivity_table(cfg: RunConfig, spec: ModelSpec) -> tuple[SensitivityTable | None, str]:
-    """The run's sensitivity table and how the summary names it (see the module docstring)."""
-    if cfg.quality_table == "analytic":
-        return None, "analytic"
-    if cfg.quality_table:
-        return read_sensitivity(cfg.quality_table), cfg.quality_table
-    table = synthetic_table(spec.layers, spec.experts, list(PRECISIONS), np.random.default_rng(cfg.seed),
-                            row_len=spec.hidden)
-    return table, f"synthetic(seed={cfg.seed})"
+    """The run's sensitivity table, chosen as the simulator and runtime both do."""
+    return run_table(cfg.quality_table, spec, cfg.seed)
 
 
 def policy_metrics(policy: Policy) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""``python -m analysis``: prepare the study's traces, describe them, and report a sweep.
+"""``moebits analysis``: prepare the study's traces, describe them, and report a sweep.
 
 Subcommands (each a module ``analysis/cli_<name>.py`` with ``register(subparsers)``):
 
@@ -16,17 +16,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis import cli_prepare, cli_report, cli_study, cli_trace_stats
-from traces.format import TraceError
+from moebits.analysis import cli_prepare, cli_report, cli_study, cli_trace_stats
+from moebits.traces.format import TraceError
 
 COMMANDS = (cli_prepare, cli_trace_stats, cli_report, cli_study)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m analysis",
+        prog="moebits analysis",
         description="moebits results -> tidy tables and figures: prepare the real traces as "
-        "workloads, describe them, and report a hydra multirun of python -m sim.",
+        "workloads, describe them, and report a hydra multirun of python -m moebits.sim.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:

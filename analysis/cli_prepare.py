@@ -1,11 +1,11 @@
-"""``python -m analysis prepare-traces``: the real traces as Parquet workloads in a cache."""
+"""``moebits analysis prepare-traces``: the real traces as Parquet workloads in a cache."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from analysis.prepare import DEFAULT_CACHE, DEFAULT_SRC, ENV_VAR, prepare_traces
+from moebits.analysis.prepare import DEFAULT_CACHE, DEFAULT_SRC, ENV_VAR, prepare_traces
 
 EPILOG = f"""The cache is --out, else ${ENV_VAR}, else {DEFAULT_CACHE}. The study configs
 (conf/experiment/trace/*.yaml) read ${{oc.env:{ENV_VAR},{DEFAULT_CACHE}}}/<name>.parquet, so

@@ -1,11 +1,11 @@
-"""``python -m analysis report MULTIRUN_DIR [-o OUT_DIR]``: a sweep as tables, figures and report.md."""
+"""``moebits analysis report MULTIRUN_DIR [-o OUT_DIR]``: a sweep as tables, figures and report.md."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from analysis.report import write_report
+from moebits.analysis.report import write_report
 
 EPILOG = """Reads every run below MULTIRUN_DIR (a folder with summary.json, error.txt or .hydra/)
 and writes to OUT_DIR (default MULTIRUN_DIR/report):
@@ -26,14 +26,14 @@ and writes to OUT_DIR (default MULTIRUN_DIR/report):
   report.md                 all of it, with per-trace policy x budget tables and the list of
                             failed (e.g. infeasible) runs
 
-example: python -m analysis report multirun/seed_policies -o multirun/seed_policies/report"""
+example: moebits analysis report multirun/seed_policies -o multirun/seed_policies/report"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
-        help="tidy table (runs.parquet/csv), figures (PNG) and report.md of a python -m sim sweep",
-        description="Turn a hydra multirun of python -m sim into one tidy table of runs, the "
+        help="tidy table (runs.parquet/csv), figures (PNG) and report.md of a moebits sim sweep",
+        description="Turn a hydra multirun of moebits sim into one tidy table of runs, the "
         "figures a paper needs and a Markdown report.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,7 +1,7 @@
-"""``python -m analysis study``: the whole study from one command.
+"""``moebits analysis study``: the whole study from one command.
 
 Imports the real traces into the cache (skipping those already there), runs the experiment's
-hydra multirun (``python -m sim +experiment=NAME``; finished runs are skipped, so a killed
+hydra multirun (``moebits sim +experiment=NAME``; finished runs are skipped, so a killed
 study resumes), then writes the report of ``multirun/NAME``.
 """
 
@@ -14,8 +14,8 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-from analysis import cli_prepare, cli_report
-from analysis.prepare import DEFAULT_SRC
+from moebits.analysis import cli_prepare, cli_report
+from moebits.analysis.prepare import DEFAULT_SRC
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.out is not None:
         env["MOEBITS_TRACES"] = str(args.out.resolve())
-    cmd = [sys.executable, "-m", "sim", f"+experiment={args.experiment}", *args.overrides]
+    cmd = [sys.executable, "-m", "moebits.sim", f"+experiment={args.experiment}", *args.overrides]
     print("running:", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, env=env, check=False)
     if done.returncode != 0:

@@ -1,15 +1,15 @@
-"""``python -m analysis trace-stats``: skew, reuse and reuse-distance statistics of the study's workloads."""
+"""``moebits analysis trace-stats``: skew, reuse and reuse-distance statistics of the study's workloads."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from analysis.report import markdown_table
-from analysis.tracestats import BUDGETS, stats_table, study_traces
+from moebits.analysis.report import markdown_table
+from moebits.analysis.tracestats import BUDGETS, stats_table, study_traces
 
 EPILOG = f"""Each workload is exactly what the study replays: conf/experiment/trace/<name>.yaml
-(its trace file in the cache of `python -m analysis prepare-traces`, batch and max_seqs cap).
+(its trace file in the cache of `moebits analysis prepare-traces`, batch and max_seqs cap).
 Columns: top10_share (skew), step_reuse (same-layer reuse between consecutive steps),
 cold_frac, median_distance_frac (median reuse distance over layers x experts), and per
 budget kind ({', '.join(BUDGETS)}) the hit rate of an LRU cache of that many bf16 experts

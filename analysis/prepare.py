@@ -1,4 +1,4 @@
-"""``python -m analysis prepare-traces``: the real traces as replayable Parquet files in a cache.
+"""``moebits analysis prepare-traces``: the real traces as replayable Parquet files in a cache.
 
 The real traces (``../shared/traces/real/<folder>/``, read-only, no licence) are never copied
 into the repository. This step imports each folder with :func:`traces.importers.import_source`
@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from core.model_spec import MODEL_PRESETS, ModelSpec
-from traces.format import Trace, TraceMeta, read_trace, write_trace
-from traces.importers import import_source
+from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
+from moebits.traces.format import Trace, TraceMeta, read_trace, write_trace
+from moebits.traces.importers import import_source
 
 ENV_VAR = "MOEBITS_TRACES"
 DEFAULT_CACHE = "~/.cache/moebits/traces"
@@ -125,7 +124,7 @@ def prepare_folder(src: Path, out: Path, force: bool = False) -> list[Prepared]:
     if name in SMALL_VARIANTS:
         stem, spec = SMALL_VARIANTS[name]
         small = with_spec(t, spec, f"routing of {t.spec.name} on {spec.name} (Qwen3-30B-A3B-sized experts), "
-                                   "written by python -m analysis prepare-traces")
+                                   "written by moebits analysis prepare-traces")
         done += _derived(small, stem, out, force)
     return done
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from analysis.figures import ONLINE, POLICY_ORDER, oracle_ratio, ordered, primary_hardware
+from moebits.analysis.figures import ONLINE, POLICY_ORDER, oracle_ratio, ordered, primary_hardware
 
 BUDGET_ORDER = ("all_int2", "all_int3", "bf16_25pct", "all_int4", "all_int8", "bf16_50pct", "all_bf16")
 
@@ -130,8 +129,8 @@ def build_report(df: pd.DataFrame, root: Path, figures: dict[str, Path], out: Pa
 def write_report(root: str | Path, out: str | Path | None = None, progress: bool = True) -> Path:
     """Collect the runs under ``root``, write runs.parquet/csv, the figures and report.md to
     ``out`` (default ``root/report``); returns the report's path."""
-    from analysis.figures import draw_all
-    from analysis.runs import collect_runs
+    from moebits.analysis.figures import draw_all
+    from moebits.analysis.runs import collect_runs
 
     root = Path(root)
     out_dir = Path(out) if out else root / "report"

@@ -42,7 +42,7 @@ def find_runs(root: Path) -> list[Path]:
     found = {d for d in found if d.name != ".hydra"}  # a .hydra/ inside .hydra/ is no run
     if not found:
         raise ValueError(f"{root}: no runs found (no summary.json, error.txt or .hydra/ below it); "
-                         "is this a python -m sim output directory?")
+                         "is this a moebits sim output directory?")
     return sorted(found)
 
 

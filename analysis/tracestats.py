@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from core.model_spec import ModelSpec
-from core.routing import LayerSteps
+from moebits.core.model_spec import ModelSpec
+from moebits.core.routing import LayerSteps
 
 # budget kinds as (precision, fraction): the budget, in bf16 slabs, of a one-precision bf16 cache
 BUDGETS = {"all_int2": ("int2", 1.0), "all_int3": ("int3", 1.0), "bf16_25pct": ("bf16", 0.25),
@@ -154,11 +153,10 @@ def workload_stats(name: str, view: LayerSteps, spec: ModelSpec, profile: LayerS
 def study_workload(name: str) -> tuple[LayerSteps, ModelSpec, LayerSteps | None]:
     """The replay view, model and profile of ``conf/experiment/trace/<name>.yaml``."""
     from hydra import compose, initialize_config_dir
+    from moebits.sim.app import CONF_DIR
+    from moebits.sim.config import RunConfig, register_configs
+    from moebits.sim.workload import load_profile, load_workload
     from omegaconf import OmegaConf
-
-    from sim.app import CONF_DIR
-    from sim.config import RunConfig, register_configs
-    from sim.workload import load_profile, load_workload
 
     if not (CONF_DIR / "experiment" / "trace" / f"{name}.yaml").exists():
         known = sorted(p.stem for p in (CONF_DIR / "experiment" / "trace").glob("*.yaml"))
@@ -175,7 +173,7 @@ def study_workload(name: str) -> tuple[LayerSteps, ModelSpec, LayerSteps | None]
 
 def study_traces() -> list[str]:
     """The study's trace names (``conf/experiment/trace/*.yaml``)."""
-    from sim.app import CONF_DIR
+    from moebits.sim.app import CONF_DIR
 
     return sorted(p.stem for p in (CONF_DIR / "experiment" / "trace").glob("*.yaml"))
 

@@ -43,21 +43,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import get_model_spec
+from moebits.core.slabs import SlabClass, SlabLedger
+from moebits.policies.base import build_policy
+from moebits.policies.dynaexq import DynaExqConfig
+from moebits.policies.lru_offload import LruOffloadConfig
+from moebits.policies.static_uniform import StaticUniformConfig
+from moebits.runtime import hf
+from moebits.runtime.engine import RuntimeEngine
+from moebits.runtime.host_store import HostStore
+from moebits.runtime.metrics import pass_table
+from moebits.runtime.pool import DevicePool
+from moebits.runtime.promote import Promoter
 
-import traces
-from core.keys import ExpertKey
-from core.model_spec import get_model_spec
-from core.slabs import SlabClass, SlabLedger
-from policies.base import build_policy
-from policies.dynaexq import DynaExqConfig
-from policies.lru_offload import LruOffloadConfig
-from policies.static_uniform import StaticUniformConfig
-from runtime import hf
-from runtime.engine import RuntimeEngine
-from runtime.host_store import HostStore
-from runtime.metrics import pass_table
-from runtime.pool import DevicePool
-from runtime.promote import Promoter
+from moebits import traces
 
 CONFIGS = ("bf16_resident", "static_int4", "lru_bf16", "dynaexq", "dynaexq_int3", "hf_grouped_mm")
 
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = hf.random_prompts(args.seqs, args.prompt, spec.vocab_size, np.random.default_rng(0))
     routing = None
     if args.routing == "trace":
-        from runtime.runner import trace_subset
-        from traces.format import read_trace
-        from traces.replay import build_view
+        from moebits.runtime.runner import trace_subset
+        from moebits.traces.format import read_trace
+        from moebits.traces.replay import build_view
 
         trace = read_trace(Path(traces.__file__).resolve().parent / "data" / "default.parquet")
         routing = hf.TraceRouting(build_view(trace_subset(trace, args.seqs, layers), 1), spec.top_k)

@@ -25,9 +25,8 @@ import time
 from collections.abc import Callable
 
 import torch
-
-from core.model_spec import get_model_spec
-from runtime.moe_layer import MixedPrecisionMoE, build_mixed_experts, reference_moe
+from moebits.core.model_spec import get_model_spec
+from moebits.runtime.moe_layer import MixedPrecisionMoE, build_mixed_experts, reference_moe
 
 HBM_BYTES_PER_S = 3.35e12
 LAUNCH_S = 20e-6
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                                                        gen, gate_up, down)
     rows += _timing_rows(impls, args, experts, k, hidden, device, gen)
     _print_tables(rows, name)
-    from runtime.grouped import triton_kernels
+    from moebits.runtime.grouped import triton_kernels
 
     tk = triton_kernels()
     if tk is not None and device.type == "cuda":
@@ -232,7 +231,7 @@ def _with_env(fn: Forward, **env: str) -> Forward:
 
 
 def _expert_bytes(precision: str, hidden: int, inter: int) -> int:
-    from core.precision import get_precision
+    from moebits.core.precision import get_precision
 
     p = get_precision(precision)
     return p.matrix_bytes(2 * inter, hidden) + p.matrix_bytes(hidden, inter)

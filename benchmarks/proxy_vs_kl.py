@@ -1,6 +1,6 @@
 """Does the quality proxy rank policies as measured KL does? (DESIGN.md: checked, not assumed.)
 
-Runs ``python -m runtime`` (GENERATE, CPU, a small random-weight model: 2 MoE layers, sizes x
+Runs ``moebits runtime`` (GENERATE, CPU, a small random-weight model: 2 MoE layers, sizes x
 ``--scale``) under several static policies that serve clearly different precision mixes of the
 same model (same seed, same prompts): ``static_uniform`` at int8 / int4 / int3 / int2 (budget
 ``all_<p>``) and ``mxmoe`` at the all-int8 / all-int4 / all-int3 budgets. For each run it reads
@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_case(policy: str, budget: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    """One ``python -m runtime`` run on CPU; its summary.json as a dict."""
-    cmd = [sys.executable, "-m", "runtime", *policy.split(), f"budget={budget}", "runtime.device=cpu",
+    """One ``moebits runtime`` run on CPU; its summary.json as a dict."""
+    cmd = [sys.executable, "-m", "moebits.runtime", *policy.split(), f"budget={budget}", "runtime.device=cpu",
            f"runtime.scale={args.scale}", f"workload.seqs={args.seqs}", f"workload.prompt_tokens={args.prompt}",
            f"workload.decode_tokens={args.decode}", f"seed={args.seed}", "progress=false", "resume=false",
            f"hydra.run.dir={run_dir}"]

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-
-from core.model_spec import get_model_spec
-from traces.format import Trace, TraceMeta, read_trace, write_trace
-from traces.replay import build_view, load_view
+from moebits.core.model_spec import get_model_spec
+from moebits.traces.format import Trace, TraceMeta, read_trace, write_trace
+from moebits.traces.replay import build_view, load_view
 
 T = TypeVar("T")
 

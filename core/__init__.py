@@ -5,9 +5,9 @@ ModelSpec presets give the real shapes of public MoE models. Nothing here import
 simpy or hydra.
 """
 
-from core.keys import ExpertKey
-from core.model_spec import MODEL_PRESETS, ModelSpec, get_model_spec
-from core.precision import PRECISIONS, Precision, get_precision
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import MODEL_PRESETS, ModelSpec, get_model_spec
+from moebits.core.precision import PRECISIONS, Precision, get_precision
 
 __all__ = [
     "ExpertKey",

@@ -1,4 +1,4 @@
-"""Structured-config schemas shared by ``python -m sim`` and ``python -m runtime``.
+"""Structured-config schemas shared by ``moebits sim`` and ``moebits runtime``.
 
 Both apps compose the same config groups under ``conf/``: ``model/`` (:class:`ModelConfig`),
 ``hardware/`` (:class:`core.hardware.HardwareProfile` itself), ``policy/`` (each registered
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from core.hardware import HardwareProfile
-from core.model_spec import ModelSpec
-from core.precision import PRECISIONS, get_precision
+from moebits.core.hardware import HardwareProfile
+from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import PRECISIONS, get_precision
 
 MISSING: Any = "???"  # omegaconf.MISSING, without importing omegaconf
 GROUPS = ("model", "hardware", "policy", "workload", "budget")

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from core.precision import Precision, get_precision
+from moebits.core.precision import Precision, get_precision
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,8 +32,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
-
-from core.precision import Precision, get_precision
+from moebits.core.precision import Precision, get_precision
 
 REFERENCE = "bf16"
 REQUIRED_COLUMNS = ("layer", "expert", "precision", "error")

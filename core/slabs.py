@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from heapq import heappop, heappush
 
-from core.keys import ExpertKey
+from moebits.core.keys import ExpertKey
 
 
 class SlabState(IntEnum):

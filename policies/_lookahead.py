@@ -22,8 +22,7 @@ from __future__ import annotations
 from enum import Enum
 
 import numpy as np
-
-from core.routing import LayerSteps
+from moebits.core.routing import LayerSteps
 
 
 class Predictor(Enum):

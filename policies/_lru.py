@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from core.keys import ExpertKey
-from core.slabs import Refusal, SlabLedger
-from policies._lookahead import PrefetchStats
-from policies.base import Action, ActionKind
+from moebits.core.keys import ExpertKey
+from moebits.core.slabs import Refusal, SlabLedger
+from moebits.policies._lookahead import PrefetchStats
+from moebits.policies.base import Action, ActionKind
 
 
 class TieredCache:

@@ -41,14 +41,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from core.model_spec import ModelSpec
-from core.precision import PRECISIONS
-from core.quality import SensitivityTable, analytic_error, read_sensitivity
-from core.routing import LayerSteps
+from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import PRECISIONS
+from moebits.core.quality import SensitivityTable, analytic_error, read_sensitivity
+from moebits.core.routing import LayerSteps
 
 if TYPE_CHECKING:
-    from policies.base import PolicyContext
+    from moebits.policies.base import PolicyContext
 
 SYNTHETIC_DATASETS = ("synthetic_a", "synthetic_b", "synthetic_c")
 

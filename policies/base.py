@@ -28,12 +28,11 @@ from enum import Enum, IntEnum
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-
-from core.keys import ExpertKey
-from core.model_spec import ModelSpec
-from core.quality import SensitivityTable
-from core.routing import LayerSteps
-from core.slabs import Refusal, SlabClass, SlabLedger
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.core.quality import SensitivityTable
+from moebits.core.routing import LayerSteps
+from moebits.core.slabs import Refusal, SlabClass, SlabLedger
 
 
 class MissRule(Enum):
@@ -189,8 +188,8 @@ def discover() -> None:
     """Import every module of the ``policies`` package so their decorators register them.
 
     Adding a policy is one file with one decorator; nothing else lists it."""
-    package = importlib.import_module("policies")
-    for info in pkgutil.iter_modules(package.__path__, "policies."):
+    package = importlib.import_module("moebits.policies")
+    for info in pkgutil.iter_modules(package.__path__, "moebits.policies."):
         importlib.import_module(info.name)
 
 

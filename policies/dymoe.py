@@ -44,15 +44,14 @@ from enum import Enum
 from typing import ClassVar
 
 import numpy as np
-
-from core.keys import ExpertKey
-from core.precision import get_precision
-from core.slabs import SlabClass, SlabLedger
-from policies._hotness import LayerEma
-from policies._lookahead import NextLayerPredictor, Predictor, PrefetchStats
-from policies._lru import CachedPrefetchBooks, TieredCache
-from policies._tables import profile_gate_mean, stats_for
-from policies.base import (
+from moebits.core.keys import ExpertKey
+from moebits.core.precision import get_precision
+from moebits.core.slabs import SlabClass, SlabLedger
+from moebits.policies._hotness import LayerEma
+from moebits.policies._lookahead import NextLayerPredictor, Predictor, PrefetchStats
+from moebits.policies._lru import CachedPrefetchBooks, TieredCache
+from moebits.policies._tables import profile_gate_mean, stats_for
+from moebits.policies.base import (
     Action,
     ActionKind,
     LayerObs,
@@ -62,7 +61,7 @@ from policies.base import (
     PolicyContext,
     register_policy,
 )
-from policies.static_uniform import expert_bytes
+from moebits.policies.static_uniform import expert_bytes
 
 
 class CriticalLayers(Enum):

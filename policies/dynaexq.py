@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-
-from core.keys import ExpertKey
-from core.precision import get_precision
-from core.slabs import Refusal, SlabClass, SlabLedger
-from policies._hotness import LayerEma, LayerTopN
-from policies._tables import profile_gate_mean
-from policies.base import (
+from moebits.core.keys import ExpertKey
+from moebits.core.precision import get_precision
+from moebits.core.slabs import Refusal, SlabClass, SlabLedger
+from moebits.policies._hotness import LayerEma, LayerTopN
+from moebits.policies._tables import profile_gate_mean
+from moebits.policies.base import (
     Action,
     ActionKind,
     LayerObs,
@@ -53,7 +52,7 @@ from policies.base import (
     PolicyContext,
     register_policy,
 )
-from policies.static_uniform import expert_bytes
+from moebits.policies.static_uniform import expert_bytes
 
 
 @dataclass

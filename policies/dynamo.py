@@ -39,13 +39,12 @@ from enum import Enum
 from typing import ClassVar
 
 import numpy as np
-
-from core.keys import ExpertKey
-from core.precision import ChannelMix, get_precision, register_channel_mix
-from core.slabs import Refusal, SlabClass, SlabLedger
-from policies._hotness import LayerEma, LayerTopN
-from policies._tables import ExpertStats, stats_for
-from policies.base import (
+from moebits.core.keys import ExpertKey
+from moebits.core.precision import ChannelMix, get_precision, register_channel_mix
+from moebits.core.slabs import Refusal, SlabClass, SlabLedger
+from moebits.policies._hotness import LayerEma, LayerTopN
+from moebits.policies._tables import ExpertStats, stats_for
+from moebits.policies.base import (
     Action,
     ActionKind,
     LayerObs,
@@ -55,7 +54,7 @@ from policies.base import (
     PolicyContext,
     register_policy,
 )
-from policies.static_uniform import expert_bytes
+from moebits.policies.static_uniform import expert_bytes
 
 
 class Aggregate(Enum):

@@ -38,14 +38,13 @@ from enum import Enum
 from typing import ClassVar
 
 import numpy as np
-
-from core.keys import ExpertKey
-from core.precision import get_precision
-from core.slabs import SlabClass, SlabLedger
-from policies._lookahead import NextLayerPredictor, Predictor, PrefetchStats
-from policies._lru import CachedPrefetchBooks, TieredCache
-from policies._tables import profile_mean_gate
-from policies.base import (
+from moebits.core.keys import ExpertKey
+from moebits.core.precision import get_precision
+from moebits.core.slabs import SlabClass, SlabLedger
+from moebits.policies._lookahead import NextLayerPredictor, Predictor, PrefetchStats
+from moebits.policies._lru import CachedPrefetchBooks, TieredCache
+from moebits.policies._tables import profile_mean_gate
+from moebits.policies.base import (
     Action,
     ActionKind,
     LayerObs,
@@ -55,7 +54,7 @@ from policies.base import (
     PolicyContext,
     register_policy,
 )
-from policies.static_uniform import expert_bytes
+from moebits.policies.static_uniform import expert_bytes
 
 
 class Criticality(Enum):

@@ -19,9 +19,9 @@ import heapq
 from dataclasses import dataclass
 from typing import ClassVar
 
-from core.slabs import SlabLedger
-from policies.base import LayerObs, register_policy
-from policies.lru_offload import OffloadCache, OffloadCacheConfig
+from moebits.core.slabs import SlabLedger
+from moebits.policies.base import LayerObs, register_policy
+from moebits.policies.lru_offload import OffloadCache, OffloadCacheConfig
 
 
 @dataclass

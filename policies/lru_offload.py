@@ -36,11 +36,10 @@ from enum import Enum
 from typing import ClassVar
 
 import numpy as np
-
-from core.keys import ExpertKey
-from core.precision import get_precision
-from core.slabs import Refusal, SlabClass, SlabLedger
-from policies.base import (
+from moebits.core.keys import ExpertKey
+from moebits.core.precision import get_precision
+from moebits.core.slabs import Refusal, SlabClass, SlabLedger
+from moebits.policies.base import (
     Action,
     ActionKind,
     LayerObs,
@@ -50,8 +49,8 @@ from policies.base import (
     PolicyContext,
     register_policy,
 )
-from policies.static_frequency import ranked_by_popularity
-from policies.static_uniform import expert_bytes
+from moebits.policies.static_frequency import ranked_by_popularity
+from moebits.policies.static_uniform import expert_bytes
 
 
 class InitialFill(Enum):

@@ -38,13 +38,20 @@ from enum import Enum
 from typing import ClassVar
 
 import numpy as np
-
-from core.keys import ExpertKey
-from core.precision import get_precision
-from core.slabs import SlabClass
-from policies._tables import profile_frequency, stats_for
-from policies.base import Action, ActionKind, MissRule, Policy, PolicyConfig, PolicyContext, register_policy
-from policies.static_uniform import expert_bytes
+from moebits.core.keys import ExpertKey
+from moebits.core.precision import get_precision
+from moebits.core.slabs import SlabClass
+from moebits.policies._tables import profile_frequency, stats_for
+from moebits.policies.base import (
+    Action,
+    ActionKind,
+    MissRule,
+    Policy,
+    PolicyConfig,
+    PolicyContext,
+    register_policy,
+)
+from moebits.policies.static_uniform import expert_bytes
 
 
 class Solver(Enum):

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-
-from core.slabs import SlabLedger
-from policies.base import LayerObs, PolicyContext, register_policy
-from policies.lru_offload import InitialFill, OffloadCache, OffloadCacheConfig
+from moebits.core.slabs import SlabLedger
+from moebits.policies.base import LayerObs, PolicyContext, register_policy
+from moebits.policies.lru_offload import InitialFill, OffloadCache, OffloadCacheConfig
 
 
 @dataclass

@@ -15,12 +15,19 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-
-from core.precision import get_precision
-from core.routing import LayerSteps
-from core.slabs import SlabClass
-from policies.base import Action, MissRule, Policy, PolicyConfig, PolicyContext, promote, register_policy
-from policies.static_uniform import expert_bytes
+from moebits.core.precision import get_precision
+from moebits.core.routing import LayerSteps
+from moebits.core.slabs import SlabClass
+from moebits.policies.base import (
+    Action,
+    MissRule,
+    Policy,
+    PolicyConfig,
+    PolicyContext,
+    promote,
+    register_policy,
+)
+from moebits.policies.static_uniform import expert_bytes
 
 
 @dataclass

@@ -12,9 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from core.precision import get_precision
-from core.slabs import SlabClass
-from policies.base import Action, MissRule, Policy, PolicyConfig, PolicyContext, promote, register_policy
+from moebits.core.precision import get_precision
+from moebits.core.slabs import SlabClass
+from moebits.policies.base import (
+    Action,
+    MissRule,
+    Policy,
+    PolicyConfig,
+    PolicyContext,
+    promote,
+    register_policy,
+)
 
 
 @dataclass

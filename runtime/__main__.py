@@ -1,5 +1,5 @@
-"""``python -m runtime [hydra overrides]``: see :mod:`runtime.app`."""
+"""``moebits runtime [hydra overrides]``: see :mod:`runtime.app`."""
 
-from runtime.app import main
+from moebits.runtime.app import main
 
 main()

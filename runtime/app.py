@@ -1,7 +1,7 @@
-"""``python -m runtime``: the live run, with the simulator's config groups and result files.
+"""``moebits runtime``: the live run, with the simulator's config groups and result files.
 
 Composes ``conf/runtime.yaml`` (the same ``model/``, ``hardware/``, ``policy/``, ``workload/``
-and ``budget/`` groups as ``python -m sim``, plus ``runtime.*``), runs it (:mod:`runtime.runner`)
+and ``budget/`` groups as ``moebits sim``, plus ``runtime.*``), runs it (:mod:`runtime.runner`)
 and writes to the hydra run directory ``summary.json`` (the simulator's keys, plus ``kl_mean``,
 ``kl_p99`` and the device) and ``steps.parquet`` (the simulator's columns, plus ``kl``), so that
 analysis reads simulated and measured runs alike. Sweeps (``-m``) resume like the simulator's.
@@ -23,14 +23,13 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from moebits.core.config import GROUPS, one_line, register_schemas, unknown_preset
+from moebits.core.slabs import PoolError
+from moebits.policies.base import policy_configs
+from moebits.runtime.metrics import RuntimeRecords, pass_table
+from moebits.runtime.runner import RuntimeRunConfig, execute
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from core.config import GROUPS, one_line, register_schemas, unknown_preset
-from core.slabs import PoolError
-from policies.base import policy_configs
-from runtime.metrics import RuntimeRecords, pass_table
-from runtime.runner import RuntimeRunConfig, execute
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_NAME = "runtime"

@@ -1,6 +1,6 @@
 """Calibration: measure this machine and write a :class:`core.hardware.HardwareProfile` YAML.
 
-``python -m runtime.calibrate [--model qwen3_30b_a3b] [--out conf/hardware/calibrated_<device>.yaml]``
+``python -m moebits.runtime.calibrate [--model qwen3_30b_a3b] [--out conf/hardware/calibrated_<device>.yaml]``
 
 Measured on the current device (the GPU when there is one, else the CPU, with small sizes):
 
@@ -32,10 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from core.hardware import HardwareProfile, KernelTable, LinkCurve
-from core.model_spec import MODEL_PRESETS, ModelSpec
-from runtime.moe_layer import MixedPrecisionMoE, build_mixed_experts
+from moebits.core.hardware import HardwareProfile, KernelTable, LinkCurve
+from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
+from moebits.runtime.moe_layer import MixedPrecisionMoE, build_mixed_experts
 
 CONF_HW = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 
@@ -167,9 +166,8 @@ def measure_kernels(spec: ModelSpec, precisions: list[str], tokens: list[int], d
 
 def measure_non_moe(spec: ModelSpec, device: torch.device, launch_s: float, reps: int) -> float:
     """Non-MoE launches per layer: one decode token through a decoder whose experts return zeros."""
+    from moebits.runtime import hf
     from transformers.integrations.moe import ExpertsInterface
-
-    from runtime import hf
 
     ExpertsInterface.register("moebits_null", lambda module, x, ids, w: torch.zeros_like(x))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -229,7 +227,7 @@ def calibrate(spec: ModelSpec, device: torch.device, *, small: bool = False,
         peak_tflops={"bf16": _sig(peak)}, launch_s=launch, expert_launch_ops=max(1, round(ops)),
         non_moe_launches=max(1, round(non_moe)), kernel_tables=tables,
         host_gflops=_sig(host_gflops), host_gbps=_sig(host_gbps), host_overhead_s=launch,
-        source=f"python -m runtime.calibrate on {device_slug(device)} (model shape {spec.name}: "
+        source=f"python -m moebits.runtime.calibrate on {device_slug(device)} (model shape {spec.name}: "
                f"{spec.hidden}x{spec.expert_intermediate})",
     )
 

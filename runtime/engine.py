@@ -42,19 +42,18 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from core.keys import ExpertKey
-from core.model_spec import ModelSpec
-from core.precision import PRECISIONS, get_channel_mix, get_precision
-from core.quality import SensitivityTable, analytic_error
-from core.routing import LayerSteps
-from core.slabs import PoolError, Refusal, SlabLedger
-from policies.base import Action, ActionKind, LayerObs, MissRule, Policy, PolicyContext
-from runtime.host_store import HostStore
-from runtime.metrics import RuntimeRecords
-from runtime.moe_layer import ExpertPool, MixedPrecisionMoE
-from runtime.pool import DevicePool
-from runtime.promote import Copy, Fences, Promoter
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import PRECISIONS, get_channel_mix, get_precision
+from moebits.core.quality import SensitivityTable, analytic_error
+from moebits.core.routing import LayerSteps
+from moebits.core.slabs import PoolError, Refusal, SlabLedger
+from moebits.policies.base import Action, ActionKind, LayerObs, MissRule, Policy, PolicyContext
+from moebits.runtime.host_store import HostStore
+from moebits.runtime.metrics import RuntimeRecords
+from moebits.runtime.moe_layer import ExpertPool, MixedPrecisionMoE
+from moebits.runtime.pool import DevicePool
+from moebits.runtime.promote import Copy, Fences, Promoter
 
 
 class PolicyError(ValueError):

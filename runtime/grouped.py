@@ -31,8 +31,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-
-from runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
+from moebits.runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
 
 FP8_MAX = 448.0
 GROUPED_MM_MAX_GROUPS = 1024  # torch._grouped_mm refuses more groups ("Can't process more than 1024 groups")
@@ -135,7 +134,7 @@ def triton_kernels() -> ModuleType | None:
     """The Triton kernel module, imported on first use; None where triton is not installed."""
     if importlib.util.find_spec("triton") is None:
         return None
-    return importlib.import_module("runtime.triton_kernels")
+    return importlib.import_module("moebits.runtime.triton_kernels")
 
 
 def build_plan(

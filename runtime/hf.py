@@ -30,14 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from core.model_spec import ModelSpec
-from core.routing import LayerSteps
-from runtime.engine import RuntimeEngine, assignment
-from runtime.host_store import HostStore, random_weights
-from runtime.moe_layer import ExpertHandle, ExpertPool, MixedPrecisionMoE
-from runtime.pool import slab_layout
-from traces.capture import find_routers
+from moebits.core.model_spec import ModelSpec
+from moebits.core.routing import LayerSteps
+from moebits.runtime.engine import RuntimeEngine, assignment
+from moebits.runtime.host_store import HostStore, random_weights
+from moebits.runtime.moe_layer import ExpertHandle, ExpertPool, MixedPrecisionMoE
+from moebits.runtime.pool import slab_layout
+from moebits.traces.capture import find_routers
 
 IMPL = "moebits"
 # attention shape (query heads, kv heads, head dim) of presets; others get a plausible GQA shape

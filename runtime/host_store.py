@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.runtime.pool import SlabLayout, slab_layout
+from moebits.runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, WeightStack, quantize_stack
 from tqdm import tqdm
-
-from core.keys import ExpertKey
-from core.model_spec import ModelSpec
-from runtime.pool import SlabLayout, slab_layout
-from runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, WeightStack, quantize_stack
 
 WeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> (gate_up [E, 2I, H], down [E, H, I])
 

@@ -20,10 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from core.precision import by_bits_desc, get_precision
-from runtime.grouped import ClassLayout, build_plan, plan_rows, run_class, triton_kernels
-from runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, WeightStack, quantize_stack
+from moebits.core.precision import by_bits_desc, get_precision
+from moebits.runtime.grouped import ClassLayout, build_plan, plan_rows, run_class, triton_kernels
+from moebits.runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, WeightStack, quantize_stack
 
 PRECISION_ORDER = tuple(p.name for p in by_bits_desc())  # bf16 first: its rows start at row 0
 

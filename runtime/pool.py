@@ -27,11 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from core.model_spec import ModelSpec
-from core.precision import get_channel_mix, get_precision
-from core.slabs import PoolError, SlabLedger
-from runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
+from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import get_channel_mix, get_precision
+from moebits.core.slabs import PoolError, SlabLedger
+from moebits.runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
 
 CLASS_ALIGN = 256  # bytes: where each class starts, when the budget leaves room for it
 STRIDE_ALIGN = 16  # bytes: slab stride, when the budget leaves room for it

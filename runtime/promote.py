@@ -27,11 +27,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-
-from core.keys import ExpertKey
-from core.slabs import SlabLedger
-from runtime.host_store import HostStore
-from runtime.pool import DevicePool
+from moebits.core.keys import ExpertKey
+from moebits.core.slabs import SlabLedger
+from moebits.runtime.host_store import HostStore
+from moebits.runtime.pool import DevicePool
 
 
 @dataclass

@@ -42,8 +42,7 @@ import enum
 from dataclasses import dataclass
 
 import torch
-
-from core.precision import Precision, get_precision
+from moebits.core.precision import Precision, get_precision
 
 INT_BITS = (8, 4, 3, 2)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

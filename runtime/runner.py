@@ -31,20 +31,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from moebits.core.config import BaseRunConfig, WorkloadKind, budget_bytes, preset_stem
+from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
+from moebits.core.quality import SensitivityTable
+from moebits.policies._tables import run_table
+from moebits.policies.base import Policy, build_policy
+from moebits.runtime.engine import RuntimeEngine, replay
+from moebits.runtime.host_store import HostStore, random_weights
+from moebits.runtime.metrics import RuntimeRecords, summarize
+from moebits.runtime.quant import QuantMethod
+from moebits.traces.format import Trace, read_trace
+from moebits.traces.replay import ReplayView, build_view, load_view
 from tqdm import tqdm
 
-import traces
-from core.config import BaseRunConfig, WorkloadKind, budget_bytes, preset_stem
-from core.model_spec import MODEL_PRESETS, ModelSpec
-from core.quality import SensitivityTable
-from policies._tables import run_table
-from policies.base import Policy, build_policy
-from runtime.engine import RuntimeEngine, replay
-from runtime.host_store import HostStore, random_weights
-from runtime.metrics import RuntimeRecords, summarize
-from runtime.quant import QuantMethod
-from traces.format import Trace, read_trace
-from traces.replay import ReplayView, build_view, load_view
+from moebits import traces
 
 GROUP = 128  # hidden and intermediate sizes round up to this (the int4/int8 quantization group)
 
@@ -137,7 +137,7 @@ def load_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[ReplayView
     w = cfg.workload
     if w.kind is WorkloadKind.SYNTH:
         raise ValueError("runtime.mode=REPLAY replays trace files: use workload=default or workload=file "
-                         "(python -m sim's synthetic generator lives in the simulator)")
+                         "(moebits sim's synthetic generator lives in the simulator)")
     path = Path(traces.__file__).resolve().parent / "data" / "default.parquet" if w.kind is WorkloadKind.DEFAULT \
         else Path(w.path or "").expanduser()
     if not w.path and w.kind is WorkloadKind.FILE:
@@ -185,12 +185,12 @@ def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeReco
 
 
 def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeRecords, dict[str, Any]]:
-    from runtime import hf
+    from moebits.runtime import hf
 
     rc, w = cfg.runtime, cfg.workload
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if rc.model_dir:
-        from traces.capture import load_model_dir, spec_from_hf_config
+        from moebits.traces.capture import load_model_dir, spec_from_hf_config
 
         model, _ = load_model_dir(rc.model_dir, dtype, "cpu")
         full = spec = spec_from_hf_config(model.config, name=Path(rc.model_dir).name)

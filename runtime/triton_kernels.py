@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from runtime.grouped import ClassLayout, RoutePlan, class_block_bound, plan_rows
-from runtime.quant import QuantizedStack
+from moebits.runtime.grouped import ClassLayout, RoutePlan, class_block_bound, plan_rows
+from moebits.runtime.quant import QuantizedStack
 
 
 # ----------------------------------------------------------------------------- plan

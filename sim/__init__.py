@@ -6,6 +6,6 @@
 - :mod:`sim.kernels`: the kernel-time model (tables, roofline, non-MoE, host experts);
 - :mod:`sim.fastpath`: the vectorized replay of static policies;
 - :mod:`sim.metrics`, :mod:`sim.report`: per-pass rows, summary, files and figure;
-- :mod:`sim.config`, :mod:`sim.workload`, :mod:`sim.runner`, :mod:`sim.app`: ``python -m sim``;
+- :mod:`sim.config`, :mod:`sim.workload`, :mod:`sim.runner`, :mod:`sim.app`: ``moebits sim``;
 - :mod:`sim.synth`: a small synthetic routing generator for tests and ``workload=synth``.
 """

@@ -1,5 +1,5 @@
-"""``python -m sim [hydra overrides]``: see :mod:`sim.app`."""
+"""``moebits sim [hydra overrides]``: see :mod:`sim.app`."""
 
-from sim.app import main
+from moebits.sim.app import main
 
 main()

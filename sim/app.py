@@ -1,4 +1,4 @@
-"""``python -m sim``: the hydra app that replays a workload under a policy and writes results.
+"""``moebits sim``: the hydra app that replays a workload under a policy and writes results.
 
 Each run writes to its hydra run directory: ``summary.json``, ``steps.parquet`` (one row per
 forward pass), ``figure.png`` and hydra's ``.hydra/`` (the config used). Sweeps
@@ -22,14 +22,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
+from moebits.core.config import one_line
+from moebits.sim.config import GROUPS, RunConfig, register_configs
+from moebits.sim.engine import EngineOptions
+from moebits.sim.report import format_summary, write_outputs
+from moebits.sim.runner import simulate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from core.config import one_line
-from sim.config import GROUPS, RunConfig, register_configs
-from sim.engine import EngineOptions
-from sim.report import format_summary, write_outputs
-from sim.runner import simulate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 USER_ERRORS = (ValueError, OmegaConfBaseException)

@@ -1,7 +1,7 @@
-"""The primary config schema of ``python -m sim`` and its ConfigStore registration.
+"""The primary config schema of ``moebits sim`` and its ConfigStore registration.
 
 The group schemas (``model/``, ``hardware/``, ``policy/``, ``workload/``, ``budget/``) live in
-:mod:`core.config`, shared with ``python -m runtime``, and are re-exported here. The primary
+:mod:`core.config`, shared with ``moebits runtime``, and are re-exported here. The primary
 config is :class:`RunConfig`. ``main()`` turns the composed config into these dataclasses once
 (``OmegaConf.to_object``); nothing downstream touches a DictConfig.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import (  # noqa: F401  (re-exported: the schemas live in core, shared with runtime)
+from moebits.core.config import (  # noqa: F401  (re-exported: the schemas live in core, shared with runtime)
     GROUPS,
     MISSING,
     BaseRunConfig,
@@ -43,6 +43,6 @@ class RunConfig(BaseRunConfig):
 
 def register_configs() -> None:
     """Store the schemas in hydra's ConfigStore (idempotent; call before composing)."""
-    from policies.base import policy_configs
+    from moebits.policies.base import policy_configs
 
     register_schemas(RunConfig, policy_configs())

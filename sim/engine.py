@@ -46,21 +46,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import simpy
+from moebits.core.hardware import HardwareProfile
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import PRECISIONS, get_channel_mix
+from moebits.core.quality import SensitivityTable, analytic_error
+from moebits.core.routing import LayerSteps
+from moebits.core.slabs import Refusal, SlabLedger
+from moebits.policies.base import Action, ActionKind, LayerObs, MissRule, Policy, PolicyContext
+from moebits.sim.fastpath import single_class_server, static_plan
+from moebits.sim.kernels import KernelModel
+from moebits.sim.link import Link
+from moebits.sim.metrics import Recorder, RunResult
+from moebits.sim.pool import SimPool
 from tqdm import tqdm
-
-from core.hardware import HardwareProfile
-from core.keys import ExpertKey
-from core.model_spec import ModelSpec
-from core.precision import PRECISIONS, get_channel_mix
-from core.quality import SensitivityTable, analytic_error
-from core.routing import LayerSteps
-from core.slabs import Refusal, SlabLedger
-from policies.base import Action, ActionKind, LayerObs, MissRule, Policy, PolicyContext
-from sim.fastpath import single_class_server, static_plan
-from sim.kernels import KernelModel
-from sim.link import Link
-from sim.metrics import Recorder, RunResult
-from sim.pool import SimPool
 
 CHUNK = 4096  # layer steps converted to Python lists at a time
 _STALL, _HOST = MissRule.STALL, MissRule.HOST

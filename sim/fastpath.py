@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import simpy
+from moebits.policies.base import MissRule
+from moebits.sim.metrics import Recorder
 from tqdm import tqdm
 
-from policies.base import MissRule
-from sim.metrics import Recorder
-
 if TYPE_CHECKING:
-    from sim.engine import Engine
+    from moebits.sim.engine import Engine
 
 
 class StaticPlan:

@@ -27,10 +27,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 import numpy as np
-
-from core.hardware import HardwareProfile, KernelTable
-from core.model_spec import ModelSpec
-from core.precision import ChannelMix, get_channel_mix
+from moebits.core.hardware import HardwareProfile, KernelTable
+from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import ChannelMix, get_channel_mix
 
 
 class KernelModel:

@@ -11,7 +11,7 @@ directions of PCIe are independent streams (full duplex).
 
 from __future__ import annotations
 
-from core.hardware import LinkCurve
+from moebits.core.hardware import LinkCurve
 
 
 class Link:

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from core.routing import LayerSteps
+from moebits.core.routing import LayerSteps
 
 COUNTERS = ("h2d_bytes", "d2h_bytes", "h2d_weight_bytes", "promotions", "prefetches", "demotions", "refusals",
             "hbm_used_bytes", "hbm_peak_bytes")

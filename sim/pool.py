@@ -26,12 +26,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from core.keys import ExpertKey
-from core.model_spec import ModelSpec
-from core.precision import get_channel_mix, get_precision
-from core.slabs import Refusal, SlabLedger
-from policies.base import Action, ActionKind
-from sim.link import Link
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import get_channel_mix, get_precision
+from moebits.core.slabs import Refusal, SlabLedger
+from moebits.policies.base import Action, ActionKind
+from moebits.sim.link import Link
 
 _DEMOTE, _PREFETCH = ActionKind.DEMOTE, ActionKind.PREFETCH
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from sim.metrics import RunResult, pass_table
+from moebits.sim.metrics import RunResult, pass_table
 
 SUMMARY_ROWS = (
     ("ttft_ms", "TTFT (ms, mean)"),

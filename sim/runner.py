@@ -21,15 +21,15 @@ import dataclasses
 from enum import Enum
 from typing import Any
 
-from core.config import budget_bytes
-from core.model_spec import ModelSpec
-from core.quality import SensitivityTable
-from policies._tables import run_table
-from policies.base import Policy, build_policy
-from sim.config import BudgetConfig, RunConfig
-from sim.engine import Engine, EngineOptions, InfeasibleError
-from sim.metrics import RunResult, summarize
-from sim.workload import load_profile, load_workload
+from moebits.core.config import budget_bytes
+from moebits.core.model_spec import ModelSpec
+from moebits.core.quality import SensitivityTable
+from moebits.policies._tables import run_table
+from moebits.policies.base import Policy, build_policy
+from moebits.sim.config import BudgetConfig, RunConfig
+from moebits.sim.engine import Engine, EngineOptions, InfeasibleError
+from moebits.sim.metrics import RunResult, summarize
+from moebits.sim.workload import load_profile, load_workload
 
 
 def non_expert_total_bytes(spec: ModelSpec) -> int:

@@ -1,6 +1,6 @@
 """A small synthetic routing generator for ``workload=synth``, tests and benchmarks.
 
-Not the fitted generator of ``python -m traces synth``: a two-knob model that is enough to
+Not the fitted generator of ``moebits traces synth``: a two-knob model that is enough to
 exercise an engine. Every layer has its own random popularity order with Zipf weights
 ``(rank + 1) ** -skew``; each token draws its top-k without replacement by Gumbel-top-k on
 the log weights, except that each expert of the same sequence's previous token (same layer)
@@ -10,9 +10,8 @@ is kept with probability ``reuse``. Gates are a softmax over random logits of th
 from __future__ import annotations
 
 import numpy as np
-
-from core.model_spec import ModelSpec
-from traces.format import Phase, Trace, TraceMeta
+from moebits.core.model_spec import ModelSpec
+from moebits.traces.format import Phase, Trace, TraceMeta
 
 
 def synth_trace(spec: ModelSpec, rng: np.random.Generator, *, seqs: int = 4, prompt_tokens: int = 16,

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
+from moebits.sim.config import WorkloadConfig, WorkloadKind, preset_stem
+from moebits.sim.synth import synth_trace
+from moebits.traces.format import Trace, read_trace
+from moebits.traces.replay import ReplayView, build_view, load_view
 
-import traces
-from core.model_spec import MODEL_PRESETS, ModelSpec
-from sim.config import WorkloadConfig, WorkloadKind, preset_stem
-from sim.synth import synth_trace
-from traces.format import Trace, read_trace
-from traces.replay import ReplayView, build_view, load_view
+from moebits import traces
 
 
 class WorkloadError(ValueError):

@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-
-from core.hardware import HardwareProfile, KernelTable, LinkCurve
-from core.keys import ExpertKey
-from core.model_spec import ModelSpec
-from core.slabs import Refusal, SlabClass, SlabLedger, SlabState
-from policies.base import Action, ActionKind, LayerObs, MissRule, Policy, demote, prefetch, promote
-from traces.format import Phase, Trace, TraceMeta
+from moebits.core.hardware import HardwareProfile, KernelTable, LinkCurve
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.core.slabs import Refusal, SlabClass, SlabLedger, SlabState
+from moebits.policies.base import Action, ActionKind, LayerObs, MissRule, Policy, demote, prefetch, promote
+from moebits.traces.format import Phase, Trace, TraceMeta
 
 # 2 layers x 4 experts, top-1; bf16 expert = 3 * 64 * 128 * 2 = 49152 B, int4 = 13568 B
 TINY = ModelSpec("tiny", layers=2, experts=4, top_k=1, hidden=64, expert_intermediate=128, vocab_size=16)

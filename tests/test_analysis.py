@@ -1,4 +1,4 @@
-"""``python -m analysis report`` on a tiny sweep made here (2 policies x 2 budgets, one of them
+"""``moebits analysis report`` on a tiny sweep made here (2 policies x 2 budgets, one of them
 infeasible), and the reuse-distance statistics against a brute-force LRU."""
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from analysis.figures import pareto_mask
-from analysis.report import write_report
-from analysis.runs import collect_runs
-from analysis.tracestats import stack_distances
+from moebits.analysis.figures import pareto_mask
+from moebits.analysis.report import write_report
+from moebits.analysis.runs import collect_runs
+from moebits.analysis.tracestats import stack_distances
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("quality_vs_budget", "quality_vs_latency", "latency_vs_budget", "stall_share", "pcie_bytes_per_token",
@@ -34,7 +33,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workload; dynaexq (int4 floor) cannot fit all_int2, so that run fails."""
     tmp = tmp_path_factory.mktemp("analysis")
     out = tmp / "sweep"
-    proc = _run("-m", "sim", "-m", "model=olmoe_1b_7b", "workload=synth", "workload.seqs=2", "workload.prompt_tokens=4",
+    proc = _run("-m", "moebits.sim", "-m", "model=olmoe_1b_7b", "workload=synth", "workload.seqs=2", "workload.prompt_tokens=4",
                 "workload.decode_tokens=6", "policy=lru_offload,dynaexq", "budget=all_int2,bf16_50pct",
                 "progress=false", "figure=false", f"hydra.sweep.dir={out}", cwd=tmp)
     assert proc.returncode == 0, proc.stderr
@@ -72,13 +71,13 @@ def test_report_writes_tables_figures_and_lists_the_failure(sweep: Path, tmp_pat
 
 
 def test_cli_bad_dir_is_one_line(tmp_path: Path) -> None:
-    proc = _run("-m", "analysis", "report", str(tmp_path / "nope"), cwd=tmp_path)
+    proc = _run("-m", "moebits.analysis", "report", str(tmp_path / "nope"), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such directory "
                                                 "(give the sweep's directory, e.g. multirun/seed_policies)"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = _run("-m", "analysis", "report", str(empty), cwd=tmp_path)
+    proc = _run("-m", "moebits.analysis", "report", str(empty), cwd=tmp_path)
     assert proc.returncode == 2 and "no runs found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -18,10 +18,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from core import MODEL_PRESETS  # noqa: E402
-from traces import capture as cap  # noqa: E402
-from traces.__main__ import main  # noqa: E402
-from traces.format import Phase, read_trace, write_trace  # noqa: E402
+from moebits.core import MODEL_PRESETS  # noqa: E402
+from moebits.traces import capture as cap  # noqa: E402
+from moebits.traces.__main__ import main  # noqa: E402
+from moebits.traces.format import Phase, read_trace, write_trace  # noqa: E402
 
 S, P, N, B = 3, 6, 3, 2  # 3 sequences of 6 prompt tokens, 3 decoded tokens, batches of 2 (last has 1)
 TEXT = ("def moebits(x):\n    return sum(expert(x) for expert in experts)  # routing!\n" * 8).encode()

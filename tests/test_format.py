@@ -12,10 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from core.model_spec import get_model_spec
-from traces.__main__ import main
-from traces.format import Phase, Trace, TraceError, TraceMeta, read_trace, to_table, write_trace
+from moebits.core.model_spec import get_model_spec
+from moebits.traces.__main__ import main
+from moebits.traces.format import Phase, Trace, TraceError, TraceMeta, read_trace, to_table, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +181,7 @@ def test_cli_info_bad_file_subprocess(tmp_path: Path) -> None:
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
     proc = subprocess.run(
-        [sys.executable, "-m", "traces", "info", str(bad)],
+        [sys.executable, "-m", "moebits.traces", "info", str(bad)],
         capture_output=True,
         text=True,
         cwd=ROOT,

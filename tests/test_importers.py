@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from traces.__main__ import main
-from traces.format import Phase, Trace, TraceError, read_trace
-from traces.importers import FORMATS, detect_format, import_source
+from moebits.traces.__main__ import main
+from moebits.traces.format import Phase, Trace, TraceError, read_trace
+from moebits.traces.importers import FORMATS, detect_format, import_source
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "real"
 MIXTRAL = REAL / "mixtral8x7b_speculative-moe"

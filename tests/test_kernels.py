@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime.grouped import (  # noqa: E402
+from moebits.runtime.grouped import (  # noqa: E402
     ClassLayout,
     _grouped_linear,
     build_plan,
@@ -20,8 +20,8 @@ from runtime.grouped import (  # noqa: E402
     run_class,
     triton_kernels,
 )
-from runtime.moe_layer import reference_moe  # noqa: E402
-from runtime.quant import quantize_stack  # noqa: E402
+from moebits.runtime.moe_layer import reference_moe  # noqa: E402
+from moebits.runtime.quant import quantize_stack  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu

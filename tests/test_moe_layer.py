@@ -7,15 +7,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime.grouped import triton_kernels  # noqa: E402
-from runtime.moe_layer import (  # noqa: E402
+from moebits.runtime.grouped import triton_kernels  # noqa: E402
+from moebits.runtime.moe_layer import (  # noqa: E402
     ExpertHandle,
     ExpertPool,
     MixedPrecisionMoE,
     build_mixed_experts,
     reference_moe,
 )
-from runtime.quant import QuantMethod, quantize_stack  # noqa: E402
+from moebits.runtime.quant import QuantMethod, quantize_stack  # noqa: E402
 
 E, H, I = 8, 256, 128
 MIXED = ["bf16", "fp8", "int8", "int4", "int3", "int2", "int4", "bf16"]

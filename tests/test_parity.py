@@ -33,21 +33,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import sim.runner  # noqa: E402
-from core.config import BudgetConfig, ModelConfig, WorkloadConfig, WorkloadKind  # noqa: E402
-from core.hardware import HardwareProfile, LinkCurve  # noqa: E402
-from core.model_spec import ModelSpec  # noqa: E402
-from core.slabs import Refusal, SlabClass, SlabLedger  # noqa: E402
-from policies.base import Action, LayerObs, Policy, PolicyContext, build_policy  # noqa: E402
-from policies.dynaexq import DynaExqConfig  # noqa: E402
-from policies.lru_offload import LruOffloadConfig  # noqa: E402
-from policies.static_frequency import StaticFrequencyConfig  # noqa: E402
-from runtime.engine import RuntimeEngine, replay  # noqa: E402
-from runtime.host_store import HostStore  # noqa: E402
-from sim.config import RunConfig  # noqa: E402
-from sim.synth import synth_trace  # noqa: E402
-from traces.format import write_trace  # noqa: E402
-from traces.replay import load_view  # noqa: E402
+from moebits.core.config import BudgetConfig, ModelConfig, WorkloadConfig, WorkloadKind  # noqa: E402
+from moebits.core.hardware import HardwareProfile, LinkCurve  # noqa: E402
+from moebits.core.model_spec import ModelSpec  # noqa: E402
+from moebits.core.slabs import Refusal, SlabClass, SlabLedger  # noqa: E402
+from moebits.policies.base import Action, LayerObs, Policy, PolicyContext, build_policy  # noqa: E402
+from moebits.policies.dynaexq import DynaExqConfig  # noqa: E402
+from moebits.policies.lru_offload import LruOffloadConfig  # noqa: E402
+from moebits.policies.static_frequency import StaticFrequencyConfig  # noqa: E402
+from moebits.runtime.engine import RuntimeEngine, replay  # noqa: E402
+from moebits.runtime.host_store import HostStore  # noqa: E402
+from moebits.sim import runner as sim_runner  # noqa: E402
+from moebits.sim.config import RunConfig  # noqa: E402
+from moebits.sim.synth import synth_trace  # noqa: E402
+from moebits.traces.format import write_trace  # noqa: E402
+from moebits.traces.replay import load_view  # noqa: E402
 
 SPEC = ModelSpec("parity", layers=3, experts=8, top_k=2, hidden=128, expert_intermediate=128, vocab_size=64)
 
@@ -130,11 +130,11 @@ def _sim_log(monkeypatch: pytest.MonkeyPatch, policy_cfg: Any, budget: tuple[str
         made.append(Recording(build_policy(cfg)))
         return made[-1]
 
-    monkeypatch.setattr(sim.runner, "build_policy", recording_build)
+    monkeypatch.setattr(sim_runner, "build_policy", recording_build)
     cfg = RunConfig(model=ModelConfig.from_spec(SPEC), hardware=fast_link_hw(), policy=policy_cfg,
                     workload=WorkloadConfig(kind=WorkloadKind.FILE, path=str(path)),
                     budget=BudgetConfig(*budget), seed=5, quality_table="analytic", progress=False, figure=False)
-    _, summary = sim.runner.simulate(cfg)
+    _, summary = sim_runner.simulate(cfg)
     return made[0].log, summary
 
 
@@ -173,8 +173,7 @@ def test_parity_fails_when_copies_land_late(monkeypatch: pytest.MonkeyPatch, tra
     """The comparison can fail: a runtime whose copies never turn READY at the step poll decides otherwise."""
     policy_cfg, budget = CASES["dynaexq"]
     sim_log, _ = _sim_log(monkeypatch, policy_cfg, budget, trace_path)
-    import runtime.promote as promote
-
+    from moebits.runtime import promote
     monkeypatch.setattr(promote.Promoter, "poll", lambda self: 0)
     rt_log, _ = _runtime_log(policy_cfg, budget, trace_path, store)
     assert len(rt_log) == len(sim_log) and rt_log != sim_log

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from core.keys import ExpertKey
-from core.model_spec import ModelSpec, get_model_spec
-from core.routing import LayerSteps
-from core.slabs import Refusal, SlabLedger
-from policies.base import (
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec, get_model_spec
+from moebits.core.routing import LayerSteps
+from moebits.core.slabs import Refusal, SlabLedger
+from moebits.policies.base import (
     Action,
     ActionKind,
     LayerObs,
@@ -33,11 +32,11 @@ from policies.base import (
     policy_configs,
     register_policy,
 )
-from policies.lfu_offload import LfuOffloadConfig
-from policies.lru_offload import InitialFill, LruOffloadConfig
-from policies.oracle import OracleConfig
-from policies.static_frequency import StaticFrequencyConfig
-from policies.static_uniform import StaticUniformConfig
+from moebits.policies.lfu_offload import LfuOffloadConfig
+from moebits.policies.lru_offload import InitialFill, LruOffloadConfig
+from moebits.policies.oracle import OracleConfig
+from moebits.policies.static_frequency import StaticFrequencyConfig
+from moebits.policies.static_uniform import StaticUniformConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTES = {"bf16": 100, "int8": 55, "int4": 30}  # per expert, made up for exact budgets
@@ -284,7 +283,7 @@ def test_registry_builds_each_policy() -> None:
     for name, cfg_type in CONFIGS.items():
         assert known[name] is cfg_type
         policy = build_policy(cfg_type())
-        assert policy.cfg == cfg_type() and type(policy).__module__ == f"policies.{name}"
+        assert policy.cfg == cfg_type() and type(policy).__module__ == f"moebits.policies.{name}"
     assert build_policy(OracleConfig()).needs_future and build_policy(StaticFrequencyConfig()).needs_profile
 
 

@@ -19,16 +19,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from core.keys import ExpertKey
-from core.model_spec import ModelSpec
-from core.precision import ChannelMix, get_channel_mix
-from core.quality import SensitivityTable
-from core.routing import LayerSteps
-from core.slabs import Refusal, SlabLedger, SlabState
-from policies._lookahead import NextLayerPredictor, Predictor
-from policies._tables import stats_from_table, synthetic_stats, synthetic_table
-from policies.base import (
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import ChannelMix, get_channel_mix
+from moebits.core.quality import SensitivityTable
+from moebits.core.routing import LayerSteps
+from moebits.core.slabs import Refusal, SlabLedger, SlabState
+from moebits.policies._lookahead import NextLayerPredictor, Predictor
+from moebits.policies._tables import stats_from_table, synthetic_stats, synthetic_table
+from moebits.policies.base import (
     Action,
     ActionKind,
     LayerObs,
@@ -38,12 +37,12 @@ from policies.base import (
     build_policy,
     policy_configs,
 )
-from policies.dymoe import CriticalLayers, DyMoEConfig
-from policies.dynaexq import DynaExqConfig
-from policies.dynamo import Aggregate, DynaMoConfig
-from policies.hobbit import HobbitConfig
-from policies.mxmoe import MxMoEConfig, Solver, assignment_objective, solve_exact, solve_greedy
-from policies.routernorm import RouterNormConfig, allocate_layer, waterfill, zeta_rule
+from moebits.policies.dymoe import CriticalLayers, DyMoEConfig
+from moebits.policies.dynaexq import DynaExqConfig
+from moebits.policies.dynamo import Aggregate, DynaMoConfig
+from moebits.policies.hobbit import HobbitConfig
+from moebits.policies.mxmoe import MxMoEConfig, Solver, assignment_objective, solve_exact, solve_greedy
+from moebits.policies.routernorm import RouterNormConfig, allocate_layer, waterfill, zeta_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTES = {"bf16": 100, "fp8": 52, "int8": 55, "int4": 30, "int3": 24, "int2": 18}  # made up, exact budgets
@@ -457,7 +456,7 @@ def test_hydra_preset_composes_to_config(name: str) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(overrides=[f"+policy={name}"])
     assert OmegaConf.to_object(cfg.policy) == SEED[name]()
-    assert type(build_policy(SEED[name]())).__module__ == f"policies.{name}"
+    assert type(build_policy(SEED[name]())).__module__ == f"moebits.policies.{name}"
 
 
 # ---- properties on random routing ----

@@ -8,9 +8,8 @@ torch = pytest.importorskip("torch")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from core.precision import get_precision  # noqa: E402
-from runtime.quant import (  # noqa: E402
+from moebits.core.precision import get_precision  # noqa: E402
+from moebits.runtime.quant import (  # noqa: E402
     INT_BITS,
     HQQConfig,
     QuantizedStack,

@@ -1,4 +1,4 @@
-"""``python -m runtime`` end to end on CPU with tiny settings, its config, and its result files'
+"""``moebits runtime`` end to end on CPU with tiny settings, its config, and its result files'
 agreement with the simulator's (the same summary keys and steps.parquet columns)."""
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
+from moebits.core.config import BudgetConfig, ModelConfig, WorkloadConfig, WorkloadKind, unknown_preset  # noqa: E402
+from moebits.policies.static_uniform import StaticUniformConfig  # noqa: E402
+from moebits.runtime.app import CONF_DIR, check_compose, main, presets, register_configs  # noqa: E402
+from moebits.runtime.runner import Mode, RuntimeRunConfig, execute  # noqa: E402
+from moebits.sim import runner as sim_runner  # noqa: E402
+from moebits.sim.config import RunConfig  # noqa: E402
+from moebits.sim.metrics import pass_table  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-
-import sim.runner  # noqa: E402
-from core.config import BudgetConfig, ModelConfig, WorkloadConfig, WorkloadKind, unknown_preset  # noqa: E402
-from policies.static_uniform import StaticUniformConfig  # noqa: E402
-from runtime.app import CONF_DIR, check_compose, main, presets, register_configs  # noqa: E402
-from runtime.runner import Mode, RuntimeRunConfig, execute  # noqa: E402
-from sim.config import RunConfig  # noqa: E402
-from sim.metrics import pass_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["runtime.layers=1", "runtime.scale=0.0625", "runtime.vocab=256", "workload.seqs=2", "workload.batch=2",
@@ -52,7 +51,7 @@ def _sim_keys(tmp_path: Path) -> tuple[set[str], set[str]]:
     cfg = RunConfig(model=ModelConfig(from_trace=True), hardware=_compose().hardware, policy=StaticUniformConfig(),
                     workload=WorkloadConfig(kind=WorkloadKind.DEFAULT, max_seqs=1), budget=BudgetConfig("int4"),
                     progress=False, figure=False, quality_table="analytic")
-    result, summary = sim.runner.simulate(cfg)
+    result, summary = sim_runner.simulate(cfg)
     return set(summary), set(pass_table(result).columns)
 
 
@@ -73,7 +72,7 @@ def test_config_composes_and_bad_input_is_one_line(monkeypatch: pytest.MonkeyPat
 
 def test_cli_generates_on_cpu_and_writes_the_simulators_files(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "runtime", *TINY_ARGS, f"hydra.run.dir={out}"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "moebits.runtime", *TINY_ARGS, f"hydra.run.dir={out}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TPOT p50" in proc.stdout and "KL vs bf16" in proc.stdout

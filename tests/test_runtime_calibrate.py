@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from core.model_spec import ModelSpec  # noqa: E402
-from runtime.calibrate import calibrate, link_curve, read_profile, write_profile  # noqa: E402
+from moebits.core.model_spec import ModelSpec  # noqa: E402
+from moebits.runtime.calibrate import calibrate, link_curve, read_profile, write_profile  # noqa: E402
 
 SPEC = ModelSpec("cal", layers=1, experts=4, top_k=2, hidden=128, expert_intermediate=128, attention_params=65536,
                  vocab_size=64)

@@ -10,21 +10,20 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+from moebits.core.keys import ExpertKey  # noqa: E402
+from moebits.core.model_spec import ModelSpec  # noqa: E402
+from moebits.core.slabs import SlabClass, SlabLedger  # noqa: E402
+from moebits.policies.base import build_policy  # noqa: E402
+from moebits.policies.dynaexq import DynaExqConfig  # noqa: E402
+from moebits.policies.lru_offload import LruOffloadConfig  # noqa: E402
+from moebits.policies.static_uniform import StaticUniformConfig  # noqa: E402
+from moebits.runtime import hf  # noqa: E402
+from moebits.runtime.engine import RuntimeEngine, replay  # noqa: E402
+from moebits.runtime.host_store import HostStore, random_weights  # noqa: E402
+from moebits.runtime.moe_layer import reference_moe  # noqa: E402
+from moebits.runtime.pool import DevicePool  # noqa: E402
+from moebits.runtime.promote import Promoter  # noqa: E402
 from sim_testkit import TinyStatic  # noqa: E402
-
-from core.keys import ExpertKey  # noqa: E402
-from core.model_spec import ModelSpec  # noqa: E402
-from core.slabs import SlabClass, SlabLedger  # noqa: E402
-from policies.base import build_policy  # noqa: E402
-from policies.dynaexq import DynaExqConfig  # noqa: E402
-from policies.lru_offload import LruOffloadConfig  # noqa: E402
-from policies.static_uniform import StaticUniformConfig  # noqa: E402
-from runtime import hf  # noqa: E402
-from runtime.engine import RuntimeEngine, replay  # noqa: E402
-from runtime.host_store import HostStore, random_weights  # noqa: E402
-from runtime.moe_layer import reference_moe  # noqa: E402
-from runtime.pool import DevicePool  # noqa: E402
-from runtime.promote import Promoter  # noqa: E402
 
 SPEC = ModelSpec("gpu", layers=2, experts=16, top_k=4, hidden=256, expert_intermediate=256, vocab_size=512)
 
@@ -74,8 +73,8 @@ def test_static_mixed_engine_matches_the_served_reference(store: HostStore) -> N
 
 @pytest.mark.parametrize("cfg", [LruOffloadConfig(), DynaExqConfig(min_residency=1)], ids=["lru", "dynaexq"])
 def test_replay_on_gpu(store: HostStore, cfg) -> None:
-    from sim.synth import synth_trace
-    from traces.replay import build_view
+    from moebits.sim.synth import synth_trace
+    from moebits.traces.replay import build_view
 
     view = build_view(synth_trace(SPEC, np.random.default_rng(0), seqs=2, prompt_tokens=8, decode_tokens=16), 1)
     budget = int(SPEC.all_experts_bytes("int4") * 1.8)

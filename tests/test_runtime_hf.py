@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from core.model_spec import ModelSpec  # noqa: E402
-from policies.base import build_policy  # noqa: E402
-from policies.dynaexq import DynaExqConfig  # noqa: E402
-from policies.static_uniform import StaticUniformConfig  # noqa: E402
-from runtime import hf  # noqa: E402
-from runtime.engine import RuntimeEngine  # noqa: E402
-from runtime.host_store import HostStore  # noqa: E402
-from traces.capture import spec_from_hf_config  # noqa: E402
+from moebits.core.model_spec import ModelSpec  # noqa: E402
+from moebits.policies.base import build_policy  # noqa: E402
+from moebits.policies.dynaexq import DynaExqConfig  # noqa: E402
+from moebits.policies.static_uniform import StaticUniformConfig  # noqa: E402
+from moebits.runtime import hf  # noqa: E402
+from moebits.runtime.engine import RuntimeEngine  # noqa: E402
+from moebits.runtime.host_store import HostStore  # noqa: E402
+from moebits.traces.capture import spec_from_hf_config  # noqa: E402
 
 TINY = ModelSpec("tiny", layers=2, experts=8, top_k=2, hidden=128, expert_intermediate=128, vocab_size=300)
 
@@ -89,8 +89,8 @@ def test_random_model_generates_with_the_policy_in_the_loop() -> None:
 
 
 def test_trace_routing_replaces_the_router_in_live_runs_and_in_the_reference() -> None:
-    from sim.synth import synth_trace
-    from traces.replay import build_view
+    from moebits.sim.synth import synth_trace
+    from moebits.traces.replay import build_view
 
     spec = ModelSpec("Qwen3-30B-A3B", layers=2, experts=16, top_k=4, hidden=128, expert_intermediate=128,
                      vocab_size=512)

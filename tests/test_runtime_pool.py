@@ -9,15 +9,14 @@ torch = pytest.importorskip("torch")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from core.keys import ExpertKey  # noqa: E402
-from core.model_spec import ModelSpec  # noqa: E402
-from core.precision import ChannelMix, register_channel_mix  # noqa: E402
-from core.slabs import PoolError, SlabClass, SlabLedger, SlabState  # noqa: E402
-from runtime.host_store import HostStore, random_weights  # noqa: E402
-from runtime.pool import DevicePool, slab_layout  # noqa: E402
-from runtime.promote import Copy, Fences, Promoter  # noqa: E402
-from runtime.quant import quantize_stack  # noqa: E402
+from moebits.core.keys import ExpertKey  # noqa: E402
+from moebits.core.model_spec import ModelSpec  # noqa: E402
+from moebits.core.precision import ChannelMix, register_channel_mix  # noqa: E402
+from moebits.core.slabs import PoolError, SlabClass, SlabLedger, SlabState  # noqa: E402
+from moebits.runtime.host_store import HostStore, random_weights  # noqa: E402
+from moebits.runtime.pool import DevicePool, slab_layout  # noqa: E402
+from moebits.runtime.promote import Copy, Fences, Promoter  # noqa: E402
+from moebits.runtime.quant import quantize_stack  # noqa: E402
 
 SPEC = ModelSpec("pool", layers=2, experts=4, top_k=2, hidden=128, expert_intermediate=128)
 PRECS = ("bf16", "fp8", "int8", "int4", "int3", "int2")

@@ -1,4 +1,4 @@
-"""``python -m sim`` end to end: one-line errors for bad settings, result files, and a sweep
+"""``moebits sim`` end to end: one-line errors for bad settings, result files, and a sweep
 that resumes by skipping finished runs."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ SMALL = ["model=olmoe_1b_7b", "workload=synth", "workload.seqs=2", "workload.pro
 
 def sim(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, "-m", "sim", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "moebits.sim", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
 
 

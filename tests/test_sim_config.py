@@ -9,17 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from moebits.core.hardware import HardwareProfile
+from moebits.core.model_spec import MODEL_PRESETS
+from moebits.policies.base import policy_configs
+from moebits.sim.app import CONF_DIR, check_choices, one_line, presets
+from moebits.sim.config import (
+    ModelConfig,
+    RunConfig,
+    WorkloadConfig,
+    WorkloadKind,
+    preset_stem,
+    register_configs,
+)
+from moebits.sim.engine import InfeasibleError
+from moebits.sim.runner import build_engine
+from moebits.traces.format import write_trace
 from omegaconf import OmegaConf
 from sim_testkit import TINY, make_trace
-
-from core.hardware import HardwareProfile
-from core.model_spec import MODEL_PRESETS
-from policies.base import policy_configs
-from sim.app import CONF_DIR, check_choices, one_line, presets
-from sim.config import ModelConfig, RunConfig, WorkloadConfig, WorkloadKind, preset_stem, register_configs
-from sim.engine import InfeasibleError
-from sim.runner import build_engine
-from traces.format import write_trace
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from moebits.core.precision import ChannelMix, register_channel_mix
+from moebits.core.quality import analytic_error
+from moebits.core.slabs import Refusal, SlabClass
+from moebits.policies.base import MissRule, demote, promote
+from moebits.sim.engine import Engine, EngineOptions, InfeasibleError, PolicyError
+from moebits.sim.metrics import pass_table, summarize
+from moebits.traces.replay import build_view
 from sim_testkit import BF16_BYTES, INT4_BYTES, TINY, Scripted, TinyStatic, make_trace, round_hw
-
-from core.precision import ChannelMix, register_channel_mix
-from core.quality import analytic_error
-from core.slabs import Refusal, SlabClass
-from policies.base import MissRule, demote, promote
-from sim.engine import Engine, EngineOptions, InfeasibleError, PolicyError
-from sim.metrics import pass_table, summarize
-from traces.replay import build_view
 
 BF16 = SlabClass("bf16", BF16_BYTES, 2)
 LOG = EngineOptions(log=True, check=True)
@@ -148,7 +147,7 @@ def test_channel_mix_is_one_more_precision():
 
 
 def test_sensitivity_table_replaces_the_analytic_error():
-    from core.quality import SensitivityTable
+    from moebits.core.quality import SensitivityTable
 
     table = SensitivityTable(np.array([0]), np.array([0]), ["int4"], np.array([1.0]))
     view = build_view(make_trace(TINY, [[[[0], [1]]]]), 1)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from moebits.core.model_spec import ModelSpec
+from moebits.sim.engine import Engine
+from moebits.sim.metrics import summarize
+from moebits.sim.synth import synth_trace
+from moebits.traces.replay import build_view
 from sim_testkit import TinyLru, round_hw
-
-from core.model_spec import ModelSpec
-from sim.engine import Engine
-from sim.metrics import summarize
-from sim.synth import synth_trace
-from traces.replay import build_view
 
 GOLDEN = {
     "activations": {"host": 0, "int4": 408},

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from moebits.core.hardware import HardwareProfile, KernelTable, LinkCurve
+from moebits.core.model_spec import get_model_spec
+from moebits.core.quality import SensitivityTable, analytic_error, read_sensitivity, write_sensitivity
+from moebits.sim.kernels import KernelModel
+from moebits.sim.link import Link
 from sim_testkit import round_hw
-
-from core.hardware import HardwareProfile, KernelTable, LinkCurve
-from core.model_spec import get_model_spec
-from core.quality import SensitivityTable, analytic_error, read_sensitivity, write_sensitivity
-from sim.kernels import KernelModel
-from sim.link import Link
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 QWEN = get_model_spec("Qwen3-30B-A3B")

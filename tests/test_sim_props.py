@@ -14,15 +14,14 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from moebits.core.model_spec import ModelSpec
+from moebits.core.slabs import SlabClass
+from moebits.policies.base import MissRule
+from moebits.sim.engine import Engine, EngineOptions
+from moebits.sim.metrics import summarize
+from moebits.sim.synth import synth_trace
+from moebits.traces.replay import build_view
 from sim_testkit import Chaos, round_hw
-
-from core.model_spec import ModelSpec
-from core.slabs import SlabClass
-from policies.base import MissRule
-from sim.engine import Engine, EngineOptions
-from sim.metrics import summarize
-from sim.synth import synth_trace
-from traces.replay import build_view
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

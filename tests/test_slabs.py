@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from core.keys import ExpertKey
-from core.slabs import PoolError, Refusal, SlabClass, SlabLedger, SlabState
+from moebits.core.keys import ExpertKey
+from moebits.core.slabs import PoolError, Refusal, SlabClass, SlabLedger, SlabState
 
 PRECISIONS = ("bf16", "int4", "int2")  # int2 is never in a plan: UNKNOWN_PRECISION
 KEYS = [ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(1, 0)]  # few keys: ops meet often

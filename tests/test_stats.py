@@ -1,5 +1,5 @@
 """Trace statistics: exact values on hand-built traces, a loop-based reference on random
-traces, and the ``python -m traces stats`` command line."""
+traces, and the ``moebits traces stats`` command line."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
-
-from core.model_spec import ModelSpec
-from traces.__main__ import main
-from traces.format import Phase, Trace, TraceMeta, write_trace
-from traces.stats import compute_stats
+from moebits.core.model_spec import ModelSpec
+from moebits.traces.__main__ import main
+from moebits.traces.format import Phase, Trace, TraceMeta, write_trace
+from moebits.traces.stats import compute_stats
 
 TINY = ModelSpec("tiny", layers=3, experts=4, top_k=2, hidden=8, expert_intermediate=8)
 

@@ -11,19 +11,18 @@ import numpy as np
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from moebits.analysis.prepare import DEFAULT_SRC, ENV_VAR, MAVERICK_SMALL, prepare_traces
+from moebits.analysis.tracestats import study_traces
+from moebits.core.model_spec import MODEL_PRESETS
+from moebits.policies._tables import synthetic_table
+from moebits.policies.base import policy_configs
+from moebits.sim.app import CONF_DIR, presets
+from moebits.sim.config import RunConfig, register_configs
+from moebits.sim.runner import build_engine, simulate
+from moebits.sim.workload import load_workload
+from moebits.traces.format import read_trace, write_trace
 from omegaconf import OmegaConf
 from sim_testkit import TINY, make_trace
-
-from analysis.prepare import DEFAULT_SRC, ENV_VAR, MAVERICK_SMALL, prepare_traces
-from analysis.tracestats import study_traces
-from core.model_spec import MODEL_PRESETS
-from policies._tables import synthetic_table
-from policies.base import policy_configs
-from sim.app import CONF_DIR, presets
-from sim.config import RunConfig, register_configs
-from sim.runner import build_engine, simulate
-from sim.workload import load_workload
-from traces.format import read_trace, write_trace
 
 STUDY_BUDGETS = ["all_int2", "all_int3", "bf16_25pct", "all_int4", "bf16_50pct"]
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from core.model_spec import ModelSpec, get_model_spec
-from traces.__main__ import main
-from traces.fit import (
+from moebits.core.model_spec import ModelSpec, get_model_spec
+from moebits.traces.__main__ import main
+from moebits.traces.fit import (
     digamma,
     dirichlet_entropy,
     fit_knobs,
@@ -23,9 +22,9 @@ from traces.fit import (
     shape_like,
     targets_from_trace,
 )
-from traces.format import Phase, read_trace
-from traces.stats import compute_stats, dominant_phase
-from traces.synth import (
+from moebits.traces.format import Phase, read_trace
+from moebits.traces.stats import compute_stats, dominant_phase
+from moebits.traces.synth import (
     DEFAULT_TRACE,
     AliasTable,
     Shape,
@@ -205,7 +204,7 @@ FIT_CASES = {
 def test_fitted_synthetic_reproduces_real_statistics(folder: str) -> None:
     if not (REAL / folder).is_dir():
         pytest.skip(f"real trace {folder} not present under {REAL}")
-    importers = pytest.importorskip("traces.importers")
+    importers = pytest.importorskip("moebits.traces.importers")
     real = importers.import_source(REAL / folder)
     assert dominant_phase(real) == FIT_CASES[folder]
     want = compute_stats(real, FIT_CASES[folder]).overall
@@ -246,8 +245,8 @@ def test_default_trace_is_valid_small_and_in_range() -> None:
 
 def test_default_trace_regenerates_exactly(tmp_path, capsys) -> None:
     script = (DEFAULT_TRACE.parent / "regenerate.sh").read_text().replace("\\\n", " ")
-    line = next(x for x in script.splitlines() if x.strip().startswith("python -m traces synth"))
-    args = shlex.split(line)[4:]
+    line = next(x for x in script.splitlines() if x.strip().startswith("moebits traces synth"))
+    args = shlex.split(line)[3:]
     out = args.index("-o")
     args[out + 1] = str(tmp_path / "regen.parquet")
     knobs_at = args.index("--knobs")

@@ -1,5 +1,5 @@
 """moebits traces: the routing-trace format, importers, statistics, synthesis and capture."""
 
-from traces.format import Phase, Trace, TraceError, TraceMeta, read_trace, write_trace
+from moebits.traces.format import Phase, Trace, TraceError, TraceMeta, read_trace, write_trace
 
 __all__ = ["Phase", "Trace", "TraceError", "TraceMeta", "read_trace", "write_trace"]

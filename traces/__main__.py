@@ -1,4 +1,4 @@
-"""``python -m traces``: import, inspect, synthesize and capture routing traces.
+"""``moebits traces``: import, inspect, synthesize and capture routing traces.
 
 Each subcommand lives in its own module (``traces/cli_<name>.py``) exposing
 ``register(subparsers)``; they share one error path: a :class:`TraceError` or ``ValueError``
@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from traces import cli_capture, cli_import, cli_info, cli_stats, cli_synth
-from traces.format import TraceError
+from moebits.traces import cli_capture, cli_import, cli_info, cli_stats, cli_synth
+from moebits.traces.format import TraceError
 
 COMMANDS = (cli_import, cli_stats, cli_synth, cli_capture, cli_info)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m traces",
+        prog="moebits traces",
         description="Routing traces for moebits: import public formats, show statistics, "
         "synthesize traces fitted to real ones, capture routing from Hugging Face MoE models.",
     )

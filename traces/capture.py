@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from core.model_spec import ModelSpec
-from traces.format import Phase, Trace, TraceError, TraceMeta
+from moebits.core.model_spec import ModelSpec
+from moebits.traces.format import Phase, Trace, TraceError, TraceMeta
 
 if TYPE_CHECKING:
     import torch

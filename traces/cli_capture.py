@@ -1,4 +1,4 @@
-"""``python -m traces capture``: record routing from a Hugging Face MoE model into a trace.
+"""``moebits traces capture``: record routing from a Hugging Face MoE model into a trace.
 
 This module turns the arguments into a :class:`CaptureRequest` and runs it; the hooks, the
 decode loop and the ModelSpec mapping live in :mod:`traces.capture`. torch and transformers
@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from traces import capture as cap
-from traces.format import Phase, Trace, TraceError, write_trace
+from moebits.traces import capture as cap
+from moebits.traces.format import Phase, Trace, TraceError, write_trace
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +39,7 @@ byte tokenization, for tests and plumbing checks.
 
 @dataclass(frozen=True)
 class CaptureRequest:
-    """What ``python -m traces capture`` asks for; exactly one of ``model_dir`` and ``tiny``."""
+    """What ``moebits traces capture`` asks for; exactly one of ``model_dir`` and ``tiny``."""
 
     text: Path
     model_dir: Path | None = None

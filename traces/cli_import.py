@@ -1,11 +1,11 @@
-"""``python -m traces import SRC -o OUT.parquet``: convert a public routing trace to moebits."""
+"""``moebits traces import SRC -o OUT.parquet``: convert a public routing trace to moebits."""
 
 from __future__ import annotations
 
 import argparse
 
-from traces.format import Phase, write_trace
-from traces.importers import FORMATS, import_source
+from moebits.traces.format import Phase, write_trace
+from moebits.traces.importers import FORMATS, import_source
 
 EPILOG = """formats:
   mixtral-jsonl  Mixtral-8x7B vLLM-profiler JSON lines (*_routing.jsonl decode-only,
@@ -17,7 +17,7 @@ EPILOG = """formats:
 SRC may be a file or a folder (searched recursively; other files such as prompts or READMEs
 are ignored). The format is detected from the files' contents unless --format is given.
 What the importer dropped or repaired is recorded in the trace's provenance ("repairs");
-see it with `python -m traces info OUT.parquet`."""
+see it with `moebits traces info OUT.parquet`."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,10 +1,10 @@
-"""``python -m traces info TRACE``: validate a trace and print its shape and provenance."""
+"""``moebits traces info TRACE``: validate a trace and print its shape and provenance."""
 
 from __future__ import annotations
 
 import argparse
 
-from traces.format import Phase, read_trace
+from moebits.traces.format import Phase, read_trace
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,4 +1,4 @@
-"""``python -m traces stats TRACE``: routing statistics per layer and overall.
+"""``moebits traces stats TRACE``: routing statistics per layer and overall.
 
 Prints a table (or one JSON object with ``--json``) and optionally writes a figure. The
 statistics and their exact definitions are in :mod:`traces.stats`.
@@ -11,8 +11,8 @@ import json
 import math
 from pathlib import Path
 
-from traces.format import Phase, read_trace
-from traces.stats import StatsRow, TraceStats, compute_stats
+from moebits.traces.format import Phase, read_trace
+from moebits.traces.stats import StatsRow, TraceStats, compute_stats
 
 HELP = """\
 statistics (per MoE layer present, and overall):

@@ -1,4 +1,4 @@
-"""``python -m traces synth``: write a synthetic trace, optionally fitted to a real one.
+"""``moebits traces synth``: write a synthetic trace, optionally fitted to a real one.
 
 Knobs come from (later wins): the built-in defaults, ``--knobs FILE.json`` or a fit to
 ``--like TRACE``, then the single-knob options. The fit and the generation draw from separate
@@ -14,11 +14,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from core.model_spec import ModelSpec, get_model_spec
-from traces.fit import fit_knobs, targets_from_trace
-from traces.format import Trace, read_trace, write_trace
-from traces.synth import Shape, SynthKnobs, generate
+from moebits.core.model_spec import ModelSpec, get_model_spec
+from moebits.traces.fit import fit_knobs, targets_from_trace
+from moebits.traces.format import Trace, read_trace, write_trace
+from moebits.traces.synth import Shape, SynthKnobs, generate
 
 FIT_ROWS_MAX = 1_000_000
 
@@ -39,8 +38,8 @@ trace or a public trace file or folder (imported on the fly). Of another model, 
 targets are interpolated by relative depth.
 
 examples:
-  python -m traces synth --model Qwen3-30B-A3B --seqs 16 --prompt-len 64 --steps 256 -o q.parquet
-  python -m traces synth --model Mixtral-8x7B --seqs 4 --steps 150 --like mixtral.parquet -o m.parquet
+  moebits traces synth --model Qwen3-30B-A3B --seqs 16 --prompt-len 64 --steps 256 -o q.parquet
+  moebits traces synth --model Mixtral-8x7B --seqs 4 --steps 150 --like mixtral.parquet -o m.parquet
 """
 
 
@@ -79,7 +78,7 @@ def load_like(path: str) -> Trace:
     """A moebits trace, or a public trace file/folder through the importers."""
     if Path(path).suffix == ".parquet":
         return read_trace(path)
-    from traces.importers import import_source
+    from moebits.traces.importers import import_source
 
     return import_source(Path(path))
 
@@ -147,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if args.target_reuse is not None and not args.like:
         raise ValueError("--target-reuse needs --like")
     fit_rng, gen_rng = (np.random.default_rng([args.seed, stream]) for stream in (1, 0))
-    provenance = {"source": "synthetic", "generator": "python -m traces synth", "seed": str(args.seed)}
+    provenance = {"source": "synthetic", "generator": "moebits traces synth", "seed": str(args.seed)}
     if args.note:
         provenance["note"] = args.note
     if args.like:

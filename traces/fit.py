@@ -23,11 +23,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-from core.model_spec import ModelSpec
-from traces.format import Phase, Trace
-from traces.stats import TraceStats, compute_stats, dominant_phase, select_phase
-from traces.synth import Shape, SynthKnobs, generate, skew_for_top_share
+from moebits.core.model_spec import ModelSpec
+from moebits.traces.format import Phase, Trace
+from moebits.traces.stats import TraceStats, compute_stats, dominant_phase, select_phase
+from moebits.traces.synth import Shape, SynthKnobs, generate, skew_for_top_share
 
 REUSE_MAX = 0.98
 

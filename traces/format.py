@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from core.model_spec import ModelSpec
+from moebits.core.model_spec import ModelSpec
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"moebits"
@@ -255,7 +254,7 @@ def _read_table(path: Path) -> pa.Table:
     if not path.exists():
         raise TraceError(f"{path}: no such file")
     if path.is_dir():
-        raise TraceError(f"{path}: is a directory, expected a .parquet trace (import folders with `python -m traces import`)")
+        raise TraceError(f"{path}: is a directory, expected a .parquet trace (import folders with `moebits traces import`)")
     try:
         return pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
@@ -293,7 +292,7 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
     where = str(path)
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise TraceError(f"{where}: no moebits metadata; not a moebits trace (import it with `python -m traces import`)")
+        raise TraceError(f"{where}: no moebits metadata; not a moebits trace (import it with `moebits traces import`)")
     meta = TraceMeta.from_json(raw, where)
     k = meta.spec.top_k
     _column_types(table, where, k)

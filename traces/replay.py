@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from core.routing import LayerSteps
-from traces.format import Phase, Trace, TraceMeta, read_trace
+from moebits.core.routing import LayerSteps
+from moebits.traces.format import Phase, Trace, TraceMeta, read_trace
 
 _ARRAYS = ("ls_layer", "ls_batch", "ls_pass", "ls_tokens", "offsets", "ex_expert", "ex_tokens", "ex_gate")
 

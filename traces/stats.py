@@ -45,8 +45,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
-from traces.format import Phase, Trace
+from moebits.traces.format import Phase, Trace
 
 STAT_KEYS = (
     "activations",

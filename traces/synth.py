@@ -44,9 +44,8 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-
-from core.model_spec import ModelSpec
-from traces.format import Phase, Trace, TraceMeta
+from moebits.core.model_spec import ModelSpec
+from moebits.traces.format import Phase, Trace, TraceMeta
 
 SKEW_MAX = 16.0
 _REPAIR_ROUNDS = 20

@@ -22,9 +22,9 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from traces.format import Trace, TraceError
-from traces.importers import hf_csv, mixtral_jsonl, sglang_json, vllm_logger
-from traces.importers._common import natural_key, read_head
+from moebits.traces.format import Trace, TraceError
+from moebits.traces.importers import hf_csv, mixtral_jsonl, sglang_json, vllm_logger
+from moebits.traces.importers._common import natural_key, read_head
 
 FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (mixtral_jsonl, sglang_json, hf_csv, vllm_logger)}
 

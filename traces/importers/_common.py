@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from core.model_spec import get_model_spec
-from traces.format import Phase, Trace, TraceError, TraceMeta
+from moebits.core.model_spec import get_model_spec
+from moebits.traces.format import Phase, Trace, TraceError, TraceMeta
 
 HEAD_BYTES = 4096
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from moebits.traces.format import Phase, Trace, TraceError
+from moebits.traces.importers._common import RowCollector
 from tqdm import tqdm
-
-from traces.format import Phase, Trace, TraceError
-from traces.importers._common import RowCollector
 
 NAME = "hf-csv"
 MODEL = "DeepSeek-V2-Lite"

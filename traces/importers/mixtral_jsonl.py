@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from traces.format import Phase, Trace, TraceError
-from traces.importers._common import RowCollector, first_json_object, json_lines
-from traces.importers._common import field as get
+from moebits.traces.format import Phase, Trace, TraceError
+from moebits.traces.importers._common import RowCollector, first_json_object, json_lines
+from moebits.traces.importers._common import field as get
 
 NAME = "mixtral-jsonl"
 MODEL = "Mixtral-8x7B"

@@ -14,10 +14,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+from moebits.traces.format import Phase, Trace, TraceError
+from moebits.traces.importers._common import RowCollector, load_json
 from tqdm import tqdm
-
-from traces.format import Phase, Trace, TraceError
-from traces.importers._common import RowCollector, load_json
 
 NAME = "sglang-json"
 MODEL = "Llama-4-Maverick"

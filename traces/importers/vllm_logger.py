@@ -42,10 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from traces.format import Phase, Trace, TraceError
-from traces.importers._common import RowCollector, first_json_object, json_lines, read_text
-from traces.importers._common import field as get
+from moebits.traces.format import Phase, Trace, TraceError
+from moebits.traces.importers._common import RowCollector, first_json_object, json_lines, read_text
+from moebits.traces.importers._common import field as get
 
 NAME = "vllm-logger"
 MODEL = "Qwen1.5-MoE-A2.7B"

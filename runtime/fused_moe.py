@@ -1,0 +1,232 @@
+"""Triton kernels of the MoE layer for every precision at once (imports triton: load lazily).
+
+Dimension legend: T tokens, k experts per token, S = T*k (token, expert) pairs, E experts,
+H hidden, I expert intermediate, BN output rows per program, G quantization group.
+
+Three launches serve a layer, whatever mix of precisions its experts are in:
+
+* ``_route_kernel`` (grid ``[T]``): softmax over the router logits, top-k by repeated argmax,
+  renormalization (Qwen3-MoE's ``norm_topk_prob``) -> ids ``[T, k]``, weights ``[T, k]``.
+* ``_up_kernel`` (grid ``[S, I / BN]``): for its pair, reads the expert's residency code
+  ``(class, slot)`` from the table, branches on the class and computes BN rows of the gate and
+  up projections from that class's slab (dequantizing on the fly), then SwiGLU -> ``h [S, I]``
+  float32. It optionally zeroes the output ``[T, H]`` that ``_down_kernel`` accumulates into.
+* ``_down_kernel`` (grid ``[S, H / BN]``): BN rows of the down projection of ``h``, times the
+  pair's routing weight, atomically added into ``out [T, H]`` float32 (the combine over k; in
+  the decode step ``out`` is the residual stream itself).
+
+Decode is a GEMV per pair: no sort, no padding, one program per (pair, row block); programs
+of one expert share its weights through L2 when several tokens pick it. Slab addresses come
+from the pool descriptor (``runtime.residency.PoolDescriptor``): base + slot * stride + field
+offset, in bytes, then cast to the field's type. Integer codes are read a bit plane at a
+time (the packed layout of ``runtime.quant``): field ``s`` of byte ``j`` is code ``PER*j + s``
+and meets activations ``x[k0 + PER*j + s]``, so no unpacking shuffle is needed; each group
+of G codes adds ``scale * (codes . x - zero * sum(x))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from moebits.runtime.residency import KERNEL_CLASS, PoolDescriptor, group_sizes
+
+
+@dataclass(frozen=True)
+class MoeKernelConfig:
+    """Launch shape: rows per program of the up and down kernels, and warps per program."""
+
+    bn_up: int = 16
+    bn_down: int = 32
+    warps: int = 4
+
+
+DEFAULT_CONFIG = MoeKernelConfig()
+
+
+# ----------------------------------------------------------------------------- routing
+@triton.jit
+def _route_kernel(logits_ptr, ids_ptr, w_ptr, E: tl.constexpr, EP: tl.constexpr, TOPK: tl.constexpr,
+                  NORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, EP)                                            # EP: E rounded up to a power of 2
+    lg = tl.load(logits_ptr + t * E + o, mask=o < E, other=-float("inf")).to(tl.float32)
+    p = tl.exp(lg - tl.max(lg, 0))
+    p = p / tl.sum(p, 0)
+    kk = tl.arange(0, TOPK)
+    wv = tl.zeros([TOPK], dtype=tl.float32)
+    iv = tl.zeros([TOPK], dtype=tl.int32)
+    for j in tl.static_range(TOPK):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, o, E), 0)                  # lowest index among ties
+        wv = tl.where(kk == j, best, wv)
+        iv = tl.where(kk == j, idx, iv)
+        p = tl.where(o == idx, -1.0, p)
+    if NORM:
+        wv = wv / tl.sum(wv, 0)
+    tl.store(ids_ptr + t * TOPK + kk, iv)
+    tl.store(w_ptr + t * TOPK + kk, wv)
+
+
+# ----------------------------------------------------------------------------- GEMV pieces
+@triton.jit
+def _plane(wrow, nmask, x, byte0, k0, PER: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """sum_j sum_s field_s(byte j) * x[k0 + PER*j + s] for each row: ``[BN]``."""
+    KB: tl.constexpr = G // PER
+    j = tl.arange(0, KB)
+    b = tl.load(wrow + byte0 + j[None, :], mask=nmask[:, None], other=0).to(tl.int32)     # [BN, KB]
+    acc = tl.zeros([BN, KB], dtype=tl.float32)
+    for s in tl.static_range(PER):
+        f = ((b >> (s * W)) & ((1 << W) - 1)).to(tl.float32)
+        xv = tl.load(x + k0 + j * PER + s).to(tl.float32)                                  # [KB]
+        acc += f * xv[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_int(w, s, z, rows, nmask, x, K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+    """Rows ``rows`` of a packed integer matrix ``[N, K]`` times ``x [K]`` -> ``[BN]`` float32."""
+    RB: tl.constexpr = K * BITS // 8
+    NG: tl.constexpr = K // G
+    wrow = w + rows.to(tl.int64)[:, None] * RB                                             # [BN, 1]
+    srow = s + rows.to(tl.int64) * NG
+    zrow = z + rows.to(tl.int64) * NG
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for g in tl.static_range(NG):
+        k0 = g * G
+        if BITS == 3:  # low two bits (int2 plane, K/4 bytes), then the third bit (K/8 bytes)
+            d = _plane(wrow, nmask, x, k0 // 4, k0, 4, 2, G, BN)
+            d += 4.0 * _plane(wrow, nmask, x, K // 4 + k0 // 8, k0, 8, 1, G, BN)
+        else:
+            d = _plane(wrow, nmask, x, k0 * BITS // 8, k0, 8 // BITS, BITS, G, BN)
+        xs = tl.sum(tl.load(x + k0 + tl.arange(0, G)).to(tl.float32), 0)
+        sc = tl.load(srow + g, mask=nmask, other=0.0).to(tl.float32)
+        ze = tl.load(zrow + g, mask=nmask, other=0.0).to(tl.float32)
+        acc += sc * (d - ze * xs)
+    return acc
+
+
+@triton.jit
+def _gemv_float(w, rows, nmask, x, K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Rows of a float matrix (bf16 or fp8 codes) ``[N, K]`` times ``x [K]`` -> ``[BN]`` float32."""
+    wrow = w + rows.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        a = tl.load(wrow + kk[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+        acc += a * tl.load(x + kk).to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, x, K: tl.constexpr, BN: tl.constexpr,
+              HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr):
+    """Dispatch on the kernel class read from the table (``HAS`` bit c: class c has slabs)."""
+    wp = buf + tl.multiple_of(base + tl.load(d + 2 + 3 * proj), 16)   # fields are 16-byte aligned
+    sp = buf + tl.multiple_of(base + tl.load(d + 3 + 3 * proj), 16)
+    zp = buf + tl.multiple_of(base + tl.load(d + 4 + 3 * proj), 16)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    if HAS & 8:
+        if cls == 3:
+            acc = _gemv_int(wp, sp.to(tl.pointer_type(tl.float16)), zp.to(tl.pointer_type(tl.float16)),
+                            rows, nmask, x, K, 4, G4, BN)
+    if HAS & 1:
+        if cls == 0:
+            acc = _gemv_float(wp.to(tl.pointer_type(tl.bfloat16)), rows, nmask, x, K, 128, BN)
+    if HAS & 2:
+        if cls == 1:
+            acc = _gemv_float(wp.to(tl.pointer_type(tl.float8e4nv)), rows, nmask, x, K, 128, BN)
+            acc *= tl.load(sp.to(tl.pointer_type(tl.float32)) + rows, mask=nmask, other=0.0)
+    if HAS & 4:
+        if cls == 2:
+            acc = _gemv_int(wp, sp.to(tl.pointer_type(tl.float16)), zp.to(tl.pointer_type(tl.float16)),
+                            rows, nmask, x, K, 8, G8, BN)
+    if HAS & 16:
+        if cls == 4:
+            acc = _gemv_int(wp, sp.to(tl.pointer_type(tl.float16)), zp.to(tl.pointer_type(tl.float16)),
+                            rows, nmask, x, K, 3, G3, BN)
+    if HAS & 32:
+        if cls == 5:
+            acc = _gemv_int(wp, sp.to(tl.pointer_type(tl.float16)), zp.to(tl.pointer_type(tl.float16)),
+                            rows, nmask, x, K, 2, G2, BN)
+    return acc
+
+
+@triton.jit
+def _slab(table, desc, e):
+    """(descriptor row pointer, slab base byte, class) of expert ``e``."""
+    code = tl.load(table + e)
+    cls = code & 7
+    d = desc + cls * 8
+    base = tl.load(d) + (code >> 3).to(tl.int64) * tl.load(d + 1)
+    return d, base, cls
+
+
+# ----------------------------------------------------------------------------- the two expert kernels
+@triton.jit
+def _up_kernel(x_ptr, ids_ptr, table, desc, buf, h_ptr, out_ptr,
+               H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr, ZERO: tl.constexpr, ZC: tl.constexpr,
+               HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr):
+    pair = tl.program_id(0)
+    nb = tl.program_id(1)
+    if ZERO:  # zero out [T, H] for the down kernel: the token's first pair, ZC columns per row block
+        if pair % TOPK == 0:
+            zo = nb * ZC + tl.arange(0, ZC)
+            tl.store(out_ptr + (pair // TOPK).to(tl.int64) * H + zo, tl.zeros([ZC], dtype=tl.float32), mask=zo < H)
+    e = tl.load(ids_ptr + pair)
+    d, base, cls = _slab(table, desc, e)
+    x = x_ptr + (pair // TOPK).to(tl.int64) * H
+    rows = nb * BN + tl.arange(0, BN)
+    nmask = rows < I
+    g = _gemv_any(buf, d, base, 0, cls, rows, nmask, x, H, BN, HAS, G8, G4, G3, G2)
+    u = _gemv_any(buf, d, base, 0, cls, rows + I, nmask, x, H, BN, HAS, G8, G4, G3, G2)
+    h = g * tl.sigmoid(g) * u
+    tl.store(h_ptr + pair.to(tl.int64) * I + rows, h, mask=nmask)
+
+
+@triton.jit
+def _down_kernel(h_ptr, ids_ptr, w_ptr, table, desc, buf, out_ptr,
+                 H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
+                 HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr):
+    pair = tl.program_id(0)
+    e = tl.load(ids_ptr + pair)
+    rw = tl.load(w_ptr + pair).to(tl.float32)
+    d, base, cls = _slab(table, desc, e)
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = rows < H
+    y = _gemv_any(buf, d, base, 1, cls, rows, nmask, h_ptr + pair.to(tl.int64) * I, I, BN, HAS, G8, G4, G3, G2)
+    dst = out_ptr + (pair // TOPK).to(tl.int64) * H + rows
+    tl.atomic_add(dst, y * rw, mask=nmask, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------- launchers
+def _has_bits(pd: PoolDescriptor) -> int:
+    return sum(1 << KERNEL_CLASS[p] for p in pd.classes)
+
+
+def route(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, normalize: bool) -> None:
+    """Top-k routing of ``logits [T, E]`` into ``ids [T, k]`` int32 and ``weights [T, k]`` float32."""
+    t, e = logits.shape
+    _route_kernel[(t,)](logits, ids, weights, E=e, EP=triton.next_power_of_2(e), TOPK=ids.shape[1], NORM=normalize, num_warps=1)
+
+
+def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, codes: torch.Tensor, pd: PoolDescriptor,
+            out: torch.Tensor, h_buf: torch.Tensor, zero_out: bool, cfg: MoeKernelConfig = DEFAULT_CONFIG) -> None:
+    """``out [T, H]`` float32 (+)= the routed experts of ``x [T, H]`` served from the slabs ``codes [E]`` name.
+
+    ``ids``/``weights [T, k]``; ``h_buf [>= S, I]`` float32 scratch; ``zero_out`` zeroes ``out`` first
+    (else the experts' sum is added to it, e.g. into the residual stream).
+    """
+    t, k = ids.shape
+    s, hid, inter = t * k, pd.hidden, pd.intermediate
+    g = group_sizes()
+    consts = dict(HAS=_has_bits(pd), G8=g["int8"], G4=g["int4"], G3=g["int3"], G2=g["int2"])
+    n_up = triton.cdiv(inter, cfg.bn_up)
+    _up_kernel[(s, n_up)](
+        x, ids, codes, pd.desc, pd.buffer, h_buf, out,
+        H=hid, I=inter, TOPK=k, BN=cfg.bn_up, ZERO=zero_out, ZC=triton.next_power_of_2(triton.cdiv(hid, n_up)), num_warps=cfg.warps, **consts)
+    _down_kernel[(s, triton.cdiv(hid, cfg.bn_down))](
+        h_buf, ids, weights, codes, pd.desc, pd.buffer, out,
+        H=hid, I=inter, TOPK=k, BN=cfg.bn_down, num_warps=cfg.warps, **consts)

@@ -1,0 +1,171 @@
+"""The device residency table and the pool descriptor the fused MoE kernels read.
+
+Dimension legend: L MoE layers, E experts per layer, H hidden, I expert intermediate,
+C kernel classes (one per precision), F descriptor fields.
+
+A graph-captured step cannot ask the host which slab holds an expert. Instead every kernel
+reads two small device tensors:
+
+* :class:`ResidencyTable` ``codes [L, E]`` int32: expert ``(layer, e)`` is served from slot
+  ``code >> 3`` of kernel class ``code & 7``. Writing an entry in place retargets every
+  captured graph at once; no re-capture.
+* :class:`PoolDescriptor` ``desc [C, F]`` int64: per kernel class, where its slabs live in the
+  one pool buffer (:class:`runtime.pool.DevicePool`) - region base, slab stride - and the
+  byte offset inside a slab of each field (weight, scales, zeros of gate_up and down).
+
+Kernel classes are numbered once, here (:data:`KERNEL_CLASS`); a precision without a class
+has no kernel. The pure-torch server :func:`serve_reference` dequantizes exactly what the
+table names, in float32: the CPU path, and the oracle every kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from moebits.core.precision import get_precision
+from moebits.runtime.pool import DevicePool
+from moebits.runtime.quant import quantize_stack
+
+KERNEL_CLASS = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "int3": 4, "int2": 5}
+CLASS_NAME = {v: k for k, v in KERNEL_CLASS.items()}
+CLASS_BITS = 3                      # code = slot << CLASS_BITS | class
+DESC_FIELDS = ("base", "stride", "gate_up.w", "gate_up.s", "gate_up.z", "down.w", "down.s", "down.z")
+_ATTR = {"weight": "w", "qweight": "w", "scale": "s", "scales": "s", "zeros": "z"}
+
+
+def encode(precision: str, slot: int) -> int:
+    """The table code of ``slot`` in ``precision``'s class."""
+    return slot << CLASS_BITS | KERNEL_CLASS[precision]
+
+
+def decode(code: int) -> tuple[str, int]:
+    """(precision, slot) of a table code."""
+    return CLASS_NAME[code & ((1 << CLASS_BITS) - 1)], code >> CLASS_BITS
+
+
+def group_sizes() -> dict[str, int]:
+    """Quantization group of each integer class (the registry's; kernels take them as constants)."""
+    return {p: get_precision(p).group_size for p in ("int8", "int4", "int3", "int2")}
+
+
+@dataclass(frozen=True)
+class PoolDescriptor:
+    """The pool buffer and, per kernel class, where its slabs and fields are (see module docstring)."""
+
+    buffer: torch.Tensor          # [bytes] uint8, the DevicePool's one allocation
+    desc: torch.Tensor            # [C, F] int64 on the buffer's device
+    classes: frozenset[str]       # precisions the pool has slabs of
+    hidden: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, pool: DevicePool) -> PoolDescriptor:
+        rows = np.zeros((len(KERNEL_CLASS), len(DESC_FIELDS)), dtype=np.int64)
+        for r in pool.regions:
+            lay = pool.layouts[r.precision]
+            row = rows[KERNEL_CLASS[r.precision]]
+            row[0], row[1] = r.base, r.stride
+            for f in lay.fields:
+                row[DESC_FIELDS.index(f"{f.proj}.{_ATTR[f.attr]}")] = f.offset
+        if (rows % 16).any():
+            raise ValueError("the fused kernels need 16-byte aligned slab regions, strides and fields; "
+                             "give the pool a budget with room for alignment (DevicePool falls back to none)")
+        lay0 = next(iter(pool.layouts.values()))
+        return cls(pool.buffer, torch.from_numpy(rows).to(pool.device), frozenset(pool.region),
+                   lay0.hidden, lay0.intermediate)
+
+
+class ResidencyTable:
+    """``codes [L, E]`` int32 on the device plus its host mirror; see the module docstring.
+
+    Writes are staged on the host (:meth:`stage`) and land on the device in one ordered write
+    (:meth:`flush`), enqueued on the current stream: kernels enqueued before it read the old
+    codes, kernels after it the new ones.
+    """
+
+    def __init__(self, layers: int, experts: int, device: torch.device | str) -> None:
+        self.host = np.full((layers, experts), -1, dtype=np.int64)
+        self.codes = torch.full((layers, experts), -1, dtype=torch.int32, device=device)
+        self._staged: dict[int, int] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.host.shape  # type: ignore[return-value]
+
+    def stage(self, layer: int, expert: int, precision: str, slot: int) -> None:
+        """Point ``(layer, expert)`` at ``slot`` of ``precision`` at the next flush."""
+        self._staged[layer * self.host.shape[1] + expert] = encode(precision, slot)
+
+    def pending(self) -> int:
+        return len(self._staged)
+
+    def flush(self) -> list[int]:
+        """Write the staged entries to the device (current stream); the flat indices written."""
+        if not self._staged:
+            return []
+        idx = list(self._staged)
+        vals = [self._staged[i] for i in idx]
+        self.host.reshape(-1)[idx] = vals
+        dev = self.codes.device
+        pin = dev.type == "cuda"
+        i_t = torch.tensor(idx, dtype=torch.long).pin_memory() if pin else torch.tensor(idx, dtype=torch.long)
+        v_t = torch.tensor(vals, dtype=torch.int32).pin_memory() if pin else torch.tensor(vals, dtype=torch.int32)
+        self.codes.view(-1).index_copy_(0, i_t.to(dev, non_blocking=True), v_t.to(dev, non_blocking=True))
+        self._staged.clear()
+        return idx
+
+    def where(self, layer: int, expert: int) -> tuple[str, int]:
+        """(precision, slot) the host mirror holds for ``(layer, expert)``."""
+        code = int(self.host[layer, expert])
+        if code < 0:
+            raise KeyError(f"expert ({layer}, {expert}) has no resident copy")
+        return decode(code)
+
+
+# ----------------------------------------------------------------------------- torch reference
+def expert_weights(pool: DevicePool, precision: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized float32 ``gate_up [2I, H]`` and ``down [H, I]`` of one slot."""
+    gu, dn = pool.stacks[precision]
+    s = torch.tensor([slot], device=pool.device)
+    return gu.dequantize(s, torch.float32)[0], dn.dequantize(s, torch.float32)[0]
+
+
+def serve_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, codes: torch.Tensor,
+                    pool: DevicePool) -> torch.Tensor:
+    """The MoE layer in float32 from the slabs ``codes [E]`` names: ``x [T, H]`` -> ``[T, H]`` float32.
+
+    ``ids``/``weights [T, k]``. Reads ids and codes on the host (syncs): CPU path and test oracle.
+    """
+    xf = x.float()
+    out = torch.zeros_like(xf)
+    code_of = codes.tolist()
+    inter = pool.layouts[next(iter(pool.layouts))].intermediate
+    for e in torch.unique(ids).tolist():
+        tok, j = torch.nonzero(ids == e, as_tuple=True)
+        gu, dn = expert_weights(pool, *decode(int(code_of[e])))
+        a = xf[tok] @ gu.T                                                     # [n, 2I]
+        h = F.silu(a[:, :inter]) * a[:, inter:]                                # [n, I]
+        out.index_add_(0, tok, (h @ dn.T) * weights[tok, j, None].float())
+    return out
+
+
+def route_reference(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-MoE routing: softmax in float32, top-k, optional renormalization -> (ids int32, weights fp32)."""
+    p = torch.softmax(logits.float(), dim=-1)
+    w, ids = torch.topk(p, top_k, dim=-1)
+    if normalize:
+        w = w / w.sum(-1, keepdim=True)
+    return ids.to(torch.int32), w
+
+
+def write_expert(pool: DevicePool, slab: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """Quantize one expert (``gate_up [2I, H]``, ``down [H, I]``) into slab ``slab``'s precision and store it."""
+    precision, _ = pool.slot(slab)
+    for dst, w in zip(pool.slab_stacks(slab), (gate_up, down), strict=True):
+        src = quantize_stack(w[None].float(), precision)
+        for name, t in vars(dst).items():
+            if isinstance(t, torch.Tensor):
+                t.copy_(getattr(src, name))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from moebits.core.keys import ExpertKey
 from moebits.core.precision import get_precision
 from moebits.runtime.pool import DevicePool
 from moebits.runtime.quant import quantize_stack
@@ -169,3 +170,26 @@ def write_expert(pool: DevicePool, slab: int, gate_up: torch.Tensor, down: torch
         for name, t in vars(dst).items():
             if isinstance(t, torch.Tensor):
                 t.copy_(getattr(src, name))
+
+
+def load_layer(pool: DevicePool, table: ResidencyTable, layer: int, gate_up: torch.Tensor, down: torch.Tensor,
+               precision: str) -> None:
+    """Make every expert of ``layer`` resident in ``precision`` (``gate_up [E, 2I, H]``, ``down [E, H, I]``).
+
+    Reserves one slab per expert in the ledger (READY at once: an initial load, before serving),
+    quantizes the layer in one go on the weights' device, writes the slabs and stages the table.
+    """
+    slots = []
+    for e in range(gate_up.shape[0]):
+        slab = pool.ledger.begin_load(ExpertKey(layer, e), precision)
+        if slab.__class__ is not int:
+            raise ValueError(f"no {precision} slab left for expert ({layer}, {e}): {slab!r}")
+        pool.ledger.finish_load(slab)
+        slots.append(pool.slot(slab)[1])
+        table.stage(layer, e, precision, slots[-1])
+    idx = torch.tensor(slots, device=pool.device)
+    for dst, w in zip(pool.stacks[precision], (gate_up, down), strict=True):
+        src = quantize_stack(w.float() if precision != "bf16" else w, precision)
+        for name, t in vars(dst).items():
+            if isinstance(t, torch.Tensor):
+                t[idx] = getattr(src, name).to(t.device)

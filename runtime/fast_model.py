@@ -143,6 +143,11 @@ class FastModel:
 
     def layer(self, i: int, b: StepBuffers) -> None:
         """Enqueue layer ``i`` (attention block, then the MoE block) on the current stream."""
+        self.attend_route(i, b)
+        self.experts(i, b)
+
+    def attend_route(self, i: int, b: StepBuffers) -> None:
+        """Layer ``i`` up to its routing (``b.ids[i]``, ``b.weights[i]``): where a STALL policy splits the step."""
         lw, sh = self.w.layers[i], self.shape
         self.attn.rmsnorm(b.r, lw.ln1, b.xn, sh.eps)
         torch.mm(b.xn, lw.qkv.t(), out=b.qkv)
@@ -154,6 +159,9 @@ class FastModel:
         self.attn.rmsnorm(b.r, lw.ln2, b.xn, sh.eps)
         torch.mm(b.xn, lw.router.t(), out=b.router_logits)
         self.moe.route(b.router_logits, b.ids[i], b.weights[i], sh.normalize_topk)
+
+    def experts(self, i: int, b: StepBuffers) -> None:
+        """Layer ``i``'s routed experts, added into the residual stream."""
         self.moe.experts(b.xn, b.ids[i], b.weights[i], self.table.codes[i], b.r, b.h, zero_out=False)
 
     def head(self, b: StepBuffers) -> None:

@@ -64,7 +64,7 @@ class PoolDescriptor:
 
     @classmethod
     def of(cls, pool: DevicePool) -> PoolDescriptor:
-        rows = np.zeros((len(KERNEL_CLASS), len(DESC_FIELDS)), dtype=np.int64)
+        rows = np.zeros((1 << CLASS_BITS, len(DESC_FIELDS)), dtype=np.int64)  # unused classes: zeros
         for r in pool.regions:
             lay = pool.layouts[r.precision]
             row = rows[KERNEL_CLASS[r.precision]]
@@ -99,6 +99,10 @@ class ResidencyTable:
     def stage(self, layer: int, expert: int, precision: str, slot: int) -> None:
         """Point ``(layer, expert)`` at ``slot`` of ``precision`` at the next flush."""
         self._staged[layer * self.host.shape[1] + expert] = encode(precision, slot)
+
+    def clear(self, layer: int, expert: int) -> None:
+        """Mark ``(layer, expert)`` as having no resident copy at the next flush (code -1: kernels add 0)."""
+        self._staged[layer * self.host.shape[1] + expert] = -1
 
     def pending(self) -> int:
         return len(self._staged)
@@ -173,14 +177,15 @@ def write_expert(pool: DevicePool, slab: int, gate_up: torch.Tensor, down: torch
 
 
 def load_layer(pool: DevicePool, table: ResidencyTable, layer: int, gate_up: torch.Tensor, down: torch.Tensor,
-               precision: str) -> None:
-    """Make every expert of ``layer`` resident in ``precision`` (``gate_up [E, 2I, H]``, ``down [E, H, I]``).
+               precision: str, experts: list[int] | None = None) -> None:
+    """Make experts of ``layer`` (all, or ``experts``) resident in ``precision`` (``gate_up [E, 2I, H]``, ``down [E, H, I]``).
 
     Reserves one slab per expert in the ledger (READY at once: an initial load, before serving),
     quantizes the layer in one go on the weights' device, writes the slabs and stages the table.
     """
     slots = []
-    for e in range(gate_up.shape[0]):
+    chosen = list(range(gate_up.shape[0])) if experts is None else experts
+    for e in chosen:
         slab = pool.ledger.begin_load(ExpertKey(layer, e), precision)
         if slab.__class__ is not int:
             raise ValueError(f"no {precision} slab left for expert ({layer}, {e}): {slab!r}")
@@ -188,7 +193,8 @@ def load_layer(pool: DevicePool, table: ResidencyTable, layer: int, gate_up: tor
         slots.append(pool.slot(slab)[1])
         table.stage(layer, e, precision, slots[-1])
     idx = torch.tensor(slots, device=pool.device)
-    for dst, w in zip(pool.stacks[precision], (gate_up, down), strict=True):
+    sel = torch.tensor(chosen, device=gate_up.device)
+    for dst, w in zip(pool.stacks[precision], (gate_up[sel], down[sel]), strict=True):
         src = quantize_stack(w.float() if precision != "bf16" else w, precision)
         for name, t in vars(dst).items():
             if isinstance(t, torch.Tensor):

@@ -1,0 +1,88 @@
+"""Routing seen by the host off the critical path: per-step device->host copies into pinned rings.
+
+Dimension legend: L layers, T rows of a step, k experts per row, R ring slots.
+
+A captured step writes every layer's routing into its buffers ``ids/weights [L, T, k]`` on the
+device. After the step, :meth:`RouteObserver.record` enqueues one asynchronous copy of both into
+ring slot ``step % R`` of pinned host memory and records an event: one copy per step, none per
+layer, and no wait. The policy observes step ``t`` before step ``t + lag`` is served
+(:meth:`RouteObserver.due`): with ``lag >= 2`` the event of step ``t`` has normally fired long
+before the host asks (the host runs ahead of the device by a step at most), with ``lag = 1``
+the host waits for the step just enqueued to finish. ``lag`` is the observation lag of the
+policy seam; ``R > lag`` slots keep unread steps from being overwritten.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class StepRouting:
+    """One step's routing as the host sees it: ``ids``/``weights [L, T, k]`` (numpy)."""
+
+    step: int
+    ids: np.ndarray
+    weights: np.ndarray
+    rows: int
+
+
+class RouteObserver:
+    """Pinned rings of routing plus their events; see the module docstring."""
+
+    def __init__(self, layers: int, rows: int, top_k: int, lag: int, device: torch.device) -> None:
+        if lag < 1:
+            raise ValueError(f'"lag" must be >= 1 (a policy cannot see a step before it runs), got {lag}')
+        self.lag, self.slots = lag, lag + 2
+        pin = device.type == "cuda"
+        shape = (self.slots, layers, rows, top_k)
+        self.ids = torch.zeros(shape, dtype=torch.int32, pin_memory=pin)
+        self.weights = torch.zeros(shape, dtype=torch.float32, pin_memory=pin)
+        self.cuda = pin
+        self._pending: deque[tuple[int, int, Any]] = deque()   # (step, live rows, event)
+        self.wait_s = 0.0
+
+    def record(self, step: int, ids: torch.Tensor, weights: torch.Tensor, live_rows: int) -> None:
+        """Enqueue the copy of a step's routing (current stream, after the step's kernels)."""
+        if len(self._pending) >= self.slots:
+            raise RuntimeError("route ring overrun: observe steps (due) before recording more")
+        slot = step % self.slots
+        self.ids[slot].copy_(ids, non_blocking=True)
+        self.weights[slot].copy_(weights, non_blocking=True)
+        ev = None
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+        self._pending.append((step, live_rows, ev))
+
+    def due(self, serving: int) -> list[StepRouting]:
+        """Every recorded step ``t <= serving - lag``, oldest first (waits for their copies if needed)."""
+        out = []
+        while self._pending and self._pending[0][0] <= serving - self.lag:
+            step, rows, ev = self._pending.popleft()
+            if ev is not None and not ev.query():
+                t0 = time.perf_counter()
+                ev.synchronize()
+                self.wait_s += time.perf_counter() - t0
+            slot = step % self.slots
+            out.append(StepRouting(step, self.ids[slot, :, :rows].numpy().copy(),
+                                   self.weights[slot, :, :rows].numpy().copy(), rows))
+        return out
+
+    def flush(self) -> list[StepRouting]:
+        """Everything recorded (end of a run)."""
+        return self.due(1 << 62)
+
+
+def layer_obs_arrays(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct experts ascending, tokens per expert, summed gate per expert) of one layer's ``[T, k]``."""
+    experts, inv = np.unique(ids.reshape(-1), return_inverse=True)
+    tokens = np.bincount(inv, minlength=experts.size)
+    gate = np.bincount(inv, weights=weights.reshape(-1).astype(np.float64), minlength=experts.size)
+    return experts, tokens, gate

@@ -385,6 +385,12 @@ def run_ours(s: Setup, name: str, args: argparse.Namespace, lag: int, bw: dict[s
     return row, logits
 
 
+def _write(path: str | None, obj: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+
+
 def format_table(rows: list[dict[str, Any]], head: str) -> str:
     cols = [("config", "config", "{}"), ("tpot_ms_p50", "TPOT p50 ms", "{:.2f}"), ("ttft_ms", "TTFT ms", "{:.1f}"),
             ("tokens_per_s", "tok/s", "{:.0f}"), ("h2d_gb_per_token", "H2D GB/tok", "{:.3f}"),
@@ -427,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
             logits[row["config"]] = lg
             rows.append(row)
             print(f"{row['config']}: {json.dumps(row)} ({time.perf_counter() - t1:.0f} s)", flush=True)
+            _write(args.out, {**out, "rows": rows})  # a run cut short keeps what it measured
     ref = logits.get("bf16_resident")
     for r in rows:
         key = "hf" if r["config"].startswith("hf_") else r["config"]
@@ -441,9 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     head = (f"{dev} | torch {torch.__version__} | Qwen3-30B-A3B shape, random weights, {s.spec.layers} of 48 layers | "
             f"batch 1, prompt {args.prompt} (chunk {args.chunk}), decode {args.decode}, teacher-forced")
     print(format_table(rows, head))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    _write(args.out, out)
 
 
 if __name__ == "__main__":

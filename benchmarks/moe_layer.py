@@ -46,6 +46,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--small", action="store_true", help="a small shape (16 experts, 256/128) for smoke runs")
     ap.add_argument("--impls", nargs="+", default=None, help="only these implementations (e.g. int4 mixed)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the accuracy check")
+    ap.add_argument("--old-impls", nargs="*", default=None,
+                    help="only these per-class implementations beside the fused ones (e.g. hf bf16 int4 mixed)")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the fused one-launch kernels (runtime/fused_moe.py) for every precision")
+    ap.add_argument("--fused-configs", nargs="*", default=["16,32,4", "8,32,4", "16,64,4", "32,32,4", "16,32,8", "8,16,2"],
+                    help="extra int4 launch shapes 'bn_up,bn_down,warps' timed at T=1 (the first is the default)")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     return ap.parse_args(argv)
 
@@ -198,6 +204,17 @@ def main(argv: list[str] | None = None) -> None:
         if key in ("int4", "mixed-int") and device.type == "cuda":  # the split-K ablation
             for mode, label in (("0", "nosplit"), ("force", "split")):
                 impls[f"{key} {label}"] = (_with_env(layer.forward, MOEBITS_TRITON_SPLITK=mode), impls[key][1])
+    if args.fused and device.type == "cuda":
+        hbm = measured_hbm_bytes_per_s(device)
+        print(f"measured HBM copy bandwidth: {hbm / 1e12:.2f} TB/s (floors below use it)")
+        globals()["HBM_BYTES_PER_S"] = hbm
+        fused, fused_err = fused_impls(gate_up, down, k, layers, spec_bytes, args.fused_configs, gen)
+        impls.update(fused)
+        for name, err in fused_err.items():
+            print(f"  accuracy {name}: rel. error vs float32 dequantize reference of the table {err:.2e}")
+    if args.old_impls is not None:
+        keep = set(args.old_impls) | ({"hf grouped_mm"} if "hf" in args.old_impls else set())
+        impls = {k: v for k, v in impls.items() if k.startswith("fused") or k in keep}
     rows = [] if args.no_accuracy else _accuracy_rows(layers, args.check_tokens, experts, k, hidden, device,
                                                        gen, gate_up, down)
     rows += _timing_rows(impls, args, experts, k, hidden, device, gen)
@@ -210,6 +227,79 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "rows": rows}, f, indent=1)
+
+
+def measured_hbm_bytes_per_s(device: torch.device) -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second (median of 5)."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * a.numel() / statistics.median(times)
+
+
+def fused_impls(gate_up, down, k, layers, spec_bytes, configs, gen) -> tuple[dict, dict]:
+    """The fused kernels over one slab pool per assignment: ``fused <name>`` for every precision and mix."""
+    import dataclasses
+
+    from moebits.core.slabs import SlabClass, SlabLedger
+    from moebits.runtime.fused_moe import MoeKernelConfig
+    from moebits.runtime.fused_ops import MoeOps
+    from moebits.runtime.pool import DevicePool, slab_layout
+    from moebits.runtime.residency import ResidencyTable, load_layer, serve_reference
+
+    experts, n2, hidden = gate_up.shape
+    inter = n2 // 2
+    spec = dataclasses.replace(get_model_spec("Qwen3-30B-A3B"), layers=1, experts=experts, top_k=k, hidden=hidden,
+                               expert_intermediate=inter)
+    impls, errs = {}, {}
+    router = (0.02 * torch.randn(experts, hidden, generator=gen)).to(gate_up.device, torch.bfloat16)
+    for key, (_, precs) in layers.items():
+        classes = [SlabClass(p, slab_layout(p, hidden, inter).nbytes, precs.count(p)) for p in dict.fromkeys(precs)]
+        ledger = SlabLedger(classes, sum(c.slab_bytes * c.count for c in classes) + (1 << 20))
+        pool = DevicePool(ledger, spec, gate_up.device)
+        table = ResidencyTable(1, experts, gate_up.device)
+        for p in dict.fromkeys(precs):
+            load_layer(pool, table, 0, gate_up, down, p, [e for e, q in enumerate(precs) if q == p])
+        table.flush()
+        shapes = [None] + ([MoeKernelConfig(*map(int, c.split(","))) for c in configs] if key == "int4" else [])
+        ebytes = torch.tensor([float(spec_bytes[p]) for p in precs])
+        for cfg in shapes:
+            ops = MoeOps(pool, True, cfg)
+            label = f"fused {key}" + ("" if cfg is None else f" [{cfg.bn_up},{cfg.bn_down},{cfg.warps}]")
+            impls[label] = (_fused_forward(ops, table), ebytes)
+        ops = MoeOps(pool, True)
+        impls[f"fused {key} +router"] = (_fused_forward(ops, table, router), ebytes)
+        x = torch.randn(16, hidden, generator=gen).to(gate_up.device, torch.bfloat16)
+        ids = torch.rand(16, experts, generator=gen).topk(k, dim=1).indices.to(gate_up.device, torch.int32)
+        w = torch.softmax(torch.randn(16, k, generator=gen), -1).to(gate_up.device)
+        ref = serve_reference(x, ids, w, table.codes[0], pool)
+        errs[f"fused {key}"] = float((impls[f"fused {key}"][0](x, ids, w) - ref).norm() / ref.norm())
+    return impls, errs
+
+
+def _fused_forward(ops, table, router=None) -> Forward:
+    """``(x, ids, w) -> [T, H]`` float32 through the fused kernels; with ``router``, routing from x too."""
+
+    def run(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        t, k = ids.shape
+        if router is not None:
+            ids = torch.empty(t, k, dtype=torch.int32, device=x.device)
+            w = torch.empty(t, k, dtype=torch.float32, device=x.device)
+            ops.route(x @ router.T, ids, w, True)
+        out = torch.empty(t, x.shape[1], dtype=torch.float32, device=x.device)
+        h = torch.empty(t * k, ops.pd.intermediate, dtype=torch.float32, device=x.device)
+        ops.experts(x, ids.to(torch.int32), w.float(), table.codes[0], out, h, True)
+        return out
+
+    return run
 
 
 def _with_env(fn: Forward, **env: str) -> Forward:
@@ -256,19 +346,21 @@ def _timing_rows(impls, args, experts, k, hidden, device, gen) -> list[dict]:
     rows = []
     for tokens in args.tokens:
         routings = _routings(args.rotations, tokens, experts, k, hidden, device, gen)
+        routings32 = [(x, i.to(torch.int32), w) for x, i, w in routings]   # the fused kernels take int32 ids
         for key, (fn, ebytes) in impls.items():
+            rot = routings32 if key.startswith("fused") else routings
             row = {
                 "kind": "time",
                 "impl": key,
                 "tokens": tokens,
-                "floor_us": floor_us(routings, ebytes),
+                "floor_us": floor_us(rot, ebytes),
                 "eager_us": float("nan"),
                 "graph_us": None,
             }
             try:
-                row["eager_us"] = time_eager(fn, routings, args.reps, device)
+                row["eager_us"] = time_eager(fn, rot, args.reps, device)
                 if device.type == "cuda" and not args.no_graphs:
-                    row["graph_us"] = time_graph(fn, routings, args.reps)
+                    row["graph_us"] = time_graph(fn, rot, args.reps)
             except Exception as exc:  # noqa: BLE001 - report, keep going
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"  T={tokens} {key}: FAILED {row['error']}", flush=True)

@@ -71,6 +71,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dyn-slots", type=int, default=16, help="bf16 slots per layer in dynaexq's budget")
     ap.add_argument("--hf-experts", default="grouped_mm", help="transformers experts implementation")
     ap.add_argument("--stress", type=int, default=0, help="decode steps of the promote/demote stress check")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="static_int4: time the whole-step graph with parts left out (experts, attention, layers)")
     ap.add_argument("--small", action="store_true", help="tiny CPU shape, eager torch path (smoke test)")
     ap.add_argument("--out", default=None, help="write results JSON here")
     return ap.parse_args(argv)
@@ -284,6 +286,39 @@ def stress(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
             "bf16_copies_at_end": bf16_now, "passed": worst < 2e-3}
 
 
+def breakdown(s: Setup, args: argparse.Namespace) -> dict[str, float]:
+    """Median whole-step time (ms) of static_int4 with parts of the step replaced by nothing."""
+    sv = serve_config(s, "static_int4", args, 1)
+    m = sv.model
+    noop = lambda *a, **k: None  # noqa: E731
+    parts = {"full": {}, "no_experts": {"experts": noop}, "no_attention_kernel": {"attention": noop},
+             "no_moe_block": {"experts": noop, "route": noop, "router_mm": True},
+             "embed_head_only": {"attend_route": noop, "experts": noop}}
+    out = {}
+    for name, patch in parts.items():
+        saved = {}
+        for attr, fn in patch.items():
+            if attr == "router_mm":
+                continue
+            owner = m if attr in ("experts", "attend_route") else (m.attn if attr == "attention" else m.moe)
+            saved[(owner, attr)] = getattr(owner, attr)
+            setattr(owner, attr, fn)
+        b = m.buffers(1)
+        _load_rows(b, s.tokens[:1], [args.prompt], s.device)
+        r = StepRunner(m, b, GraphMode.WHOLE if s.device.type == "cuda" else GraphMode.EAGER)
+        r.capture()
+        clock = Clock(s.device)
+        clock.mark()
+        for _ in range(20):
+            r.run()
+            clock.mark()
+        out[name] = float(np.median(clock.seconds()) * 1e3)
+        for (owner, attr), fn in saved.items():
+            setattr(owner, attr, fn)
+        del r, b
+    return out
+
+
 # ----------------------------------------------------------------------------- baselines and ceilings
 def hf_baseline(s: Setup, args: argparse.Namespace, steps: int) -> dict[str, Any]:
     """transformers' own model, every expert bf16 on the device, eager, teacher-forced like ours."""
@@ -440,6 +475,10 @@ def main(argv: list[str] | None = None) -> None:
         if ref is not None and key in logits:
             r["kl_mean"] = kl_mean(ref, logits[key])
     out["rows"] = rows
+    if args.breakdown:
+        out["breakdown_ms"] = breakdown(s, args)
+        print("breakdown (ms per step):", out["breakdown_ms"], flush=True)
+        _write(args.out, out)
     if args.stress:
         gc.collect()
         out["stress"] = stress(s, args)

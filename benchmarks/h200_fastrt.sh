@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# One device call for issue 10: GPU tests, graph-captured decode, the MoE layer benchmark.
-# Usage (repository root, PYTHONPATH set): bash benchmarks/h200_fastrt.sh OUTDIR
+# Device calls for issue 10. Usage (repository root, PYTHONPATH set): bash benchmarks/h200_fastrt.sh full|kernels OUTDIR
+#   full:    GPU tests, every decode configuration (+ stress), the MoE layer benchmark (first call, ~330 s)
+#   kernels: fused-kernel GPU test, static_int4 decode + step breakdown, the MoE layer benchmark (second call)
 set -u
-out=${1:-/tmp/out}; mkdir -p "$out"
+mode=${1:-full}; out=${2:-/tmp/out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MOEBITS_TRITON_AUTOTUNE=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
-timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/test_fused_moe.py tests/test_fast_model.py \
-    > "$out/gpu_tests.txt" 2>&1; tail -12 "$out/gpu_tests.txt"
-timeout 300 python3 benchmarks/decode_fast.py --stress 6 --out "$out/decode_h200.json" 2>&1 | grep -v Warning \
-    > "$out/decode.log"; tail -32 "$out/decode.log"
-timeout 150 python3 benchmarks/moe_layer.py --reps 15 --no-accuracy --old-impls hf bf16 int4 mixed \
-    --fused-configs 16,32,4 8,32,4 32,64,4 16,32,8 --out "$out/moe_layer_h200.json" > "$out/moe_layer.log" 2>&1
+if [ "$mode" = full ]; then
+  timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/test_fused_moe.py tests/test_fast_model.py \
+      > "$out/gpu_tests.txt" 2>&1; tail -12 "$out/gpu_tests.txt"
+  timeout 300 python3 benchmarks/decode_fast.py --stress 6 --out "$out/decode_h200.json" 2>&1 | grep -v Warning \
+      > "$out/decode.log"; tail -32 "$out/decode.log"
+  timeout 150 python3 benchmarks/moe_layer.py --reps 15 --no-accuracy --old-impls hf bf16 int4 mixed \
+      --out "$out/moe_layer_h200.json" > "$out/moe_layer.log" 2>&1
+else
+  timeout 50 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/test_fused_moe.py > "$out/gpu_tests.txt" 2>&1
+  tail -5 "$out/gpu_tests.txt"
+  timeout 80 python3 benchmarks/decode_fast.py --configs static_int4 --breakdown --decode 32 \
+      --out "$out/decode_int4_h200.json" 2>&1 | grep -v Warning > "$out/decode.log"; tail -8 "$out/decode.log"
+  timeout 110 python3 benchmarks/moe_layer.py --reps 10 --rotations 8 --no-accuracy --old-impls hf int4 \
+      --fused-configs 16,32,4,1 32,64,4,1 16,32,4,0 8,32,4,1 --out "$out/moe_layer_h200.json" > "$out/moe_layer.log" 2>&1
+fi
 grep -E "^ +T=|measured|accuracy|device" "$out/moe_layer.log" | tail -75

@@ -50,8 +50,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="only these per-class implementations beside the fused ones (e.g. hf bf16 int4 mixed)")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the fused one-launch kernels (runtime/fused_moe.py) for every precision")
-    ap.add_argument("--fused-configs", nargs="*", default=["16,32,4", "8,32,4", "16,64,4", "32,32,4", "16,32,8", "8,16,2"],
-                    help="extra int4 launch shapes 'bn_up,bn_down,warps' timed at T=1 (the first is the default)")
+    ap.add_argument("--fused-configs", nargs="*", default=["16,32,4,1", "32,64,4,1", "16,32,4,0"],
+                    help="extra int4 launch shapes 'bn_up,bn_down,warps,flat' (flat 0: one reduction per group)")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     return ap.parse_args(argv)
 
@@ -269,20 +269,26 @@ def fused_impls(gate_up, down, k, layers, spec_bytes, configs, gen) -> tuple[dic
         for p in dict.fromkeys(precs):
             load_layer(pool, table, 0, gate_up, down, p, [e for e, q in enumerate(precs) if q == p])
         table.flush()
-        shapes = [None] + ([MoeKernelConfig(*map(int, c.split(","))) for c in configs] if key == "int4" else [])
+        shapes = [None] + ([_kernel_config(MoeKernelConfig, c) for c in configs] if key == "int4" else [])
         ebytes = torch.tensor([float(spec_bytes[p]) for p in precs])
         for cfg in shapes:
             ops = MoeOps(pool, True, cfg)
-            label = f"fused {key}" + ("" if cfg is None else f" [{cfg.bn_up},{cfg.bn_down},{cfg.warps}]")
+            label = f"fused {key}" + ("" if cfg is None else f" [{cfg.bn_up},{cfg.bn_down},{cfg.warps},{int(cfg.flat)}]")
             impls[label] = (_fused_forward(ops, table), ebytes)
-        ops = MoeOps(pool, True)
-        impls[f"fused {key} +router"] = (_fused_forward(ops, table, router), ebytes)
+        if key == "int4":
+            impls[f"fused {key} +router"] = (_fused_forward(MoeOps(pool, True), table, router), ebytes)
         x = torch.randn(16, hidden, generator=gen).to(gate_up.device, torch.bfloat16)
         ids = torch.rand(16, experts, generator=gen).topk(k, dim=1).indices.to(gate_up.device, torch.int32)
         w = torch.softmax(torch.randn(16, k, generator=gen), -1).to(gate_up.device)
         ref = serve_reference(x, ids, w, table.codes[0], pool)
         errs[f"fused {key}"] = float((impls[f"fused {key}"][0](x, ids, w) - ref).norm() / ref.norm())
     return impls, errs
+
+
+def _kernel_config(cls, text: str):
+    """'bn_up,bn_down,warps[,flat]' -> a MoeKernelConfig."""
+    v = [int(t) for t in text.split(",")]
+    return cls(v[0], v[1], v[2], bool(v[3]) if len(v) > 3 else True)
 
 
 def _fused_forward(ops, table, router=None) -> Forward:

@@ -36,11 +36,12 @@ from moebits.runtime.residency import KERNEL_CLASS, PoolDescriptor, group_sizes
 
 @dataclass(frozen=True)
 class MoeKernelConfig:
-    """Launch shape: rows per program of the up and down kernels, and warps per program."""
+    """Launch shape: rows per program of the up and down kernels, warps per program, integer GEMV variant."""
 
     bn_up: int = 16
     bn_down: int = 32
     warps: int = 4
+    flat: bool = True   # integer classes: dequantize in the tile, one reduction (else one per group)
 
 
 DEFAULT_CONFIG = MoeKernelConfig()
@@ -94,7 +95,7 @@ def _gemv_int(w, s, z, rows, nmask, x, K: tl.constexpr, BITS: tl.constexpr, G: t
     srow = s + rows.to(tl.int64) * NG
     zrow = z + rows.to(tl.int64) * NG
     acc = tl.zeros([BN], dtype=tl.float32)
-    for g in tl.static_range(NG):
+    for g in tl.range(0, NG, loop_unroll_factor=2):  # unrolled fully, int3/int2 code took minutes to compile
         k0 = g * G
         if BITS == 3:  # low two bits (int2 plane, K/4 bytes), then the third bit (K/8 bytes)
             d = _plane(wrow, nmask, x, k0 // 4, k0, 4, 2, G, BN)
@@ -106,6 +107,43 @@ def _gemv_int(w, s, z, rows, nmask, x, K: tl.constexpr, BITS: tl.constexpr, G: t
         ze = tl.load(zrow + g, mask=nmask, other=0.0).to(tl.float32)
         acc += sc * (d - ze * xs)
     return acc
+
+
+@triton.jit
+def _plane_acc(acc, wrow, nmask, x, byte0, k0, sc, ze, PER: tl.constexpr, W: tl.constexpr, G: tl.constexpr):
+    """``acc [BN, G/PER] += sc * (field - ze) * x`` over one bit plane of one group (no reduction)."""
+    KB: tl.constexpr = G // PER
+    j = tl.arange(0, KB)
+    b = tl.load(wrow + byte0 + j[None, :], mask=nmask[:, None], other=0).to(tl.int32)     # [BN, KB]
+    for s in tl.static_range(PER):
+        f = ((b >> (s * W)) & ((1 << W) - 1)).to(tl.float32)
+        xv = tl.load(x + k0 + j * PER + s).to(tl.float32)                                  # [KB]
+        acc += (f - ze[:, None]) * (sc[:, None] * xv[None, :])
+    return acc
+
+
+@triton.jit
+def _gemv_int_flat(w, s, z, rows, nmask, x, K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                   BN: tl.constexpr):
+    """As :func:`_gemv_int`, dequantizing in the tile and reducing once at the end (no per-group sums)."""
+    RB: tl.constexpr = K * BITS // 8
+    NG: tl.constexpr = K // G
+    PER: tl.constexpr = 4 if BITS == 3 else 8 // BITS
+    wrow = w + rows.to(tl.int64)[:, None] * RB
+    srow = s + rows.to(tl.int64) * NG
+    zrow = z + rows.to(tl.int64) * NG
+    acc = tl.zeros([BN, G // PER], dtype=tl.float32)
+    acc_hi = tl.zeros([BN, G // 8], dtype=tl.float32)                                    # int3's third bit
+    for g in tl.range(0, NG, loop_unroll_factor=2):  # unrolled fully, int3/int2 code took minutes to compile
+        k0 = g * G
+        sc = tl.load(srow + g, mask=nmask, other=0.0).to(tl.float32)
+        ze = tl.load(zrow + g, mask=nmask, other=0.0).to(tl.float32)
+        if BITS == 3:
+            acc = _plane_acc(acc, wrow, nmask, x, k0 // 4, k0, sc, ze, 4, 2, G)
+            acc_hi = _plane_acc(acc_hi, wrow, nmask, x, K // 4 + k0 // 8, k0, 4.0 * sc, 0.0 * ze, 8, 1, G)
+        else:
+            acc = _plane_acc(acc, wrow, nmask, x, k0 * BITS // 8, k0, sc, ze, PER, BITS, G)
+    return tl.sum(acc, axis=1) + tl.sum(acc_hi, axis=1)
 
 
 @triton.jit
@@ -121,8 +159,21 @@ def _gemv_float(w, rows, nmask, x, K: tl.constexpr, BK: tl.constexpr, BN: tl.con
 
 
 @triton.jit
+def _gemv_int_any(w, s, z, rows, nmask, x, K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr,
+                  FLAT: tl.constexpr):
+    if FLAT:
+        acc = _gemv_int_flat(w, s.to(tl.pointer_type(tl.float16)), z.to(tl.pointer_type(tl.float16)),
+                             rows, nmask, x, K, BITS, G, BN)
+    else:
+        acc = _gemv_int(w, s.to(tl.pointer_type(tl.float16)), z.to(tl.pointer_type(tl.float16)),
+                        rows, nmask, x, K, BITS, G, BN)
+    return acc
+
+
+@triton.jit
 def _gemv_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, x, K: tl.constexpr, BN: tl.constexpr,
-              HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr):
+              HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
+              FLAT: tl.constexpr):
     """Dispatch on the kernel class read from the table (``HAS`` bit c: class c has slabs)."""
     wp = buf + tl.multiple_of(base + tl.load(d + 2 + 3 * proj), 16)   # fields are 16-byte aligned
     sp = buf + tl.multiple_of(base + tl.load(d + 3 + 3 * proj), 16)
@@ -130,8 +181,7 @@ def _gemv_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, x, K: tl.const
     acc = tl.zeros([BN], dtype=tl.float32)
     if HAS & 8:
         if cls == 3:
-            acc = _gemv_int(wp, sp.to(tl.pointer_type(tl.float16)), zp.to(tl.pointer_type(tl.float16)),
-                            rows, nmask, x, K, 4, G4, BN)
+            acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 4, G4, BN, FLAT)
     if HAS & 1:
         if cls == 0:
             acc = _gemv_float(wp.to(tl.pointer_type(tl.bfloat16)), rows, nmask, x, K, 128, BN)
@@ -141,16 +191,13 @@ def _gemv_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, x, K: tl.const
             acc *= tl.load(sp.to(tl.pointer_type(tl.float32)) + rows, mask=nmask, other=0.0)
     if HAS & 4:
         if cls == 2:
-            acc = _gemv_int(wp, sp.to(tl.pointer_type(tl.float16)), zp.to(tl.pointer_type(tl.float16)),
-                            rows, nmask, x, K, 8, G8, BN)
+            acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 8, G8, BN, FLAT)
     if HAS & 16:
         if cls == 4:
-            acc = _gemv_int(wp, sp.to(tl.pointer_type(tl.float16)), zp.to(tl.pointer_type(tl.float16)),
-                            rows, nmask, x, K, 3, G3, BN)
+            acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 3, G3, BN, FLAT)
     if HAS & 32:
         if cls == 5:
-            acc = _gemv_int(wp, sp.to(tl.pointer_type(tl.float16)), zp.to(tl.pointer_type(tl.float16)),
-                            rows, nmask, x, K, 2, G2, BN)
+            acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 2, G2, BN, FLAT)
     return acc
 
 
@@ -168,7 +215,8 @@ def _slab(table, desc, e):
 @triton.jit
 def _up_kernel(x_ptr, ids_ptr, table, desc, buf, h_ptr, out_ptr,
                H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr, ZERO: tl.constexpr, ZC: tl.constexpr,
-               HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr):
+               HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
+               FLAT: tl.constexpr):
     pair = tl.program_id(0)
     nb = tl.program_id(1)
     if ZERO:  # zero out [T, H] for the down kernel: the token's first pair, ZC columns per row block
@@ -180,8 +228,8 @@ def _up_kernel(x_ptr, ids_ptr, table, desc, buf, h_ptr, out_ptr,
     x = x_ptr + (pair // TOPK).to(tl.int64) * H
     rows = nb * BN + tl.arange(0, BN)
     nmask = rows < I
-    g = _gemv_any(buf, d, base, 0, cls, rows, nmask, x, H, BN, HAS, G8, G4, G3, G2)
-    u = _gemv_any(buf, d, base, 0, cls, rows + I, nmask, x, H, BN, HAS, G8, G4, G3, G2)
+    g = _gemv_any(buf, d, base, 0, cls, rows, nmask, x, H, BN, HAS, G8, G4, G3, G2, FLAT)
+    u = _gemv_any(buf, d, base, 0, cls, rows + I, nmask, x, H, BN, HAS, G8, G4, G3, G2, FLAT)
     h = g * tl.sigmoid(g) * u
     tl.store(h_ptr + pair.to(tl.int64) * I + rows, h, mask=nmask)
 
@@ -189,14 +237,15 @@ def _up_kernel(x_ptr, ids_ptr, table, desc, buf, h_ptr, out_ptr,
 @triton.jit
 def _down_kernel(h_ptr, ids_ptr, w_ptr, table, desc, buf, out_ptr,
                  H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
-                 HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr):
+                 HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
+                 FLAT: tl.constexpr):
     pair = tl.program_id(0)
     e = tl.load(ids_ptr + pair)
     rw = tl.load(w_ptr + pair).to(tl.float32)
     d, base, cls = _slab(table, desc, e)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = rows < H
-    y = _gemv_any(buf, d, base, 1, cls, rows, nmask, h_ptr + pair.to(tl.int64) * I, I, BN, HAS, G8, G4, G3, G2)
+    y = _gemv_any(buf, d, base, 1, cls, rows, nmask, h_ptr + pair.to(tl.int64) * I, I, BN, HAS, G8, G4, G3, G2, FLAT)
     dst = out_ptr + (pair // TOPK).to(tl.int64) * H + rows
     tl.atomic_add(dst, y * rw, mask=nmask, sem="relaxed")
 
@@ -222,7 +271,7 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, codes: to
     t, k = ids.shape
     s, hid, inter = t * k, pd.hidden, pd.intermediate
     g = group_sizes()
-    consts = dict(HAS=_has_bits(pd), G8=g["int8"], G4=g["int4"], G3=g["int3"], G2=g["int2"])
+    consts = dict(HAS=_has_bits(pd), G8=g["int8"], G4=g["int4"], G3=g["int3"], G2=g["int2"], FLAT=cfg.flat)
     n_up = triton.cdiv(inter, cfg.bn_up)
     _up_kernel[(s, n_up)](
         x, ids, codes, pd.desc, pd.buffer, h_buf, out,

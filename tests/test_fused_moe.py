@@ -69,12 +69,12 @@ def _run(ops: MoeOps, x, logits, table, zero_out: bool):
     return ids, w, out
 
 
-def _check(device: str, use_triton: bool, t: int, seed: int) -> None:
+def _check(device: str, use_triton: bool, t: int, seed: int, cfg=None) -> None:
     gen = torch.Generator().manual_seed(seed)
     precisions = [PRECISIONS[(e + seed) % len(PRECISIONS)] for e in range(EXPERTS)]
     pool, table = _mixed(device, gen, precisions)
     x, logits = _inputs(t, device, gen)
-    ops = MoeOps(pool, use_triton)
+    ops = MoeOps(pool, use_triton, cfg)
     for zero_out in (True, False):
         ids, w, out = _run(ops, x, logits, table, zero_out)
         ref_ids, ref_w = residency.route_reference(logits, TOPK, True)
@@ -117,13 +117,19 @@ def test_table_codes_roundtrip():
 @pytest.mark.skipif(triton_module("fused_moe") is None or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1")
 @pytest.mark.parametrize("t", [1, 3])
-def test_triton_interpreter_all_classes_one_launch(t):
-    _check("cpu", use_triton=True, t=t, seed=t)
+@pytest.mark.parametrize("flat", [True, False])
+def test_triton_interpreter_all_classes_one_launch(t, flat):
+    from moebits.runtime.fused_moe import MoeKernelConfig
+
+    _check("cpu", use_triton=True, t=t, seed=t, cfg=MoeKernelConfig(flat=flat))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("t", [1, 5, 33])
 def test_triton_cuda_all_classes(t):
+    from moebits.runtime.fused_moe import MoeKernelConfig
+
     for seed in range(3):
         _check("cuda", use_triton=True, t=t, seed=seed + 10 * t)
+    _check("cuda", use_triton=True, t=t, seed=99, cfg=MoeKernelConfig(flat=False))

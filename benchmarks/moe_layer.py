@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         globals()["HBM_BYTES_PER_S"] = hbm
         fused, fused_err = fused_impls(gate_up, down, k, layers, spec_bytes, args.fused_configs, gen)
         impls.update(fused)
-        for name, err in fused_err.items():
-            print(f"  accuracy {name}: rel. error vs float32 dequantize reference of the table {err:.2e}")
+        for label, err in fused_err.items():
+            print(f"  accuracy {label}: rel. error vs float32 dequantize reference of the table {err:.2e}")
     if args.old_impls is not None:
         keep = set(args.old_impls) | ({"hf grouped_mm"} if "hf" in args.old_impls else set())
         impls = {k: v for k, v in impls.items() if k.startswith("fused") or k in keep}

@@ -25,6 +25,7 @@ replays any position and any batch content. Weights come from a transformers mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from moebits.core.model_spec import ModelSpec
@@ -45,13 +46,12 @@ class AttnShape:
     normalize_topk: bool = True
 
     @classmethod
-    def from_hf_config(cls, config: object) -> AttnShape:
+    def from_hf_config(cls, c: Any) -> AttnShape:
         """The shape and constants of a transformers Qwen3-MoE config."""
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 1e6))
-        c = config
-        return cls(c.num_attention_heads, c.num_key_value_heads, c.head_dim, float(theta),  # type: ignore[attr-defined]
-                   float(c.rms_norm_eps), bool(getattr(c, "norm_topk_prob", True)))  # type: ignore[attr-defined]
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 1e6))
+        return cls(c.num_attention_heads, c.num_key_value_heads, c.head_dim, float(theta),
+                   float(c.rms_norm_eps), bool(getattr(c, "norm_topk_prob", True)))
 
 
 @dataclass
@@ -76,9 +76,9 @@ class FastWeights:
     lm_head: torch.Tensor   # [N, H]
 
     @classmethod
-    def from_hf(cls, model: torch.nn.Module) -> FastWeights:
+    def from_hf(cls, model: Any) -> FastWeights:
         """The non-expert weights of a transformers Qwen3-MoE model (shared, not copied, except qkv)."""
-        inner = model.model  # type: ignore[attr-defined]
+        inner = model.model
         layers = []
         for blk in inner.layers:
             at = blk.self_attn
@@ -89,7 +89,7 @@ class FastWeights:
                 at.o_proj.weight.detach(), blk.post_attention_layernorm.weight.detach(),
                 blk.mlp.gate.weight.detach()))
         return cls(inner.embed_tokens.weight.detach(), layers, inner.norm.weight.detach(),
-                   model.lm_head.weight.detach())  # type: ignore[attr-defined]
+                   model.lm_head.weight.detach())
 
 
 class StepBuffers:

@@ -4,8 +4,9 @@ Dimension legend: L layers, T rows of a step.
 
 :class:`StepRunner` enqueues one step of a :class:`runtime.fast_model.FastModel` in one of
 three modes (:class:`GraphMode`): ``EAGER`` (Python launches; the CPU path), ``WHOLE`` (one
-CUDA graph for the step) and ``LAYER`` (one graph per layer for the attention and routing,
-one for the experts, and one for the head; the host may run between them).
+CUDA graph for the step) and ``LAYER`` (one graph per layer: that layer's experts, then the
+next layer's attention and routing, or the head; the host may run between a layer's routing
+and its experts).
 
 :class:`PolicyDriver` runs a :class:`policies.base.Policy` against the runtime's mechanism:
 
@@ -63,13 +64,23 @@ class StepRunner:
         m, b = self.model, self.buf
         if self.mode is GraphMode.WHOLE:
             return [lambda: m.step(b)]
-        pieces: list[Callable[[], None]] = [lambda: (m.embed(b), m.attend_route(0, b))]
-        for i in range(m.spec.layers):
-            pieces.append(lambda i=i: m.experts(i, b))
-            if i + 1 < m.spec.layers:
-                pieces.append(lambda i=i: m.attend_route(i + 1, b))
-        pieces[-1] = lambda last=pieces[-1]: (last(), m.head(b))  # type: ignore[misc]
-        return pieces
+        layers = m.spec.layers
+
+        def first() -> None:
+            m.embed(b)
+            m.attend_route(0, b)
+
+        def experts(i: int) -> Callable[[], None]:
+            def run() -> None:
+                m.experts(i, b)
+                if i + 1 < layers:
+                    m.attend_route(i + 1, b)
+                else:
+                    m.head(b)
+            return run
+
+        # pieces alternate: [embed + attention/routing of layer 0], [experts 0 + attention/routing 1], ...
+        return [first] + [experts(i) for i in range(layers)]
 
     def capture(self) -> None:
         """Warm up (compiles the kernels) on a side stream, then capture the graphs."""
@@ -110,8 +121,8 @@ class StepRunner:
             self.graphs[0].replay()
             return
         for j, g in enumerate(self.graphs):
-            if between is not None and j % 2 == 1:
-                between(j // 2)
+            if between is not None and j > 0:
+                between(j - 1)                      # layer j-1's routing is ready; its experts come next
             g.replay()
 
 

@@ -396,8 +396,8 @@ def run_ours(s: Setup, name: str, args: argparse.Namespace, lag: int, bw: dict[s
     n = args.decode
     extra: dict[str, Any] = {"budget_gb": sv.budget / 1e9, "pool_gb": sv.model.moe.pool.nbytes / 1e9,
                              "h2d_gb_per_token": (mover.stats.h2d_bytes - h2d0) / 1e9 / (n + args.prompt),
-                             "stall_s": drv.stall_s + (drv.observer.wait_s if drv.observer else 0.0),
-                             "policy_stall_s": drv.stall_s, "promotions": mover.stats.promotions,
+                             "stall_s": drv.stall_s,   # host time serving STALL misses (sync + copies)
+                             "host_wait_s": drv.observer.wait_s if drv.observer else 0.0,  # routing not yet copied "promotions": mover.stats.promotions,
                              "demotions": mover.stats.demotions, "lag": lag if not drv.stall else 0,
                              "graph": "per-layer" if drv.stall and mode is not GraphMode.EAGER else mode.value}
     dec, cs = np.asarray(res["decode_s"]), np.asarray(res["copy_steps"])

@@ -71,6 +71,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dyn-slots", type=int, default=16, help="bf16 slots per layer in dynaexq's budget")
     ap.add_argument("--hf-experts", default="grouped_mm", help="transformers experts implementation")
     ap.add_argument("--stress", type=int, default=0, help="decode steps of the promote/demote stress check")
+    ap.add_argument("--grouped-from-pairs", type=int, default=0,
+                    help="MoE calls with at least this many (token, expert) pairs use the grouped tensor-core kernels")
     ap.add_argument("--breakdown", action="store_true",
                     help="static_int4: time the whole-step graph with parts left out (experts, attention, layers)")
     ap.add_argument("--small", action="store_true", help="tiny CPU shape, eager torch path (smoke test)")
@@ -139,8 +141,13 @@ def serve_config(s: Setup, name: str, args: argparse.Namespace, rows_max: int) -
     ledger = SlabLedger(policy.slab_plan(), budget + SLACK_BYTES)
     pool = DevicePool(ledger, s.spec, s.device)
     table = ResidencyTable(s.spec.layers, s.spec.experts, s.device)
+    moe_cfg = None
+    if s.use_triton:
+        from moebits.runtime.fused_moe import MoeKernelConfig
+
+        moe_cfg = MoeKernelConfig(grouped_from_pairs=args.grouped_from_pairs)
     model = FastModel(s.fast_w, s.spec, s.shape, pool, table, s.use_triton, max_seqs=rows_max,
-                      max_len=args.prompt + args.decode)
+                      max_len=args.prompt + args.decode, moe_cfg=moe_cfg)
     initial_loads(model, policy.initial_loads(), s.weights)
     rows = (lambda key, p: s.store.row(key, p)) if s.store is not None else _no_rows  # noqa: E731
     streams = CudaStreams(s.device) if s.device.type == "cuda" else SyncStreams()

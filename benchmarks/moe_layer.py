@@ -46,6 +46,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--small", action="store_true", help="a small shape (16 experts, 256/128) for smoke runs")
     ap.add_argument("--impls", nargs="+", default=None, help="only these implementations (e.g. int4 mixed)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the accuracy check")
+    ap.add_argument("--grouped-all", action="store_true",
+                    help="also time every fused layer with the grouped (tensor-core) kernels for all token counts")
     ap.add_argument("--old-impls", nargs="*", default=None,
                     help="only these per-class implementations beside the fused ones (e.g. hf bf16 int4 mixed)")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         hbm = measured_hbm_bytes_per_s(device)
         print(f"measured HBM copy bandwidth: {hbm / 1e12:.2f} TB/s (floors below use it)")
         globals()["HBM_BYTES_PER_S"] = hbm
-        fused, fused_err = fused_impls(gate_up, down, k, layers, spec_bytes, args.fused_configs, gen)
+        fused, fused_err = fused_impls(gate_up, down, k, layers, spec_bytes, args.fused_configs, gen,
+                                       args.grouped_all)
         impls.update(fused)
         for label, err in fused_err.items():
             print(f"  accuracy {label}: rel. error vs float32 dequantize reference of the table {err:.2e}")
@@ -245,7 +248,7 @@ def measured_hbm_bytes_per_s(device: torch.device) -> float:
     return 2 * a.numel() / statistics.median(times)
 
 
-def fused_impls(gate_up, down, k, layers, spec_bytes, configs, gen) -> tuple[dict, dict]:
+def fused_impls(gate_up, down, k, layers, spec_bytes, configs, gen, grouped_all=False) -> tuple[dict, dict]:
     """The fused kernels over one slab pool per assignment: ``fused <name>`` for every precision and mix."""
     import dataclasses
 
@@ -270,10 +273,13 @@ def fused_impls(gate_up, down, k, layers, spec_bytes, configs, gen) -> tuple[dic
             load_layer(pool, table, 0, gate_up, down, p, [e for e, q in enumerate(precs) if q == p])
         table.flush()
         shapes = [None] + ([_kernel_config(MoeKernelConfig, c) for c in configs] if key == "int4" else [])
+        if key != "int4" and grouped_all:
+            shapes.append(MoeKernelConfig(grouped_from_pairs=1))
         ebytes = torch.tensor([float(spec_bytes[p]) for p in precs])
         for cfg in shapes:
             ops = MoeOps(pool, True, cfg)
-            label = f"fused {key}" + ("" if cfg is None else f" [{cfg.bn_up},{cfg.bn_down},{cfg.warps},{int(cfg.flat)}]")
+            label = f"fused {key}" + ("" if cfg is None else
+                                      f" [{cfg.bn_up},{cfg.bn_down},{cfg.warps},{int(cfg.flat)},{cfg.grouped_from_pairs}]")
             impls[label] = (_fused_forward(ops, table), ebytes)
         if key == "int4":
             impls[f"fused {key} +router"] = (_fused_forward(MoeOps(pool, True), table, router), ebytes)
@@ -282,13 +288,15 @@ def fused_impls(gate_up, down, k, layers, spec_bytes, configs, gen) -> tuple[dic
         w = torch.softmax(torch.randn(16, k, generator=gen), -1).to(gate_up.device)
         ref = serve_reference(x, ids, w, table.codes[0], pool)
         errs[f"fused {key}"] = float((impls[f"fused {key}"][0](x, ids, w) - ref).norm() / ref.norm())
+        gops = MoeOps(pool, True, MoeKernelConfig(grouped_from_pairs=1))
+        errs[f"fused {key} grouped"] = float((_fused_forward(gops, table)(x, ids, w) - ref).norm() / ref.norm())
     return impls, errs
 
 
 def _kernel_config(cls, text: str):
-    """'bn_up,bn_down,warps[,flat]' -> a MoeKernelConfig."""
+    """'bn_up,bn_down,warps[,flat[,grouped_from_pairs]]' -> a MoeKernelConfig."""
     v = [int(t) for t in text.split(",")]
-    return cls(v[0], v[1], v[2], bool(v[3]) if len(v) > 3 else True)
+    return cls(v[0], v[1], v[2], bool(v[3]) if len(v) > 3 else True, v[4] if len(v) > 4 else 0)
 
 
 def _fused_forward(ops, table, router=None) -> Forward:

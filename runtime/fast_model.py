@@ -125,11 +125,12 @@ class FastModel:
     """The decoder over a slab pool and residency table; see the module docstring."""
 
     def __init__(self, weights: FastWeights, spec: ModelSpec, shape: AttnShape, pool: DevicePool,
-                 table: ResidencyTable, use_triton: bool, max_seqs: int, max_len: int) -> None:
+                 table: ResidencyTable, use_triton: bool, max_seqs: int, max_len: int,
+                 moe_cfg: Any | None = None) -> None:
         self.w, self.spec, self.shape, self.table = weights, spec, shape, table
         self.device = weights.embed.device
         self.attn = AttnOps(use_triton)
-        self.moe = MoeOps(pool, use_triton)
+        self.moe = MoeOps(pool, use_triton, moe_cfg)
         kv_shape = (spec.layers, max_seqs, max_len, shape.kv_heads, shape.head_dim)
         self.k_cache = torch.zeros(kv_shape, dtype=torch.bfloat16, device=self.device)   # [L, B, Lc, V, D]
         self.v_cache = torch.zeros(kv_shape, dtype=torch.bfloat16, device=self.device)

@@ -42,6 +42,7 @@ class MoeKernelConfig:
     bn_down: int = 32
     warps: int = 4
     flat: bool = True   # integer classes: dequantize in the tile, one reduction (else one per group)
+    grouped_from_pairs: int = 0  # >0: calls with at least this many pairs take runtime.fused_moe_grouped
 
 
 DEFAULT_CONFIG = MoeKernelConfig()
@@ -202,7 +203,7 @@ def _gemv_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, x, K: tl.const
 
 
 @triton.jit
-def _slab(table, desc, e):
+def slab_address(table, desc, e):
     """(descriptor row pointer, slab base byte, class) of expert ``e``."""
     code = tl.load(table + e)
     cls = code & 7
@@ -224,7 +225,7 @@ def _up_kernel(x_ptr, ids_ptr, table, desc, buf, h_ptr, out_ptr,
             zo = nb * ZC + tl.arange(0, ZC)
             tl.store(out_ptr + (pair // TOPK).to(tl.int64) * H + zo, tl.zeros([ZC], dtype=tl.float32), mask=zo < H)
     e = tl.load(ids_ptr + pair)
-    d, base, cls = _slab(table, desc, e)
+    d, base, cls = slab_address(table, desc, e)
     x = x_ptr + (pair // TOPK).to(tl.int64) * H
     rows = nb * BN + tl.arange(0, BN)
     nmask = rows < I
@@ -242,7 +243,7 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, table, desc, buf, out_ptr,
     pair = tl.program_id(0)
     e = tl.load(ids_ptr + pair)
     rw = tl.load(w_ptr + pair).to(tl.float32)
-    d, base, cls = _slab(table, desc, e)
+    d, base, cls = slab_address(table, desc, e)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = rows < H
     y = _gemv_any(buf, d, base, 1, cls, rows, nmask, h_ptr + pair.to(tl.int64) * I, I, BN, HAS, G8, G4, G3, G2, FLAT)
@@ -251,7 +252,8 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, table, desc, buf, out_ptr,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _has_bits(pd: PoolDescriptor) -> int:
+def has_bits(pd: PoolDescriptor) -> int:
+    """The kernels' ``HAS`` constant: bit c set when the pool has slabs of kernel class c."""
     return sum(1 << KERNEL_CLASS[p] for p in pd.classes)
 
 
@@ -271,7 +273,7 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, codes: to
     t, k = ids.shape
     s, hid, inter = t * k, pd.hidden, pd.intermediate
     g = group_sizes()
-    consts = dict(HAS=_has_bits(pd), G8=g["int8"], G4=g["int4"], G3=g["int3"], G2=g["int2"], FLAT=cfg.flat)
+    consts = dict(HAS=has_bits(pd), G8=g["int8"], G4=g["int4"], G3=g["int3"], G2=g["int2"], FLAT=cfg.flat)
     n_up = triton.cdiv(inter, cfg.bn_up)
     _up_kernel[(s, n_up)](
         x, ids, codes, pd.desc, pd.buffer, h_buf, out,

@@ -59,7 +59,11 @@ class MoeOps:
                 out: torch.Tensor, h_buf: torch.Tensor, zero_out: bool) -> None:
         """``out [T, H]`` float32 (+)= routed experts of ``x`` from the slabs ``codes [E]`` names."""
         if self.k is not None:
-            self.k.experts(x, ids, weights, codes, self.pd, out, h_buf, zero_out, self.cfg)
+            grouped = triton_module("fused_moe_grouped")
+            if grouped is not None and grouped.use_grouped(ids.numel(), self.cfg):
+                grouped.experts_grouped(x, ids, weights, codes, self.pd, out, zero_out)
+            else:
+                self.k.experts(x, ids, weights, codes, self.pd, out, h_buf, zero_out, self.cfg)
             return
         y = residency.serve_reference(x, ids, weights, codes, self.pool)
         if zero_out:

@@ -81,6 +81,14 @@ def record_failure(out_dir: Path, exc: Exception, msg: str) -> None:
     print(f"error: {out_dir}: {text.splitlines()[0]}", file=sys.stderr)
 
 
+def run_config(cfg: RunConfig, out_dir: Path) -> dict:
+    """Simulate ``cfg`` and write its files to ``out_dir``; returns the summary."""
+    opts = EngineOptions(check=cfg.check, progress=cfg.progress)
+    result, summary = simulate(cfg, opts)
+    write_outputs(result, summary, out_dir, figure=cfg.figure)
+    return summary
+
+
 def run_task(cfg: DictConfig) -> None:
     """One run: resume check, simulate, write files, print the table."""
     hc = HydraConfig.get()

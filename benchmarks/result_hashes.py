@@ -70,7 +70,8 @@ def digest(data: bytes) -> str:
 
 
 def run_case(overrides: list[str], out_dir: Path) -> dict[str, str]:
-    """Compose, run and hash one configuration."""
+    """Compose, run and hash one configuration (the temporary folder's name hashed as ``TMP``,
+    the checkout's as ``ROOT``, so that two checkouts compare)."""
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = OmegaConf.to_object(compose("config", overrides=overrides))
@@ -78,7 +79,8 @@ def run_case(overrides: list[str], out_dir: Path) -> dict[str, str]:
         summary = run_config(cfg, out_dir)
     except Exception as exc:  # noqa: BLE001 - a failing configuration is a result too
         return {"error": digest(one_line(exc).encode()), "message": one_line(exc)[:200]}
-    kept = {k: v for k, v in json.loads((out_dir / "summary.json").read_text()).items() if k not in WALL_KEYS}
+    text = (out_dir / "summary.json").read_text().replace(str(out_dir.parent), "TMP").replace(str(ROOT), "ROOT")
+    kept = {k: v for k, v in json.loads(text).items() if k not in WALL_KEYS}
     return {"summary": digest(json.dumps(kept, sort_keys=True).encode()),
             "steps": digest((out_dir / "steps.parquet").read_bytes()),
             "layer_steps": str(summary.get("layer_steps"))}

@@ -31,10 +31,10 @@ from moebits.core.hardware import HardwareProfile
 from moebits.core.model_spec import get_model_spec
 from moebits.policies.base import build_policy, policy_configs
 from moebits.sim.engine import Engine
-from moebits.sim.synth import synth_trace
-from moebits.sim.workload import default_trace_path
 from moebits.traces.format import Trace, read_trace
 from moebits.traces.replay import build_view
+from moebits.traces.workload import default_trace_path
+from moebits.traces.zipf import synth_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = (("lru_offload", {"precision": "bf16"}), ("static_uniform", {"precision": "int4"}))

@@ -29,7 +29,7 @@ GROUPS = ("model", "hardware", "policy", "workload", "budget")
 
 class WorkloadKind(Enum):
     """Where the routing comes from: the embedded default trace, a trace file, or a synthetic
-    generator (the simulator's ``sim.synth``; the runtime generates tokens itself)."""
+    generator (:mod:`traces.zipf`, replayed by both engines)."""
 
     DEFAULT = "default"
     FILE = "file"

@@ -25,8 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from moebits.core.config import GROUPS, one_line, register_schemas, unknown_preset
 from moebits.core.slabs import PoolError
+from moebits.drive.records import RuntimeRecords, pass_table
 from moebits.policies.base import policy_configs
-from moebits.runtime.metrics import RuntimeRecords, pass_table
 from moebits.runtime.runner import RuntimeRunConfig, execute
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException

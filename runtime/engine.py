@@ -48,9 +48,9 @@ from moebits.core.precision import PRECISIONS, get_channel_mix, get_precision
 from moebits.core.quality import SensitivityTable, analytic_error
 from moebits.core.routing import LayerSteps
 from moebits.core.slabs import PoolError, Refusal, SlabLedger
+from moebits.drive.records import RuntimeRecords
 from moebits.policies.base import Action, ActionKind, LayerObs, MissRule, Policy, PolicyContext
 from moebits.runtime.host_store import HostStore
-from moebits.runtime.metrics import RuntimeRecords
 from moebits.runtime.moe_layer import ExpertPool, MixedPrecisionMoE
 from moebits.runtime.pool import DevicePool
 from moebits.runtime.promote import Copy, Fences, Promoter

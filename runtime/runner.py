@@ -34,11 +34,11 @@ import torch
 from moebits.core.config import BaseRunConfig, WorkloadKind, budget_bytes, preset_stem
 from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
 from moebits.core.quality import SensitivityTable
+from moebits.drive.records import RuntimeRecords, summarize
 from moebits.policies._tables import run_table
 from moebits.policies.base import Policy, build_policy
 from moebits.runtime.engine import RuntimeEngine, replay
 from moebits.runtime.host_store import HostStore, random_weights
-from moebits.runtime.metrics import RuntimeRecords, summarize
 from moebits.runtime.quant import QuantMethod
 from moebits.traces.format import Trace, read_trace
 from moebits.traces.replay import ReplayView, build_view, load_view

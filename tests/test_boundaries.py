@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "traces", "policies", "sim", "runtime", "analysis")
+PACKAGES = ("core", "traces", "policies", "drive", "sim", "runtime", "analysis")
 # who may import whom (besides itself and third-party packages)
 ALLOWED = {
     "core": set(),
     "traces": {"core"},
     "policies": {"core"},
-    "sim": {"core", "traces", "policies"},
-    "runtime": {"core", "traces", "policies"},
-    "analysis": {"core", "traces", "policies", "sim", "runtime"},
+    "drive": {"core", "traces", "policies"},
+    "sim": {"core", "traces", "policies", "drive"},
+    "runtime": {"core", "traces", "policies", "drive"},
+    "analysis": {"core", "traces", "policies", "drive", "sim", "runtime"},
 }
 
 
@@ -111,14 +112,14 @@ def test_cycle_finder_finds_a_cycle() -> None:
 def test_simulator_side_imports_without_torch() -> None:
     code = (
         "import sys, importlib, pkgutil\n"
-        "for pkg in ('moebits.core', 'moebits.traces', 'moebits.policies', 'moebits.sim'):\n"
+        "for pkg in ('moebits.core', 'moebits.traces', 'moebits.policies', 'moebits.drive', 'moebits.sim'):\n"
         "    mod = importlib.import_module(pkg)\n"
         "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
         "        if not info.name.endswith('__main__'):\n"
         "            importlib.import_module(info.name)\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
-        "bare = sorted(m for m in ('core', 'traces', 'policies', 'sim', 'runtime', 'analysis') if m in sys.modules)\n"
+        "bare = sorted(m for m in ('core', 'traces', 'policies', 'drive', 'sim', 'runtime', 'analysis') if m in sys.modules)\n"
         "assert not bare, bare\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -45,9 +45,9 @@ from moebits.runtime.engine import RuntimeEngine, replay  # noqa: E402
 from moebits.runtime.host_store import HostStore  # noqa: E402
 from moebits.sim import runner as sim_runner  # noqa: E402
 from moebits.sim.config import RunConfig  # noqa: E402
-from moebits.sim.synth import synth_trace  # noqa: E402
 from moebits.traces.format import write_trace  # noqa: E402
 from moebits.traces.replay import load_view  # noqa: E402
+from moebits.traces.zipf import synth_trace  # noqa: E402
 
 SPEC = ModelSpec("parity", layers=3, experts=8, top_k=2, hidden=128, expert_intermediate=128, vocab_size=64)
 

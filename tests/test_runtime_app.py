@@ -17,12 +17,12 @@ pytest.importorskip("transformers")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from moebits.core.config import BudgetConfig, ModelConfig, WorkloadConfig, WorkloadKind, unknown_preset  # noqa: E402
+from moebits.drive.records import pass_table  # noqa: E402
 from moebits.policies.static_uniform import StaticUniformConfig  # noqa: E402
 from moebits.runtime.app import CONF_DIR, check_compose, main, presets, register_configs  # noqa: E402
 from moebits.runtime.runner import Mode, RuntimeRunConfig, execute  # noqa: E402
 from moebits.sim import runner as sim_runner  # noqa: E402
 from moebits.sim.config import RunConfig  # noqa: E402
-from moebits.sim.metrics import pass_table  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -73,8 +73,8 @@ def test_static_mixed_engine_matches_the_served_reference(store: HostStore) -> N
 
 @pytest.mark.parametrize("cfg", [LruOffloadConfig(), DynaExqConfig(min_residency=1)], ids=["lru", "dynaexq"])
 def test_replay_on_gpu(store: HostStore, cfg) -> None:
-    from moebits.sim.synth import synth_trace
     from moebits.traces.replay import build_view
+    from moebits.traces.zipf import synth_trace
 
     view = build_view(synth_trace(SPEC, np.random.default_rng(0), seqs=2, prompt_tokens=8, decode_tokens=16), 1)
     budget = int(SPEC.all_experts_bytes("int4") * 1.8)

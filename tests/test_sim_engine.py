@@ -9,9 +9,9 @@ import pytest
 from moebits.core.precision import ChannelMix, register_channel_mix
 from moebits.core.quality import analytic_error
 from moebits.core.slabs import Refusal, SlabClass
+from moebits.drive.records import pass_table, summarize
 from moebits.policies.base import MissRule, demote, promote
 from moebits.sim.engine import Engine, EngineOptions, InfeasibleError, PolicyError
-from moebits.sim.metrics import pass_table, summarize
 from moebits.traces.replay import build_view
 from sim_testkit import BF16_BYTES, INT4_BYTES, TINY, Scripted, TinyStatic, make_trace, round_hw
 

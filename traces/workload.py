@@ -1,4 +1,5 @@
-"""Workloads: the replay view of the embedded default trace, a trace file, or a synthetic one.
+"""Workloads for both engines: the replay view of the embedded default trace, a trace file, or
+a synthetic one (:mod:`traces.zipf`), cut to ``workload.max_seqs`` sequences.
 
 Also the model check: a trace carries its ModelSpec, and a run whose ``model=`` disagrees
 with it stops before simulating, naming the fields that differ.
@@ -11,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from moebits.core.config import WorkloadConfig, WorkloadKind, preset_stem
 from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
-from moebits.sim.config import WorkloadConfig, WorkloadKind, preset_stem
-from moebits.sim.synth import synth_trace
 from moebits.traces.format import Trace, read_trace
 from moebits.traces.replay import ReplayView, build_view, load_view
+from moebits.traces.zipf import synth_trace
 
 from moebits import traces
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from moebits.core.config import BaseRunConfig, BudgetConfig
 from moebits.core.model_spec import ModelSpec
-from moebits.core.precision import PRECISIONS
+from moebits.core.precision import PRECISIONS, get_channel_mix, get_precision
 from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
 from moebits.core.slabs import SlabLedger
@@ -25,6 +25,18 @@ from moebits.policies.base import Policy, PolicyContext
 
 class PolicyError(ValueError):
     """A policy broke the contract (e.g. left a needed expert with no copy at all)."""
+
+
+def effective_bits(name: str) -> float:
+    """Bits per weight of a precision or a registered channel mix."""
+    mix = get_channel_mix(name)
+    return mix.effective_bits if mix is not None else get_precision(name).effective_bits
+
+
+def precision_order(names: list[str]) -> list[str]:
+    """Precisions highest first (by effective bits, then name): index 0 is the best copy, bit 0
+    of a residency mask (both engines order their pools so)."""
+    return sorted(names, key=lambda p: (-effective_bits(p), p))
 
 
 def policy_name(policy: Policy) -> str:

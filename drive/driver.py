@@ -24,6 +24,7 @@ from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
 from moebits.core.slabs import Refusal, SlabLedger
 from moebits.drive.context import PolicyError, policy_name
+from moebits.drive.missrule import Masks
 from moebits.policies.base import Action, ActionKind, LayerObs, Policy
 
 COUNTS = ("promotions", "prefetches", "demotions", "refusals")
@@ -41,8 +42,12 @@ class Mechanism(Protocol):
     """
 
     precisions: list[str]
-    ready: list[list[int]]
-    loading: list[list[int]]
+
+    @property
+    def ready(self) -> Sequence[Masks]: ...
+
+    @property
+    def loading(self) -> Sequence[Masks]: ...
 
     def place(self, key: ExpertKey, precision: str) -> int | Refusal:
         """An untimed initial load: the copy is READY at once and moves no counted bytes."""

@@ -17,8 +17,8 @@ An expert with no copy and nothing in flight under SERVE_LOWER or STALL is a pol
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 from moebits.drive.context import PolicyError
 from moebits.policies.base import MissRule
@@ -48,12 +48,18 @@ class Choice(NamedTuple):
     waited: list[tuple[int, int]] | None
 
 
-class Residency(NamedTuple):
-    """A layer's residency as the miss rule reads it: READY and LOADING bitmasks per expert
-    (anything indexable by expert id), and ``ready_time(expert, p)`` of a copy in flight."""
+class Masks(Protocol):
+    """A layer's residency bitmask per expert: ``masks[expert]`` (a list, or a view)."""
 
-    ready: Sequence[int]
-    loading: Sequence[int]
+    def __getitem__(self, expert: int, /) -> int: ...
+
+
+class Residency(NamedTuple):
+    """A layer's residency as the miss rule reads it: READY and LOADING bitmasks per expert,
+    and ``ready_time(expert, p)`` of a copy in flight."""
+
+    ready: Masks
+    loading: Masks
     ready_time: Callable[[int, int], float]
 
 

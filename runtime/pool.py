@@ -110,6 +110,7 @@ def slab_layout(precision: str, hidden: int, intermediate: int) -> SlabLayout:
     p = get_precision(precision)
     h, i = hidden, intermediate
     shapes = {"gate_up": (2 * i, h), "down": (h, i)}
+    spec: list[tuple[str, str, torch.dtype, tuple[int, ...]]]
     if p.name == "bf16":
         spec = [(proj, "weight", torch.bfloat16, shapes[proj]) for proj in _PROJ]
     elif p.name == "fp8":

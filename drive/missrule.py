@@ -63,6 +63,12 @@ class Residency(NamedTuple):
     ready_time: Callable[[int, int], float]
 
 
+def served_row(choice: Choice, ex_t: list[int], a: int, precisions: list[str]) -> tuple[tuple[int, int, str], ...]:
+    """What a step served (from a ``track``-ed choice of entries ``a:``): (expert, tokens,
+    precision or ``host``) in expert order, as both engines record it."""
+    return tuple((e, ex_t[a + i], precisions[p] if p >= 0 else "host") for i, (e, p) in enumerate(choice.served or ()))
+
+
 def first_done(res: Residency, e: int, bits: int, P: int) -> int:
     """The precision index of the copy in flight that completes first."""
     best, best_t = -1, float("inf")

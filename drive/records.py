@@ -47,6 +47,7 @@ class Recorder:
     act: Any = field(default_factory=list)  # P + 1 per step: tokens per precision, then host
     snaps: list[tuple[int, ...]] = field(default_factory=list)  # COUNTERS at each pass end
     kl: dict[tuple[int, int], float] | None = None  # (batch, pass) -> mean KL, where measured
+    served: list[tuple[tuple[int, int, str], ...]] | None = None  # per step (expert, tokens, precision), if asked
 
 
 @dataclass
@@ -80,6 +81,7 @@ class RunResult:
     wall_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     kl: dict[tuple[int, int], float] | None = None
+    served: list[tuple[tuple[int, int, str], ...]] | None = None  # see Recorder
 
     @classmethod
     def from_recorder(cls, rec: Recorder, steps: LayerSteps | StepIndex, wall_s: float,
@@ -100,6 +102,7 @@ class RunResult:
             wall_s=wall_s,
             info=info,
             kl=rec.kl,
+            served=rec.served,
         )
 
     @property

@@ -44,7 +44,7 @@ from moebits.core.routing import LayerSteps
 from moebits.core.slabs import PoolError
 from moebits.drive.context import PolicyError, precision_order, prepare_policy
 from moebits.drive.driver import Driver
-from moebits.drive.missrule import Choice, Residency, choose, lowest_bits
+from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, served_row
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult, StepIndex
 from moebits.policies.base import LayerObs, MissRule, Policy
@@ -104,7 +104,7 @@ class RuntimeEngine:
 
     def __init__(self, spec: ModelSpec, policy: Policy, budget_bytes: int, store: HostStore, *,
                  device: torch.device | str = "cpu", seed: int = 0, sensitivity: SensitivityTable | None = None,
-                 profile: LayerSteps | None = None, future: LayerSteps | None = None) -> None:
+                 profile: LayerSteps | None = None, future: LayerSteps | None = None, served: bool = False) -> None:
         if budget_bytes <= 0:
             raise ValueError(f'"budget_gb" must be > 0, got {budget_bytes / 1e9:g}.')
         self.spec, self.policy, self.store = spec, policy, store
@@ -127,7 +127,7 @@ class RuntimeEngine:
         self.res = [Residency(self.mech.ready[i], self.mech.loading[i], self._ready_time(i)) for i in range(spec.layers)]
         self._low = lowest_bits(len(self.precisions))
         self.host_h2d_bytes = self.host_d2h_bytes = 0
-        self.rec, self.index = Recorder(list(self.precisions)), StepIndex()
+        self.rec, self.index = Recorder(list(self.precisions), served=[] if served else None), StepIndex()
         self._marks: list[Any] = []
         self._deferred: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.steps, self.batch, self.pass_index = 0, 0, 0
@@ -234,8 +234,10 @@ class RuntimeEngine:
         if not self.driver.static:
             self.driver.observe(LayerObs(self.steps, layer, 0 if self.pass_index == 0 else 1, self.pass_index,
                                          experts, tokens, gate, now))
-        choice = self._choose(layer, (np.asarray(experts).tolist(), np.asarray(tokens).tolist(),
-                                      np.asarray(gate, np.float64).tolist()))
+        ex = (np.asarray(experts).tolist(), np.asarray(tokens).tolist(), np.asarray(gate, np.float64).tolist())
+        choice = self._choose(layer, ex)
+        if self.rec.served is not None:
+            self.rec.served.append(served_row(choice, ex[1], 0, self.precisions))
         stall = self._wait(layer, choice)
         served = [(e, p, self._slab(layer, e, p)) for e, p in choice.served or () if p >= 0]
         y, host_s = self._compute(layer, x, ids, weights, served, [e for e, _ in choice.host])

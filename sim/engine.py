@@ -54,7 +54,7 @@ from moebits.core.routing import LayerSteps
 from moebits.core.slabs import Refusal
 from moebits.drive.context import PolicyError, policy_name, prepare_policy
 from moebits.drive.driver import Driver
-from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy
+from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult
 from moebits.policies.base import Action, LayerObs, MissRule, Policy
@@ -88,11 +88,13 @@ class InfeasibleError(ValueError):
 @dataclass
 class EngineOptions:
     """``check``: pin served slabs and assert the invariants at every step (slower).
-    ``log``: keep an event log (times in µs) for tests. ``fast_static``: allow the vectorized
-    path for static policies. ``progress``: a tqdm bar."""
+    ``log``: keep an event log (times in µs) for tests. ``served``: record what every step
+    served (:attr:`drive.records.RunResult.served`; the general path). ``fast_static``: allow
+    the vectorized path for static policies. ``progress``: a tqdm bar."""
 
     check: bool = False
     log: bool = False
+    served: bool = False
     fast_static: bool = True
     progress: bool = False
 
@@ -127,6 +129,7 @@ class Engine:
         self.counts = self.driver.counts
         self.host_io_bytes = 0
         self.log: list[tuple[Any, ...]] | None = [] if self.opt.log else None
+        self._track = self.opt.check or self.opt.log or self.opt.served  # list what each step serves
         self._check_feasible()
         if self.log is not None:
             self.driver.watch(self._log_refused, self._log_action)
@@ -152,7 +155,7 @@ class Engine:
     # ---- running ----
     def run(self) -> RunResult:
         """Replay every layer step; returns the measured arrays."""
-        rec = Recorder(self.pool.precisions)
+        rec = Recorder(self.pool.precisions, served=[] if self.opt.served else None)
         env = simpy.Environment()
         wall0 = time.perf_counter()
         bar = tqdm(total=self.view.layer_steps, unit="step", mininterval=0.5, desc=f"sim {self.name}",
@@ -166,7 +169,7 @@ class Engine:
         return RunResult.from_recorder(rec, self.view, wall, info)
 
     def _process(self, env: simpy.Environment, rec: Recorder, bar: tqdm) -> Generator[simpy.Event, Any, None]:
-        if self.policy.is_static and self.opt.fast_static and not self.opt.check and not self.opt.log:
+        if self.policy.is_static and self.opt.fast_static and not self._track:
             plan = static_plan(self)
             if plan is not None:
                 yield from plan.replay(env, rec, bar)
@@ -199,7 +202,7 @@ class Engine:
         v, pool = self.view, self.pool
         non_moe, ends = self.kernels.non_moe_s(np.asarray(v.ls_tokens)), self.pass_ends()
         observe = None if self.driver.static else self.driver.observe
-        single = self.P == 1 and not self.opt.check and self.log is None
+        single = self.P == 1 and not self._track
         ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate
         pending, advance, timeout = pool.pending, pool.advance, env.timeout
         t = now = 0.0
@@ -244,7 +247,10 @@ class Engine:
     def serve_general(self, i: int, layer: int, ex: tuple[list, list, list], a: int, b: int, t1: float,
                       rec: Recorder) -> float:
         """Serve layer step ``i`` (entries ``a:b`` of the chunk lists); returns its end time."""
-        wait, tok, cnt, err, host, served, _ = self._choose(layer, ex, a, b)
+        choice = self._choose(layer, ex, a, b)
+        wait, tok, cnt, err, host, served, _ = choice
+        if rec.served is not None:
+            rec.served.append(served_row(choice, ex[1], a, self.pool.precisions))
         start = t1 if wait <= t1 else wait
         if start > t1:
             self.pool.advance(start)
@@ -281,7 +287,7 @@ class Engine:
     def _choose(self, layer: int, ex: tuple[list, list, list], a: int, b: int) -> Choice:
         """Each needed expert's copy per the miss rule (:func:`drive.missrule.choose`)."""
         return choose(self.policy.miss_rule, self.res[layer], self._low, self.P, self.err_of[layer],
-                      self.host_err[layer], ex, a, b, track=self.opt.check or self.log is not None,
+                      self.host_err[layer], ex, a, b, track=self._track,
                       layer=layer, policy=self.name)
 
     def no_copy(self, layer: int, e: int) -> PolicyError:

@@ -34,7 +34,9 @@ timeout per layer step. The policy's actions of a step go to the pool in one cal
 at a time. Two shortcuts give the same numbers bit for bit (tests check it): static policies
 whose experts are all resident take a vectorized path, and one-class pools (one precision,
 e.g. the offload caches) take each step's tokens, kernel time and error from numpy per chunk
-(both in :mod:`sim.fastpath`).
+(both in :mod:`sim.fastpath`; `tests/test_sim_paths.py` runs every registered policy under every
+miss rule it supports through both and compares every step record; `EngineOptions.fast=False`
+turns them off).
 """
 
 from __future__ import annotations
@@ -89,13 +91,14 @@ class InfeasibleError(ValueError):
 class EngineOptions:
     """``check``: pin served slabs and assert the invariants at every step (slower).
     ``log``: keep an event log (times in µs) for tests. ``served``: record what every step
-    served (:attr:`drive.records.RunResult.served`; the general path). ``fast_static``: allow
-    the vectorized path for static policies. ``progress``: a tqdm bar."""
+    served (:attr:`drive.records.RunResult.served`; the general path). ``fast``: allow the
+    shortcuts of :mod:`sim.fastpath` (the vectorized path of static policies, the one-class
+    server); off, every step takes the general path. ``progress``: a tqdm bar."""
 
     check: bool = False
     log: bool = False
     served: bool = False
-    fast_static: bool = True
+    fast: bool = True
     progress: bool = False
 
 
@@ -169,7 +172,7 @@ class Engine:
         return RunResult.from_recorder(rec, self.view, wall, info)
 
     def _process(self, env: simpy.Environment, rec: Recorder, bar: tqdm) -> Generator[simpy.Event, Any, None]:
-        if self.policy.is_static and self.opt.fast_static and not self._track:
+        if self.policy.is_static and self.opt.fast and not self._track:
             plan = static_plan(self)
             if plan is not None:
                 yield from plan.replay(env, rec, bar)
@@ -202,7 +205,7 @@ class Engine:
         v, pool = self.view, self.pool
         non_moe, ends = self.kernels.non_moe_s(np.asarray(v.ls_tokens)), self.pass_ends()
         observe = None if self.driver.static else self.driver.observe
-        single = self.P == 1 and not self._track
+        single = self.P == 1 and self.opt.fast and not self._track
         ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate
         pending, advance, timeout = pool.pending, pool.advance, env.timeout
         t = now = 0.0

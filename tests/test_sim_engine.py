@@ -130,7 +130,7 @@ def test_static_fast_path_matches_the_general_loop_bit_for_bit():
     results = []
     for fast in (True, False):
         _, res = run(TinyStatic(["bf16", "int4"], seed=1), seqs, prompt=2, batch=2,
-                     options=EngineOptions(fast_static=fast))
+                     options=EngineOptions(fast=fast))
         results.append(res)
     a, b = results
     for name in ("end_s", "stall_s", "err", "act", "snaps"):

@@ -89,7 +89,9 @@ def budget_label(b: BudgetConfig) -> str:
 def run_info(cfg: BaseRunConfig, model: str, budget: int, workload: str, profile: str | None,
              table_src: str) -> dict[str, Any]:
     """What the run was, for ``summary.json`` (the same keys from both engines)."""
+    lag = {"observe_lag": cfg.observe_lag} if cfg.observe_lag else {}  # absent at 0: summaries as before the lag
     return {
+        **lag,
         "model": model,
         "hardware": cfg.hardware.name,
         "budget_gb": budget / 1e9,

@@ -11,12 +11,20 @@ pool and copy stream) and one :class:`Driver`. The driver
    ``policy.on_refused``;
 3. checks every action names an expert of the model (:class:`drive.context.PolicyError`).
 
+Observation lag (``observe_lag`` = d layer steps, part of the seam's contract): a fast engine
+learns a step's routing through an asynchronous device-to-host copy, so the policy sees layer
+step t's routing only before step t + d is served (``obs.index`` = t, ``obs.now_s`` = the clock
+at step t + d), and its actions take effect from then on. d = 0 is the synchronous seam. The
+routing of the last d steps of a run is never delivered. Both engines go through
+:meth:`Driver.observe`, so the lag is the same rule in the simulator and the runtime.
+
 What a step is then served from is the miss rule's (:mod:`drive.missrule`), read from the
 mechanism's residency; when a copy is ready the mechanism says (:meth:`Mechanism.ready_time`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -74,8 +82,12 @@ class Mechanism(Protocol):
 class Driver:
     """One policy over one mechanism; see the module docstring."""
 
-    def __init__(self, policy: Policy, ledger: SlabLedger, spec: ModelSpec) -> None:
+    def __init__(self, policy: Policy, ledger: SlabLedger, spec: ModelSpec, observe_lag: int = 0) -> None:
+        if observe_lag < 0:
+            raise ValueError(f'"observe_lag" must be >= 0 layer steps, got {observe_lag}')
         self.policy, self.ledger, self.spec = policy, ledger, spec
+        self.lag = observe_lag
+        self._waiting: deque[LayerObs] = deque()
         self.name = policy_name(policy)
         self.counts = dict.fromkeys(COUNTS, 0)
         self.static = policy.is_static
@@ -98,7 +110,14 @@ class Driver:
                 self.refused(a, r)
 
     def observe(self, obs: LayerObs) -> None:
-        """Give the policy one layer step's routing; carry out its actions at ``obs.now_s``."""
+        """A layer step's routing is known: give it to the policy (with the lag: the routing of
+        ``lag`` steps ago, stamped now) and carry out its actions at ``obs.now_s``."""
+        if self.lag:
+            self._waiting.append(obs)
+            if len(self._waiting) <= self.lag:
+                return
+            now_s, obs = obs.now_s, self._waiting.popleft()
+            obs.now_s = now_s
         actions = self._on_step(obs, self.ledger)
         if actions:
             self.apply(actions, obs.now_s)

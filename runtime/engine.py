@@ -104,7 +104,8 @@ class RuntimeEngine:
 
     def __init__(self, spec: ModelSpec, policy: Policy, budget_bytes: int, store: HostStore, *,
                  device: torch.device | str = "cpu", seed: int = 0, sensitivity: SensitivityTable | None = None,
-                 profile: LayerSteps | None = None, future: LayerSteps | None = None, served: bool = False) -> None:
+                 profile: LayerSteps | None = None, future: LayerSteps | None = None, served: bool = False,
+                 observe_lag: int = 0) -> None:
         if budget_bytes <= 0:
             raise ValueError(f'"budget_gb" must be > 0, got {budget_bytes / 1e9:g}.')
         self.spec, self.policy, self.store = spec, policy, store
@@ -112,7 +113,7 @@ class RuntimeEngine:
         self.budget_bytes = budget_bytes
         self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile, future=future,
                                      sensitivity=sensitivity)
-        self.driver = Driver(policy, self.ledger, spec)
+        self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.name, self.counts = self.driver.name, self.driver.counts
         self._check_plan()
         self.precisions = precision_order(self.ledger.precisions())

@@ -111,7 +111,8 @@ class Engine:
 
     def __init__(self, view: LayerSteps, spec: ModelSpec, hw: HardwareProfile, policy: Policy,
                  budget_bytes: int, *, seed: int = 0, sensitivity: SensitivityTable | None = None,
-                 profile: LayerSteps | None = None, options: EngineOptions | None = None) -> None:
+                 profile: LayerSteps | None = None, options: EngineOptions | None = None,
+                 observe_lag: int = 0) -> None:
         if budget_bytes <= 0:
             raise InfeasibleError(f'"budget_gb" must be > 0, got {budget_bytes / 1e9:g}.')
         self.view, self.spec, self.hw, self.policy = view, spec, hw, policy
@@ -120,7 +121,7 @@ class Engine:
         self.budget_bytes = budget_bytes
         self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile,
                                      future=view if policy.needs_future else None, sensitivity=sensitivity)
-        self.driver = Driver(policy, self.ledger, spec)
+        self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.h2d, self.d2h = Link(hw.h2d, "h2d"), Link(hw.d2h, "d2h")
         self.pool = SimPool(self.ledger, spec, self.h2d)
         self.P = len(self.pool.precisions)

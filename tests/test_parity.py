@@ -37,6 +37,7 @@ from moebits.core.config import BudgetConfig, ModelConfig, WorkloadConfig, Workl
 from moebits.core.hardware import HardwareProfile, LinkCurve  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
 from moebits.core.slabs import PoolError, Refusal, SlabClass, SlabLedger  # noqa: E402
+from moebits.drive.context import PolicyError  # noqa: E402
 from moebits.policies.base import (  # noqa: E402
     Action,
     LayerObs,
@@ -147,7 +148,8 @@ def policy_config(name: str, rule: MissRule) -> Any:
     return dataclasses.replace(policy_configs()[name](**KNOBS.get(name, {})), miss_rule=rule)
 
 
-def _sim_run(monkeypatch: pytest.MonkeyPatch, policy_cfg: Any, budget: tuple[str, float], path: Path) -> tuple:
+def _sim_run(monkeypatch: pytest.MonkeyPatch, policy_cfg: Any, budget: tuple[str, float], path: Path,
+             lag: int = 0) -> tuple:
     made: list[Recording] = []
 
     def recording_build(cfg: Any) -> Policy:
@@ -157,17 +159,19 @@ def _sim_run(monkeypatch: pytest.MonkeyPatch, policy_cfg: Any, budget: tuple[str
     monkeypatch.setattr(sim_runner, "build_policy", recording_build)
     cfg = RunConfig(model=ModelConfig.from_spec(SPEC), hardware=fast_link_hw(), policy=policy_cfg,
                     workload=WorkloadConfig(kind=WorkloadKind.FILE, path=str(path)),
-                    budget=BudgetConfig(*budget), seed=5, quality_table="analytic", progress=False, figure=False)
+                    budget=BudgetConfig(*budget), seed=5, quality_table="analytic", progress=False, figure=False,
+                    observe_lag=lag)
     result, summary = sim_runner.simulate(cfg, EngineOptions(served=True))
     return made[-1].log, result, summary
 
 
-def _runtime_run(policy_cfg: Any, budget: tuple[str, float], path: Path, store: HostStore) -> tuple:
+def _runtime_run(policy_cfg: Any, budget: tuple[str, float], path: Path, store: HostStore, lag: int = 0) -> tuple:
     policy = Recording(build_policy(policy_cfg))
     budget_bytes = int(budget[1] * SPEC.all_experts_bytes(budget[0]))
     view = load_view(path, 1, cache=False)
     profile = view if policy.needs_profile else None
-    engine = RuntimeEngine(SPEC, policy, budget_bytes, store, seed=5, profile=profile, future=view, served=True)
+    engine = RuntimeEngine(SPEC, policy, budget_bytes, store, seed=5, profile=profile, future=view, served=True,
+                           observe_lag=lag)
     return policy.log, replay(engine, view), engine
 
 
@@ -197,6 +201,31 @@ def test_same_decisions_in_sim_and_runtime(name: str, rule: MissRule, monkeypatc
     if not build_policy(cfg).is_static:
         assert sum(len(e[-1]) for e in sim[0] if e[0] == "step") > 0, "the case must exercise decisions"
     _compare(sim, _runtime_run(cfg, budget, trace_path, store))
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+@pytest.mark.parametrize(("name", "rule"), [c for c in policy_cases() if not c.marks])
+def test_same_decisions_with_observation_lag(name: str, rule: MissRule, lag: int, monkeypatch: pytest.MonkeyPatch,
+                                             trace_path: Path, store: HostStore) -> None:
+    """With ``observe_lag`` on, both engines still match decision for decision, and the policy
+    saw each step's routing ``lag`` steps late. A demand-fetch cache under SERVE_LOWER or STALL
+    cannot fetch an expert for the step that needs it before it sees that step: both engines
+    then stop with the same contract error."""
+    torch.set_num_threads(1)
+    cfg, budget = policy_config(name, rule), BUDGETS.get(name, BUDGET)
+    try:
+        sim = _sim_run(monkeypatch, cfg, budget, trace_path, lag)
+    except PolicyError as exc:
+        assert rule is not MissRule.HOST and "has no copy and none in flight" in str(exc)
+        with pytest.raises(PolicyError) as rt_exc:
+            _runtime_run(cfg, budget, trace_path, store, lag)
+        assert str(rt_exc.value) == str(exc)
+        return
+    rt = _runtime_run(cfg, budget, trace_path, store, lag)
+    _compare(sim, rt)
+    steps = [e for e in sim[0] if e[0] == "step"]
+    if not build_policy(cfg).is_static:
+        assert len(steps) == sim[1].layer_steps - lag and [e[1] for e in steps] == list(range(len(steps)))
 
 
 def test_parity_fails_when_copies_land_late(monkeypatch: pytest.MonkeyPatch, trace_path: Path,

@@ -38,10 +38,8 @@ import numpy as np
 import torch
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
-from moebits.core.precision import get_channel_mix
 from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
-from moebits.core.slabs import PoolError
 from moebits.drive.context import PolicyError, precision_order, prepare_policy
 from moebits.drive.driver import Driver
 from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, served_row
@@ -115,7 +113,6 @@ class RuntimeEngine:
                                      sensitivity=sensitivity)
         self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.name, self.counts = self.driver.name, self.driver.counts
-        self._check_plan()
         self.precisions = precision_order(self.ledger.precisions())
         store.require(["bf16", *self.precisions])
         self.pool = DevicePool(self.ledger, spec, self.device)
@@ -137,12 +134,6 @@ class RuntimeEngine:
         self.clock = Clock(self.device)
 
     # ---- set-up ----
-    def _check_plan(self) -> None:
-        for c in self.ledger.classes.values():
-            if get_channel_mix(c.precision) is not None:
-                raise PoolError(f"policy {self.name} plans channel-mix slabs ({c.precision}); the runtime has no "
-                                "kernel for them")
-
     def _ready_time(self, layer: int) -> Any:
         ready_time = self.mech.ready_time
         return lambda e, p: ready_time(layer, e, p)

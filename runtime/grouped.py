@@ -31,7 +31,8 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from moebits.runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
+from moebits.runtime.channelmix import AnyStack
+from moebits.runtime.quant import DenseStack, Fp8Stack, QuantizedStack
 from moebits.runtime.routeplan import ClassLayout, RoutePlan, class_block_bound, plan_rows
 
 __all__ = ["ClassLayout", "RoutePlan", "build_plan", "class_block_bound", "plan_rows", "run_class", "triton_kernels"]
@@ -182,9 +183,10 @@ def fp8_class(x: torch.Tensor, rows: ClassRows, gate_up: Fp8Stack, down: Fp8Stac
     _scatter_weighted(y, rows, w_ext, y_pair)
 
 
-def dequant_class(x: torch.Tensor, rows: ClassRows, gate_up: WeightStack, down: WeightStack,
+def dequant_class(x: torch.Tensor, rows: ClassRows, gate_up: AnyStack, down: AnyStack,
                   w_ext: torch.Tensor, y_pair: torch.Tensor) -> None:
-    """Any class, any device: dequantize the active slots, then a grouped matmul (host sync)."""
+    """Any class (channel mixes included), any device: dequantize the active slots, then a
+    grouped matmul (host sync)."""
     counts = torch.diff(rows.offs, prepend=rows.offs.new_zeros(1))
     active = torch.nonzero(counts > 0).flatten()
     if active.numel() == 0:
@@ -196,8 +198,8 @@ def dequant_class(x: torch.Tensor, rows: ClassRows, gate_up: WeightStack, down: 
 
 
 def run_class(
-    x: torch.Tensor, plan: RoutePlan, layout: ClassLayout, c: int, gate_up: WeightStack,
-    down: WeightStack, w_ext: torch.Tensor, y_pair: torch.Tensor, h_buf: torch.Tensor | None,
+    x: torch.Tensor, plan: RoutePlan, layout: ClassLayout, c: int, gate_up: AnyStack,
+    down: AnyStack, w_ext: torch.Tensor, y_pair: torch.Tensor, h_buf: torch.Tensor | None,
     use_triton: bool,
 ) -> None:
     """One class's experts for its pairs, written into ``y_pair``; picks the fastest path."""

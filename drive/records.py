@@ -30,9 +30,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from moebits.core.routing import LayerSteps
+from moebits.drive.driver import COUNTS
 
-COUNTERS = ("h2d_bytes", "d2h_bytes", "h2d_weight_bytes", "promotions", "prefetches", "demotions", "refusals",
-            "hbm_used_bytes", "hbm_peak_bytes")
+LINK_COUNTERS = ("h2d_bytes", "d2h_bytes", "h2d_weight_bytes")  # the mechanism's traffic
+POOL_COUNTERS = ("hbm_used_bytes", "hbm_peak_bytes")  # the mechanism's occupancy
+COUNTERS = (*LINK_COUNTERS, *COUNTS, *POOL_COUNTERS)  # COUNTS: the driver's (drive.driver)
+
+
+def snapshot(link: tuple[int, int, int], counts: dict[str, int], pool: tuple[int, int]) -> tuple[int, ...]:
+    """Counters in :data:`COUNTERS` order: the mechanism's traffic, the driver's counts, occupancy."""
+    return (*link, *(counts[k] for k in COUNTS), *pool)
 
 
 @dataclass

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from moebits.core.model_spec import ModelSpec
 from moebits.core.routing import LayerSteps
-from moebits.runtime.engine import RuntimeEngine, assignment
+from moebits.runtime.engine import RuntimeEngine
 from moebits.runtime.host_store import HostStore, random_weights
 from moebits.runtime.moe_layer import ExpertHandle, ExpertPool, MixedPrecisionMoE
 from moebits.runtime.pool import slab_layout
+from moebits.runtime.replay import assignment
 from moebits.traces.capture import find_routers
 
 IMPL = "moebits"
@@ -131,7 +132,7 @@ class TraceRouting:
 
     Generated sequence ``b`` follows the trace's batch ``b`` (batch size 1): pass ``p`` of layer
     ``l`` takes that layer step's experts, token counts and gates, dealt to tokens by
-    :func:`runtime.engine.assignment`. The prompt must be as long as the trace's prefill."""
+    :func:`runtime.replay.assignment`. The prompt must be as long as the trace's prefill."""
 
     def __init__(self, view: LayerSteps, top_k: int) -> None:
         self.view, self.top_k = view, top_k

@@ -10,7 +10,7 @@ Two modes (``runtime.mode``):
   the same tokens) and the KL divergence of every pass's next-token distribution is recorded.
 - ``REPLAY``: a workload (``workload=default``, ``workload=file`` or ``workload=synth``, loaded
   by :mod:`traces.workload` as the simulator loads it) drives the engine layer step by layer
-  step (:func:`runtime.engine.replay`), with random expert weights and activations.
+  step (:func:`runtime.replay.replay`), with random expert weights and activations.
 
 A model too large for the machine is scaled down: ``runtime.layers`` MoE layers, hidden and
 expert sizes times ``runtime.scale`` (rounded up to multiples of 128, the int4 group) and a
@@ -39,9 +39,10 @@ from moebits.drive.context import policy_metrics, run_info
 from moebits.drive.records import RunResult, summarize
 from moebits.policies._tables import run_table
 from moebits.policies.base import Policy, build_policy
-from moebits.runtime.engine import RuntimeEngine, replay
+from moebits.runtime.engine import RuntimeEngine
 from moebits.runtime.host_store import HostStore, random_weights
 from moebits.runtime.quant import QuantMethod
+from moebits.runtime.replay import replay
 from moebits.traces.replay import ReplayView, load_view
 from moebits.traces.workload import load_workload
 from tqdm import tqdm

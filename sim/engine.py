@@ -3,23 +3,23 @@
 Batches run one after another; within a batch, the prefill pass (all prompt tokens of the
 batch) and then each decode pass, and within a pass every MoE layer in order: one layer step
 each (see :mod:`core.routing`). The compute stream is the engine's SimPy process; the copy
-streams are the two PCIe directions (:mod:`sim.link`); the slab pool is :mod:`sim.pool`.
+streams are the two PCIe directions (:mod:`sim.link`); the slab pool is :mod:`sim.pool`, the
+mechanism the policy driver (:class:`drive.driver.Driver`, shared with the runtime) hands
+actions to. This module keeps time; the decisions are the driver's.
 
 Timing of one layer step, starting at ``t0`` (the end of the previous one):
 
 1. non-MoE part of the layer (attention, norms, router, shared experts): ``t1 = t0 + non_moe``;
    the router's output is known at ``t1``; copies complete by ``t1`` turn READY.
-2. ``policy.on_layer_step(obs, ledger)`` with ``obs.now_s = t1`` (skipped for static
-   policies); its actions run in order at ``t1``: DEMOTE evicts at once (a pinned slab drains),
-   PROMOTE / PREFETCH reserve a slab and queue the copy on the host-to-device FIFO; each
-   refusal is reported back through ``policy.on_refused``.
-3. every needed expert is served per the policy's :class:`~policies.base.MissRule`:
-   SERVE_LOWER serves its best READY copy now, and waits for the first copy in flight only if
-   none is READY; STALL waits for the highest-precision copy in flight when it beats the best
-   READY one, else serves the best READY one; HOST serves the best READY copy, and computes
-   experts without one on the host (bf16, activations over PCIe both ways), in parallel with
-   the device. An expert with no copy and nothing in flight under SERVE_LOWER or STALL is a
-   policy bug: :class:`PolicyError`.
+2. the driver gives the policy the step's routing (``obs.now_s = t1``; skipped for static
+   policies; with ``observe_lag`` d, the routing of step i - d) and hands its actions to the
+   pool in order at ``t1``: DEMOTE evicts at once (a pinned slab drains), PROMOTE / PREFETCH
+   reserve a slab and queue the copy on the host-to-device FIFO; each refusal goes back
+   through ``policy.on_refused``.
+3. every needed expert is served per the miss rule (:func:`drive.missrule.choose`, the same
+   code as the runtime's); experts the rule sends to the host are computed there (bf16,
+   activations over PCIe both ways), in parallel with the device. An expert with no copy and
+   nothing in flight under SERVE_LOWER or STALL is a policy bug: :class:`PolicyError`.
 4. device compute starts at ``start = max(t1, last awaited copy)`` (``stall = start - t1``):
    one grouped launch per precision class (:mod:`sim.kernels`), summed; the step ends at
    ``max(start + compute, host results back)``. Served slabs are pinned for the compute and
@@ -58,7 +58,7 @@ from moebits.drive.context import PolicyError, policy_name, prepare_policy
 from moebits.drive.driver import Driver
 from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
 from moebits.drive.quality import error_table
-from moebits.drive.records import Recorder, RunResult
+from moebits.drive.records import Recorder, RunResult, snapshot
 from moebits.policies.base import Action, LayerObs, MissRule, Policy
 from moebits.sim.fastpath import single_class_server, static_plan
 from moebits.sim.kernels import KernelModel
@@ -187,10 +187,9 @@ class Engine:
         return np.r_[key[1:] != key[:-1], True] if key.size else np.zeros(0, bool)
 
     def snapshot(self) -> tuple[int, ...]:
-        """Counters in :data:`sim.metrics.COUNTERS` order."""
-        c = self.counts
-        return (self.h2d.bytes_total, self.d2h.bytes_total, self.pool.loaded_bytes, c["promotions"],
-                c["prefetches"], c["demotions"], c["refusals"], self.ledger.used_bytes, self.pool.peak_bytes)
+        """Counters in :data:`drive.records.COUNTERS` order."""
+        return snapshot((self.h2d.bytes_total, self.d2h.bytes_total, self.pool.loaded_bytes), self.counts,
+                        (self.ledger.used_bytes, self.pool.peak_bytes))
 
     def _chunk(self, c0: int, c1: int, non_moe: np.ndarray, ends: np.ndarray) -> _Chunk:
         """Layer steps ``c0:c1`` as Python lists for the event loop (one numpy pass per chunk)."""

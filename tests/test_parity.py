@@ -48,8 +48,9 @@ from moebits.policies.base import (  # noqa: E402
     build_policy,
     policy_configs,
 )
-from moebits.runtime.engine import RuntimeEngine, replay  # noqa: E402
+from moebits.runtime.engine import RuntimeEngine  # noqa: E402
 from moebits.runtime.host_store import HostStore  # noqa: E402
+from moebits.runtime.replay import replay  # noqa: E402
 from moebits.sim import runner as sim_runner  # noqa: E402
 from moebits.sim.config import RunConfig  # noqa: E402
 from moebits.sim.engine import EngineOptions  # noqa: E402

@@ -18,11 +18,12 @@ from moebits.policies.dynaexq import DynaExqConfig  # noqa: E402
 from moebits.policies.lru_offload import LruOffloadConfig  # noqa: E402
 from moebits.policies.static_uniform import StaticUniformConfig  # noqa: E402
 from moebits.runtime import hf  # noqa: E402
-from moebits.runtime.engine import RuntimeEngine, replay  # noqa: E402
+from moebits.runtime.engine import RuntimeEngine  # noqa: E402
 from moebits.runtime.host_store import HostStore, random_weights  # noqa: E402
 from moebits.runtime.moe_layer import reference_moe  # noqa: E402
 from moebits.runtime.pool import DevicePool  # noqa: E402
 from moebits.runtime.promote import Promoter  # noqa: E402
+from moebits.runtime.replay import replay  # noqa: E402
 from sim_testkit import TinyStatic  # noqa: E402
 
 SPEC = ModelSpec("gpu", layers=2, experts=16, top_k=4, hidden=256, expert_intermediate=256, vocab_size=512)

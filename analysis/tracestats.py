@@ -155,7 +155,7 @@ def study_workload(name: str) -> tuple[LayerSteps, ModelSpec, LayerSteps | None]
     from hydra import compose, initialize_config_dir
     from moebits.sim.app import CONF_DIR
     from moebits.sim.config import RunConfig, register_configs
-    from moebits.sim.workload import load_profile, load_workload
+    from moebits.traces.workload import load_profile, load_workload
     from omegaconf import OmegaConf
 
     if not (CONF_DIR / "experiment" / "trace" / f"{name}.yaml").exists():

@@ -46,6 +46,7 @@ import torch
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import get_model_spec
 from moebits.core.slabs import SlabClass, SlabLedger
+from moebits.drive.records import pass_table
 from moebits.policies.base import build_policy
 from moebits.policies.dynaexq import DynaExqConfig
 from moebits.policies.lru_offload import LruOffloadConfig
@@ -53,7 +54,6 @@ from moebits.policies.static_uniform import StaticUniformConfig
 from moebits.runtime import hf
 from moebits.runtime.engine import RuntimeEngine
 from moebits.runtime.host_store import HostStore
-from moebits.runtime.metrics import pass_table
 from moebits.runtime.pool import DevicePool
 from moebits.runtime.promote import Promoter
 

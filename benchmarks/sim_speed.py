@@ -3,8 +3,8 @@
 Replays a Qwen3-30B-A3B-shaped trace (48 MoE layers x 128 experts, top-8; by default the
 embedded traces/data/default.parquet, else a synthetic one) on the h100_pcie5 profile at batch
 1 and 16, under ``lru_offload`` (bf16 demand-fetch cache, 24 GB: every miss a policy call,
-copies and a stall) and ``static_uniform`` (all experts int4, 24 GB: the vectorized static
-path). Reports layer steps per second of the replay itself (set-up timed apart), per wall
+copies and a stall), ``dynaexq`` (bf16/int4 hotness controller: the general multi-precision
+serving path) and ``static_uniform`` (all experts int4, 24 GB: the vectorized static path). Reports layer steps per second of the replay itself (set-up timed apart), per wall
 and per CPU second (a loaded machine inflates wall time), best of ``--repeat``, the policy
 actions carried out (promotions, demotions, refusals: the work that dominates a dynamic
 policy's step) and the replay's CPU time per action, the load average, and this machine's
@@ -31,13 +31,13 @@ from moebits.core.hardware import HardwareProfile
 from moebits.core.model_spec import get_model_spec
 from moebits.policies.base import build_policy, policy_configs
 from moebits.sim.engine import Engine
-from moebits.sim.synth import synth_trace
-from moebits.sim.workload import default_trace_path
 from moebits.traces.format import Trace, read_trace
 from moebits.traces.replay import build_view
+from moebits.traces.workload import default_trace_path
+from moebits.traces.zipf import synth_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = (("lru_offload", {"precision": "bf16"}), ("static_uniform", {"precision": "int4"}))
+CASES = (("lru_offload", {"precision": "bf16"}), ("dynaexq", {}), ("static_uniform", {"precision": "int4"}))
 
 
 def cpu_model() -> str:

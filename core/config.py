@@ -29,7 +29,7 @@ GROUPS = ("model", "hardware", "policy", "workload", "budget")
 
 class WorkloadKind(Enum):
     """Where the routing comes from: the embedded default trace, a trace file, or a synthetic
-    generator (the simulator's ``sim.synth``; the runtime generates tokens itself)."""
+    generator (:mod:`traces.zipf`, replayed by both engines)."""
 
     DEFAULT = "default"
     FILE = "file"
@@ -112,6 +112,8 @@ class BaseRunConfig:
     ``resume``: in a multirun, skip runs whose ``summary.json`` exists. ``quality_table``: a
     per-expert sensitivity table (Parquet/CSV, see core.quality); null builds a synthetic one
     from ``seed``; ``analytic`` gives the quality proxy the analytic default.
+    ``observe_lag``: layer steps between a step's routing and the policy seeing it (0: at once;
+    d: before step t + d is served, see :mod:`drive.driver`); both engines apply the same rule.
     """
 
     model: ModelConfig = MISSING
@@ -124,6 +126,7 @@ class BaseRunConfig:
     resume: bool = True
     progress: bool = True
     quality_table: str | None = None
+    observe_lag: int = 0
 
 
 def preset_stem(model_name: str) -> str:

@@ -130,6 +130,9 @@ class Policy:
     needs_future: ClassVar[bool] = False
     needs_profile: ClassVar[bool] = False
     miss_rule: MissRule = MissRule.STALL
+    #: the miss rules this policy may be configured with (``miss_rule`` of its config); the
+    #: parity test runs each through both engines
+    supported_miss_rules: ClassVar[tuple[MissRule, ...]] = tuple(MissRule)
 
     def prepare(self, ctx: PolicyContext) -> None:
         self.ctx = ctx

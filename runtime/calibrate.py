@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -78,7 +79,7 @@ def measure_link(device: torch.device, sizes: list[int], reps: int, to_device: b
     secs = []
     for n in sizes:
         src, dst = (host[:n], dev[:n]) if to_device else (dev[:n], host[:n])
-        secs.append(time_fn(lambda src=src, dst=dst: dst.copy_(src, non_blocking=cuda), reps))
+        secs.append(time_fn(functools.partial(dst.copy_, src, non_blocking=cuda), reps))
     return link_curve(sizes, secs)
 
 

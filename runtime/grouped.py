@@ -31,69 +31,14 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from moebits.runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
+from moebits.runtime.channelmix import AnyStack
+from moebits.runtime.quant import DenseStack, Fp8Stack, QuantizedStack
+from moebits.runtime.routeplan import ClassLayout, RoutePlan, class_block_bound, plan_rows
+
+__all__ = ["ClassLayout", "RoutePlan", "build_plan", "class_block_bound", "plan_rows", "run_class", "triton_kernels"]
 
 FP8_MAX = 448.0
 GROUPED_MM_MAX_GROUPS = 1024  # torch._grouped_mm refuses more groups ("Can't process more than 1024 groups")
-
-
-@dataclass(frozen=True)
-class ClassLayout:
-    """Static layout of the pools: class order, slots per class, first group of each class."""
-
-    precisions: tuple[str, ...]
-    slots: tuple[int, ...]
-
-    @property
-    def bases(self) -> tuple[int, ...]:
-        """First global group of each class, plus the total: ``[C + 1]``."""
-        out = [0]
-        for p in self.slots:
-            out.append(out[-1] + p)
-        return tuple(out)
-
-    @property
-    def groups(self) -> int:
-        return sum(self.slots)
-
-
-@dataclass(frozen=True)
-class RoutePlan:
-    """Pairs sorted by group (class-major) and padded per group to ``block_m`` rows.
-
-    Attributes:
-        pair_pad: ``[R]`` int32, the pair id ``t*k + j`` of each padded row; ``S`` marks padding.
-        block_group: ``[NB]`` int32, the global group of each block; -1 past the last block.
-        group_pad_end: ``[G]`` int32, cumulative padded rows at the end of each group.
-        class_block: ``[C + 1]`` int32, first block of each class (last entry: blocks in use).
-    """
-
-    block_m: int
-    tokens: int
-    top_k: int
-    pair_pad: torch.Tensor
-    block_group: torch.Tensor
-    group_pad_end: torch.Tensor
-    class_block: torch.Tensor
-
-    @property
-    def pairs(self) -> int:
-        return self.tokens * self.top_k
-
-    @property
-    def rows(self) -> int:
-        return self.pair_pad.numel()
-
-
-def plan_rows(pairs: int, groups: int, block_m: int) -> int:
-    """Upper bound on padded rows: every active group wastes at most ``block_m - 1`` rows."""
-    rows = pairs + min(pairs, groups) * (block_m - 1)
-    return -(-rows // block_m) * block_m
-
-
-def class_block_bound(pairs: int, slots: int, block_m: int) -> int:
-    """Upper bound on the M-blocks of one class (a kernel's static grid size)."""
-    return pairs // block_m + min(pairs, slots) + 1
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -238,9 +183,10 @@ def fp8_class(x: torch.Tensor, rows: ClassRows, gate_up: Fp8Stack, down: Fp8Stac
     _scatter_weighted(y, rows, w_ext, y_pair)
 
 
-def dequant_class(x: torch.Tensor, rows: ClassRows, gate_up: WeightStack, down: WeightStack,
+def dequant_class(x: torch.Tensor, rows: ClassRows, gate_up: AnyStack, down: AnyStack,
                   w_ext: torch.Tensor, y_pair: torch.Tensor) -> None:
-    """Any class, any device: dequantize the active slots, then a grouped matmul (host sync)."""
+    """Any class (channel mixes included), any device: dequantize the active slots, then a
+    grouped matmul (host sync)."""
     counts = torch.diff(rows.offs, prepend=rows.offs.new_zeros(1))
     active = torch.nonzero(counts > 0).flatten()
     if active.numel() == 0:
@@ -252,8 +198,8 @@ def dequant_class(x: torch.Tensor, rows: ClassRows, gate_up: WeightStack, down: 
 
 
 def run_class(
-    x: torch.Tensor, plan: RoutePlan, layout: ClassLayout, c: int, gate_up: WeightStack,
-    down: WeightStack, w_ext: torch.Tensor, y_pair: torch.Tensor, h_buf: torch.Tensor | None,
+    x: torch.Tensor, plan: RoutePlan, layout: ClassLayout, c: int, gate_up: AnyStack,
+    down: AnyStack, w_ext: torch.Tensor, y_pair: torch.Tensor, h_buf: torch.Tensor | None,
     use_triton: bool,
 ) -> None:
     """One class's experts for its pairs, written into ``y_pair``; picks the fastest path."""

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from moebits.core.model_spec import ModelSpec
 from moebits.core.routing import LayerSteps
-from moebits.runtime.engine import RuntimeEngine, assignment
+from moebits.runtime.engine import RuntimeEngine
 from moebits.runtime.host_store import HostStore, random_weights
 from moebits.runtime.moe_layer import ExpertHandle, ExpertPool, MixedPrecisionMoE
 from moebits.runtime.pool import slab_layout
+from moebits.runtime.replay import assignment
 from moebits.traces.capture import find_routers
 
 IMPL = "moebits"
@@ -66,10 +67,12 @@ def register() -> None:
 
 def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Each MoE block's experts module, in MoE-layer order."""
-    out = []
+    out: list[torch.nn.Module] = []
     for site in find_routers(model):
         block = model.get_submodule(site.name.rsplit(".", 1)[0])
-        out.append(block.experts)
+        experts = block.experts
+        assert isinstance(experts, torch.nn.Module)
+        out.append(experts)
     return out
 
 
@@ -129,7 +132,7 @@ class TraceRouting:
 
     Generated sequence ``b`` follows the trace's batch ``b`` (batch size 1): pass ``p`` of layer
     ``l`` takes that layer step's experts, token counts and gates, dealt to tokens by
-    :func:`runtime.engine.assignment`. The prompt must be as long as the trace's prefill."""
+    :func:`runtime.replay.assignment`. The prompt must be as long as the trace's prefill."""
 
     def __init__(self, view: LayerSteps, top_k: int) -> None:
         self.view, self.top_k = view, top_k
@@ -247,7 +250,7 @@ def hf_config(spec: ModelSpec, arch: str = "auto", full_hidden: int | None = Non
         num_experts_per_tok=spec.top_k, tie_word_embeddings=False, pad_token_id=None, bos_token_id=None,
         eos_token_id=None, initializer_range=0.02)
     e, i = spec.experts, spec.expert_intermediate
-    extra: dict[str, Any] = {
+    presets: dict[str, dict[str, Any]] = {
         "qwen3_moe": dict(num_experts=e, moe_intermediate_size=i, intermediate_size=i, mlp_only_layers=[],
                           decoder_sparse_step=1, norm_topk_prob=True),
         "mixtral": dict(num_local_experts=e, intermediate_size=i),
@@ -256,7 +259,8 @@ def hf_config(spec: ModelSpec, arch: str = "auto", full_hidden: int | None = Non
                             n_shared_experts=max(1, spec.shared_experts), first_k_dense_replace=0, n_group=1,
                             topk_group=1, q_lora_rank=None, kv_lora_rank=min(512, spec.hidden // 4),
                             qk_rope_head_dim=min(64, hd // 2), qk_nope_head_dim=hd, v_head_dim=hd),
-    }[arch]
+    }
+    extra = presets[arch]
     if arch == "deepseek_v3":
         common["head_dim"] = extra["qk_rope_head_dim"]  # DeepSeek's rotary dimension
     return AutoConfig.for_model(arch, **common, **extra)

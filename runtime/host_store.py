@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterable
 import torch
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import get_channel_mix
+from moebits.runtime.channelmix import AnyStack, quantize_mix, stack_tensors
 from moebits.runtime.pool import SlabLayout, slab_layout
-from moebits.runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, WeightStack, quantize_stack
+from moebits.runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, quantize_stack
 from tqdm import tqdm
 
 WeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> (gate_up [E, 2I, H], down [E, H, I])
@@ -64,7 +66,7 @@ class HostStore:
         lay = slab_layout(precision, self.spec.hidden, self.spec.expert_intermediate)
         self.layouts[precision] = lay
         n = self.spec.layers * self.spec.experts
-        rows = torch.empty((n, lay.nbytes), dtype=torch.uint8, pin_memory=self.pin)
+        rows = torch.zeros((n, lay.nbytes), dtype=torch.uint8, pin_memory=self.pin)
         self.rows[precision] = rows
         return rows
 
@@ -95,21 +97,30 @@ class HostStore:
                 gu, dn = lay.stacks(raw.view(-1), 0, e, lay.nbytes)
                 gu_w = gu.weight.to(torch.float32).contiguous()  # type: ignore[union-attr]
                 dn_w = dn.weight.to(torch.float32).contiguous()  # type: ignore[union-attr]
-                self._write_layer(p, layer, quantize_stack(gu_w, p, self.method, hqq=self.hqq),
-                                  quantize_stack(dn_w, p, self.method, hqq=self.hqq))
+                self._write_layer(p, layer, self._quantize(gu_w, p, "gate_up"), self._quantize(dn_w, p, "down"))
         return self
 
-    def _write_layer(self, precision: str, layer: int, gate_up: WeightStack, down: WeightStack) -> None:
+    def _quantize(self, w: torch.Tensor, precision: str, proj: str) -> AnyStack:
+        """``w [E, N, K]`` in ``precision`` (a plain format, or a channel mix: :mod:`runtime.channelmix`)."""
+        mix = get_channel_mix(precision)
+        if mix is None:
+            return quantize_stack(w, precision, self.method, hqq=self.hqq)
+        lay = self.layouts[precision]
+        kept = next(f.shape[0] for f in lay.fields if f.proj == proj and f.attr == "rows")
+        high = sum(f.nbytes for f in lay.fields if f.proj == proj and f.attr.startswith("high."))
+        return quantize_mix(w, mix, high // kept if kept else 0, self.method, self.hqq)
+
+    def _write_layer(self, precision: str, layer: int, gate_up: AnyStack, down: AnyStack) -> None:
         """Pack one layer's stacks into its rows (staged on the stacks' device, then one copy)."""
         lay, e = self.layouts[precision], self.spec.experts
-        src_dev = next(v for v in vars(gate_up).values() if isinstance(v, torch.Tensor)).device
+        src_dev = next(iter(stack_tensors(gate_up).values())).device
         rows = self.rows[precision][layer * e : (layer + 1) * e]
         stage = rows if src_dev.type == "cpu" else torch.empty_like(rows, device=src_dev)
         dst = lay.stacks(stage.view(-1), 0, e, lay.nbytes)
         for d, s in zip(dst, (gate_up, down), strict=True):
-            for name, tensor in vars(d).items():
-                if isinstance(tensor, torch.Tensor):
-                    tensor.copy_(getattr(s, name))
+            src = stack_tensors(s)
+            for name, tensor in stack_tensors(d).items():
+                tensor.copy_(src[name])
         if stage is not rows:
             rows.copy_(stage)
 
@@ -126,7 +137,7 @@ class HostStore:
             raise ValueError(f"the host store has no {precision} copies (has {self.precisions})") from None
         return rows[key.layer * self.spec.experts + key.expert]
 
-    def layer_stacks(self, precision: str, layer: int) -> tuple[WeightStack, WeightStack]:
+    def layer_stacks(self, precision: str, layer: int) -> tuple[AnyStack, AnyStack]:
         """Typed (gate_up, down) views of every expert of ``layer`` in ``precision``: ``[E, ...]``."""
         lay, e = self.layouts[precision], self.spec.experts
         return lay.stacks(self.rows[precision].view(-1), layer * e * lay.nbytes, e, lay.nbytes)

@@ -20,9 +20,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from moebits.core.precision import by_bits_desc, get_precision
+from moebits.core.precision import by_bits_desc, get_channel_mix, get_precision
+from moebits.drive.context import precision_order
+from moebits.runtime.channelmix import AnyStack, stack_tensors
 from moebits.runtime.grouped import ClassLayout, build_plan, plan_rows, run_class, triton_kernels
-from moebits.runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, WeightStack, quantize_stack
+from moebits.runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, quantize_stack
 
 PRECISION_ORDER = tuple(p.name for p in by_bits_desc())  # bf16 first: its rows start at row 0
 
@@ -39,8 +41,8 @@ class ExpertHandle:
 class ExpertPool:
     """Packed weights of one precision: ``gate_up [P, 2I, H]`` and ``down [P, H, I]``."""
 
-    gate_up: WeightStack
-    down: WeightStack
+    gate_up: AnyStack
+    down: AnyStack
 
     def __post_init__(self) -> None:
         if self.gate_up.precision != self.down.precision:
@@ -63,10 +65,10 @@ class MixedPrecisionMoE:
 
     def __init__(self, pools: Mapping[str, ExpertPool], handles: Sequence[ExpertHandle],
                  use_triton: bool | None = None) -> None:
-        unknown = sorted(set(pools) - set(PRECISION_ORDER))
+        unknown = sorted(p for p in pools if p not in PRECISION_ORDER and get_channel_mix(p) is None)
         if unknown:
-            raise ValueError(f"unknown pool precision(s) {unknown}; known: {PRECISION_ORDER}")
-        order = [p for p in PRECISION_ORDER if p in pools]
+            raise ValueError(f"unknown pool precision(s) {unknown}; known: {PRECISION_ORDER} and registered channel mixes")
+        order = precision_order(list(pools))  # highest first, as PRECISION_ORDER (channel mixes by effective bits)
         for name in order:
             if pools[name].precision != name:
                 raise ValueError(f"pool under {name!r} holds {pools[name].precision} weights")
@@ -141,8 +143,8 @@ class MixedPrecisionMoE:
         return torch.stack(gu), torch.stack(dn)
 
 
-def _device_of(stack: WeightStack) -> torch.device:
-    return next(v for v in vars(stack).values() if isinstance(v, torch.Tensor)).device
+def _device_of(stack: AnyStack) -> torch.device:
+    return next(iter(stack_tensors(stack).values())).device
 
 
 def build_mixed_experts(

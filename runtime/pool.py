@@ -11,6 +11,8 @@ another, widest element type first so that every field starts aligned::
     fp8    gate_up.scale [2I] f32 | down.scale [H] f32 | gate_up.weight [2I, H] e4m3 | down.weight
     intb   gate_up.scales, gate_up.zeros [2I, H/g] f16 | down.scales, down.zeros [H, I/g] f16 |
            gate_up.qweight [2I, H*b/8] u8 | down.qweight [H, I*b/8] u8
+    mix    a channel mix (:mod:`runtime.channelmix`): the ``low.*`` fields of its low format,
+           the ``high.*`` fields of its kept rows, their ``rows`` ids [n] int32 (widest first)
 
 A host copy of an expert (:mod:`runtime.host_store`) has the same bytes, so promoting it is
 one contiguous copy. :class:`DevicePool` allocates one ``uint8`` buffer at start-up for the
@@ -28,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from moebits.core.model_spec import ModelSpec
-from moebits.core.precision import get_channel_mix, get_precision
+from moebits.core.precision import ChannelMix, get_channel_mix, get_precision
 from moebits.core.slabs import PoolError, SlabLedger
+from moebits.runtime.channelmix import ROW_ID, AnyStack, MixStack, kept_rows
 from moebits.runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
 
 CLASS_ALIGN = 256  # bytes: where each class starts, when the budget leaves room for it
@@ -70,7 +73,7 @@ class SlabLayout:
         """The widest element size: slab strides and bases must be multiples of it."""
         return max(f.dtype.itemsize for f in self.fields)
 
-    def stacks(self, buf: torch.Tensor, base: int, count: int, stride: int) -> tuple[WeightStack, WeightStack]:
+    def stacks(self, buf: torch.Tensor, base: int, count: int, stride: int) -> tuple[AnyStack, AnyStack]:
         """(gate_up, down) stacks of ``count`` slabs in ``buf`` (1-D uint8) from byte ``base``, ``stride`` apart."""
         if base % self.align or stride % self.align:
             raise PoolError(f"{self.precision} slabs need {self.align}-byte alignment, got base {base}, stride {stride}")
@@ -79,13 +82,22 @@ class SlabLayout:
         views = {(f.proj, f.attr): _field_view(buf, base, count, stride, f) for f in self.fields}
         return self._stack("gate_up", views), self._stack("down", views)
 
-    def _stack(self, proj: str, v: dict[tuple[str, str], torch.Tensor]) -> WeightStack:
-        p = get_precision(self.precision)
-        if p.name == "bf16":
-            return DenseStack(v[(proj, "weight")])
-        if p.name == "fp8":
-            return Fp8Stack(v[(proj, "weight")], v[(proj, "scale")])
-        return QuantizedStack(p.bits, p.group_size, v[(proj, "qweight")], v[(proj, "scales")], v[(proj, "zeros")])
+    def _stack(self, proj: str, v: dict[tuple[str, str], torch.Tensor]) -> AnyStack:
+        mix = get_channel_mix(self.precision)
+        if mix is None:
+            return _plain_stack(self.precision, proj, v, "")
+        return MixStack(_plain_stack(mix.low, proj, v, "low."), _plain_stack(mix.high, proj, v, "high."),
+                        v[(proj, "rows")], mix.name)
+
+
+def _plain_stack(precision: str, proj: str, v: dict[tuple[str, str], torch.Tensor], prefix: str) -> WeightStack:
+    p = get_precision(precision)
+    if p.name == "bf16":
+        return DenseStack(v[(proj, prefix + "weight")])
+    if p.name == "fp8":
+        return Fp8Stack(v[(proj, prefix + "weight")], v[(proj, prefix + "scale")])
+    return QuantizedStack(p.bits, p.group_size, v[(proj, prefix + "qweight")], v[(proj, prefix + "scales")],
+                          v[(proj, prefix + "zeros")])
 
 
 def _field_view(buf: torch.Tensor, base: int, count: int, stride: int, f: Field) -> torch.Tensor:
@@ -102,34 +114,59 @@ def _field_view(buf: torch.Tensor, base: int, count: int, stride: int, f: Field)
     return flat.as_strided((count, *f.shape), (stride // isz, *inner))
 
 
-def slab_layout(precision: str, hidden: int, intermediate: int) -> SlabLayout:
-    """The packed layout of one ``hidden`` x ``intermediate`` expert in ``precision``."""
-    if get_channel_mix(precision) is not None:
-        raise PoolError(f"the runtime has no kernel for channel mix {precision!r} (a dynamo precision); "
-                        "pick a policy whose precisions are plain formats")
+FieldSpec = tuple[str, str, torch.dtype, tuple[int, ...]]  # (proj, attr, dtype, per-expert shape)
+
+
+def _plain_fields(precision: str, shapes: dict[str, tuple[int, int]], prefix: str = "") -> list[FieldSpec]:
+    """The fields of a plain format (bf16, fp8, int8/4/3/2) for projections of ``shapes`` (N, K)."""
     p = get_precision(precision)
+    if p.name == "bf16":
+        return [(proj, prefix + "weight", torch.bfloat16, shapes[proj]) for proj in _PROJ]
+    if p.name == "fp8":
+        spec: list[FieldSpec] = [(proj, prefix + "scale", torch.float32, shapes[proj][:1]) for proj in _PROJ]
+        return spec + [(proj, prefix + "weight", torch.float8_e4m3fn, shapes[proj]) for proj in _PROJ]
+    spec = []
+    for proj in _PROJ:
+        n, k = shapes[proj]
+        if k % p.group_size:
+            raise PoolError(f"{p.name}: the input size {k} of {proj} is not a multiple of the group size "
+                            f"{p.group_size}; pick sizes that are (e.g. hidden and intermediate multiples of 128)")
+        spec += [(proj, prefix + a, torch.float16, (n, k // p.group_size)) for a in ("scales", "zeros")]
+    return spec + [(proj, prefix + "qweight", torch.uint8, (shapes[proj][0], shapes[proj][1] * p.bits // 8))
+                   for proj in _PROJ]
+
+
+def _bytes(spec: list[FieldSpec], proj: str) -> int:
+    return sum(Field(pr, a, dt, sh, 0).nbytes for pr, a, dt, sh in spec if pr == proj)
+
+
+def _mix_fields(mix: ChannelMix, shapes: dict[str, tuple[int, int]]) -> list[FieldSpec]:
+    """A channel-mix copy (:mod:`runtime.channelmix`): the ``low`` fields, the kept rows at ``high``, their ids."""
+    row = _plain_fields(mix.high, {proj: (1, k) for proj, (_, k) in shapes.items()})
+    kept = {proj: (kept_rows(mix, n, _bytes(row, proj)), k) for proj, (n, k) in shapes.items()}
+    return (_plain_fields(mix.low, shapes, "low.") + _plain_fields(mix.high, kept, "high.")
+            + [(proj, "rows", ROW_ID, kept[proj][:1]) for proj in _PROJ])
+
+
+def slab_layout(precision: str, hidden: int, intermediate: int) -> SlabLayout:
+    """The packed layout of one ``hidden`` x ``intermediate`` expert in ``precision`` (a plain
+    format or a registered channel mix); fields widest element first, so each starts aligned."""
     h, i = hidden, intermediate
     shapes = {"gate_up": (2 * i, h), "down": (h, i)}
-    if p.name == "bf16":
-        spec = [(proj, "weight", torch.bfloat16, shapes[proj]) for proj in _PROJ]
-    elif p.name == "fp8":
-        spec = [(proj, "scale", torch.float32, shapes[proj][:1]) for proj in _PROJ]
-        spec += [(proj, "weight", torch.float8_e4m3fn, shapes[proj]) for proj in _PROJ]
-    else:
-        spec = []
-        for proj in _PROJ:
-            n, k = shapes[proj]
-            if k % p.group_size:
-                raise PoolError(f"{p.name}: the input size {k} of {proj} is not a multiple of the group size "
-                                f"{p.group_size}; pick sizes that are (e.g. hidden and intermediate multiples of 128)")
-            spec += [(proj, a, torch.float16, (n, k // p.group_size)) for a in ("scales", "zeros")]
-        spec += [(proj, "qweight", torch.uint8, (shapes[proj][0], shapes[proj][1] * p.bits // 8)) for proj in _PROJ]
+    mix = get_channel_mix(precision)
+    spec = _plain_fields(precision, shapes) if mix is None else _mix_fields(mix, shapes)
+    spec = sorted(spec, key=lambda f: -f[2].itemsize)  # stable: plain layouts keep their order
     fields, off = [], 0
     for proj, attr, dtype, shape in spec:
         f = Field(proj, attr, dtype, shape, off)
         fields.append(f)
         off += f.nbytes
-    return SlabLayout(p.name, h, i, tuple(fields), off)
+    if mix is not None:  # padded to the bytes the policy planned, rounded up to the row ids' alignment
+        planned = mix.expert_bytes(*(sum(_bytes(_plain_fields(q, shapes), pr) for pr in _PROJ) for q in (mix.low, mix.high)))
+        end = _round_up(planned, ROW_ID.itemsize)
+        fields.append(Field("pad", "pad", torch.uint8, (end - off,), off))
+        off = end
+    return SlabLayout(precision, h, i, tuple(fields), off)
 
 
 def _round_up(x: int, a: int) -> int:
@@ -152,7 +189,7 @@ def carve(ledger: SlabLedger, layouts: dict[str, SlabLayout], class_align: int, 
     regions, first, end = [], 0, 0
     for name, cls in ledger.classes.items():
         lay = layouts[name]
-        stride = _round_up(cls.slab_bytes, max(stride_align, lay.align))
+        stride = _round_up(max(cls.slab_bytes, lay.nbytes), max(stride_align, lay.align))
         base = _round_up(end, max(class_align, lay.align))
         regions.append(ClassRegion(name, first, cls.count, base, stride))
         first += cls.count
@@ -167,9 +204,10 @@ class DevicePool:
         self.ledger = ledger
         self.device = torch.device(device)
         self.layouts = {p: slab_layout(p, spec.hidden, spec.expert_intermediate) for p in ledger.classes}
-        for p, lay in self.layouts.items():
-            if lay.nbytes != ledger.classes[p].slab_bytes:
-                raise PoolError(f"the plan's {p} slab is {ledger.classes[p].slab_bytes} bytes but a packed "
+        for p, lay in self.layouts.items():  # a channel mix: its planned bytes, rounded up to its alignment
+            planned = ledger.classes[p].slab_bytes
+            if lay.nbytes != (planned if get_channel_mix(p) is None else _round_up(planned, lay.align)):
+                raise PoolError(f"the plan's {p} slab is {planned} bytes but a packed "
                                 f"{spec.hidden}x{spec.expert_intermediate} expert takes {lay.nbytes}")
         self.regions = self._fit(ledger)
         self.nbytes = max((r.base + r.stride * r.count for r in self.regions), default=0)
@@ -209,7 +247,7 @@ class DevicePool:
         start, end = self.span(slab)
         return self.buffer[start:end]
 
-    def slab_stacks(self, slab: int) -> tuple[WeightStack, WeightStack]:
+    def slab_stacks(self, slab: int) -> tuple[AnyStack, AnyStack]:
         """Typed (gate_up, down) views of the one expert in slab ``slab`` (leading dimension 1)."""
         r = self._class_of[slab]
         start, _ = self.span(slab)

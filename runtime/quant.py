@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from moebits.core.precision import Precision, get_precision
@@ -205,7 +206,7 @@ WeightStack = DenseStack | Fp8Stack | QuantizedStack
 
 def stack_to(stack: WeightStack, device: torch.device | str) -> WeightStack:
     """The same stack with every tensor moved to ``device``."""
-    moved = {
+    moved: dict[str, Any] = {
         f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
         for f in dataclasses.fields(stack)
         for v in [getattr(stack, f.name)]

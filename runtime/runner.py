@@ -8,8 +8,9 @@ Two modes (``runtime.mode``):
   ``workload.batch`` at a time, ``workload.decode_tokens`` decode passes each. With
   ``runtime.kl`` each batch is then re-run through the exact bf16 experts (teacher forcing on
   the same tokens) and the KL divergence of every pass's next-token distribution is recorded.
-- ``REPLAY``: a trace (``workload=default`` or ``workload=file``) drives the engine layer step
-  by layer step (:func:`runtime.engine.replay`), with random expert weights and activations.
+- ``REPLAY``: a workload (``workload=default``, ``workload=file`` or ``workload=synth``, loaded
+  by :mod:`traces.workload` as the simulator loads it) drives the engine layer step by layer
+  step (:func:`runtime.replay.replay`), with random expert weights and activations.
 
 A model too large for the machine is scaled down: ``runtime.layers`` MoE layers, hidden and
 expert sizes times ``runtime.scale`` (rounded up to multiples of 128, the int4 group) and a
@@ -31,20 +32,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from moebits.core.config import BaseRunConfig, WorkloadKind, budget_bytes, preset_stem
-from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
+from moebits.core.config import BaseRunConfig, budget_bytes
+from moebits.core.model_spec import ModelSpec
 from moebits.core.quality import SensitivityTable
+from moebits.drive.context import policy_metrics, run_info
+from moebits.drive.records import RunResult, summarize
 from moebits.policies._tables import run_table
 from moebits.policies.base import Policy, build_policy
-from moebits.runtime.engine import RuntimeEngine, replay
+from moebits.runtime.engine import RuntimeEngine
 from moebits.runtime.host_store import HostStore, random_weights
-from moebits.runtime.metrics import RuntimeRecords, summarize
 from moebits.runtime.quant import QuantMethod
-from moebits.traces.format import Trace, read_trace
-from moebits.traces.replay import ReplayView, build_view, load_view
+from moebits.runtime.replay import replay
+from moebits.traces.replay import ReplayView, load_view
+from moebits.traces.workload import load_workload
 from tqdm import tqdm
-
-from moebits import traces
 
 GROUP = 128  # hidden and intermediate sizes round up to this (the int4/int8 quantization group)
 
@@ -120,40 +121,13 @@ def sensitivity_table(cfg: RuntimeRunConfig, spec: ModelSpec) -> tuple[Sensitivi
 
 
 # ---------------------------------------------------------------- workloads
-def trace_subset(t: Trace, max_seqs: int, layers: int) -> Trace:
-    """The first ``max_seqs`` sequences (0: all) and the first ``layers`` MoE layers of ``t``."""
-    keep = np.ones(t.rows, bool)
-    if max_seqs > 0:
-        keep &= np.isin(t.seq, np.unique(t.seq)[:max_seqs])
-    keep &= t.layer < layers
-    spec = dataclasses.replace(t.spec, layers=min(layers, t.spec.layers))
-    meta = dataclasses.replace(t.meta, spec=spec)
-    return Trace(meta, t.seq[keep], t.step[keep], t.phase[keep], t.layer[keep], t.expert[keep],
-                 None if t.gate is None else t.gate[keep])
-
-
 def load_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[ReplayView, ModelSpec, ModelSpec, str]:
     """The replayed view, the full and the (layer-truncated, size-scaled) model, and the source."""
-    w = cfg.workload
-    if w.kind is WorkloadKind.SYNTH:
-        raise ValueError("runtime.mode=REPLAY replays trace files: use workload=default or workload=file "
-                         "(moebits sim's synthetic generator lives in the simulator)")
-    path = Path(traces.__file__).resolve().parent / "data" / "default.parquet" if w.kind is WorkloadKind.DEFAULT \
-        else Path(w.path or "").expanduser()
-    if not w.path and w.kind is WorkloadKind.FILE:
-        raise ValueError("workload=file needs workload.path=TRACE.parquet")
-    trace = read_trace(path)
-    full = trace.spec
-    want = cfg.model.to_spec()
-    if want is not None and want != full:
-        hint = f"model={preset_stem(full.name)}" if full.name in MODEL_PRESETS else "model=trace"
-        raise ValueError(f"{path} is a trace of {full.name} but model= is {want.name}; pass {hint}")
+    layers = cfg.runtime.layers or (2 if device.type == "cpu" else None)
+    work = load_workload(cfg.workload, cfg.model.to_spec(), cfg.seed, layers=layers)
+    full = work.spec
     spec = scaled_spec(full, dataclasses.replace(cfg.runtime, vocab=full.vocab_size), device)
-    if cfg.runtime.layers or cfg.workload.max_seqs or spec.layers < full.layers:
-        view = build_view(trace_subset(trace, w.max_seqs, spec.layers), w.batch)
-    else:
-        view = load_view(path, w.batch)
-    return view, full, spec, str(path)
+    return work.view, full, spec, work.source
 
 
 # ---------------------------------------------------------------- the run
@@ -165,11 +139,11 @@ def build_engine(cfg: RuntimeRunConfig, spec: ModelSpec, budget: int, store: Hos
         raise ValueError(f"policy {cfg.policy.name} needs a profiling trace: set workload.profile_path "
                          "(a trace of this model), or use runtime.mode=REPLAY")
     engine = RuntimeEngine(spec, policy, budget, store, device=device, seed=cfg.seed, sensitivity=table,
-                           profile=profile, future=future)
+                           profile=profile, future=future, observe_lag=cfg.observe_lag)
     return engine, policy, table_src
 
 
-def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeRecords, dict[str, Any]]:
+def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:
     view, full, spec, src = load_replay(cfg, device)
     budget = resolve_budget(cfg, full, spec)
     store = HostStore(spec, method=cfg.runtime.quant, progress=cfg.progress)
@@ -180,11 +154,11 @@ def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeReco
         profile, profile_src = view, "in-sample (the replayed trace)"
     engine, policy, table_src = build_engine(cfg, spec, budget, store, device, profile, view)
     engine.warmup(sorted({int(t) for t in np.unique(view.ls_tokens)})[:4])
-    rec = replay(engine, view, seed=cfg.seed, progress=cfg.progress)
-    return rec, _info(cfg, engine, policy, full, spec, budget, src, profile_src, table_src, device)
+    result = replay(engine, view, seed=cfg.seed, progress=cfg.progress)
+    return result, _info(cfg, engine, policy, full, spec, budget, src, profile_src, table_src, device)
 
 
-def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeRecords, dict[str, Any]]:
+def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:
     from moebits.runtime import hf
 
     rc, w = cfg.runtime, cfg.workload
@@ -196,9 +170,10 @@ def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeRe
         full = spec = spec_from_hf_config(model.config, name=Path(rc.model_dir).name)
         store = hf.store_from_model(model, spec, method=rc.quant, progress=cfg.progress)
     else:
-        full = cfg.model.to_spec()
-        if full is None:
+        want = cfg.model.to_spec()
+        if want is None:
             raise ValueError("model=trace needs a trace: use runtime.mode=REPLAY, or pick a model preset")
+        full = want
         spec = scaled_spec(full, rc, device)
         model, weights = hf.build_random_model(spec, arch=rc.arch, device=device, dtype=dtype, seed=cfg.seed,
                                                full_hidden=full.hidden)
@@ -213,6 +188,8 @@ def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeRe
         raise ValueError("workload.seqs, workload.batch and workload.prompt_tokens must be >= 1")
     prompts = hf.random_prompts(w.seqs, w.prompt_tokens, spec.vocab_size, np.random.default_rng(cfg.seed))
     engine.warmup([w.batch, w.batch * w.prompt_tokens])
+    if rc.kl:
+        engine.rec.kl = {}
     engine.start()
     for b, first in enumerate(tqdm(range(0, w.seqs, w.batch), desc=f"generate {engine.name}", disable=not cfg.progress)):
         batch = torch.from_numpy(prompts[first : first + w.batch]).to(device)
@@ -220,33 +197,18 @@ def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RuntimeRe
         if rc.kl:
             kl = hf.kl_divergence(hf.reference_logits(model, runtime, gen), gen.logits).mean(0)   # [N + 1]
             for p, v in enumerate(kl.tolist()):
-                engine.rec.kl[(b, p)] = v
-    rec = engine.finish()
+                engine.rec.kl[(b, p)] = v  # type: ignore[index]
+    result = engine.finish()
     src = f"generate(seqs={w.seqs}, prompt={w.prompt_tokens}, decode={w.decode_tokens}, random tokens)"
-    return rec, _info(cfg, engine, policy, full, spec, budget, src, cfg.workload.profile_path, table_src, device)
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Enum):
-        return value.name
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    return result, _info(cfg, engine, policy, full, spec, budget, src, cfg.workload.profile_path, table_src, device)
 
 
 def _info(cfg: RuntimeRunConfig, engine: RuntimeEngine, policy: Policy, full: ModelSpec, spec: ModelSpec,
           budget: int, workload: str, profile: str | None, table_src: str, device: torch.device) -> dict[str, Any]:
-    metrics = getattr(policy, "metrics", None)
-    b = cfg.budget
-    kind = "gb" if b.all_at is None else (f"all_{b.all_at}" if b.fraction == 1.0 else f"{b.all_at}_{b.fraction * 100:g}pct")
+    """The summary's description of the run: the simulator's keys plus the runtime's own."""
     return {
-        "model": full.name, "hardware": cfg.hardware.name, "budget_gb": budget / 1e9, "budget_bytes": budget,
-        "budget_kind": kind, "batch": cfg.workload.batch, "seed": cfg.seed, "workload": workload,
-        "profile": profile, "quality_table": table_src, "policy_config": _plain(cfg.policy), "policy": engine.name,
-        "precisions": list(engine.precisions), "policy_metrics": {k: float(v) for k, v in metrics().items()}
-        if callable(metrics) else {},
+        **run_info(cfg, full.name, budget, workload, profile, table_src), "policy": engine.name,
+        "precisions": list(engine.precisions), "policy_metrics": policy_metrics(policy),
         "engine": "runtime", "mode": cfg.runtime.mode.name, "device": _device_name(device),
         "runtime_model": spec.to_dict(), "pool_bytes": engine.pool.nbytes, "host_store_bytes": engine.store.nbytes(),
     }
@@ -256,10 +218,11 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def execute(cfg: RuntimeRunConfig) -> tuple[RuntimeRecords, dict[str, Any]]:
-    """Run ``cfg``; returns the records and the summary."""
+def execute(cfg: RuntimeRunConfig) -> tuple[RunResult, dict[str, Any]]:
+    """Run ``cfg``; returns the run's arrays and its summary."""
     device = pick_device(cfg.runtime.device)
     t0 = time.perf_counter()
-    rec, info = (run_replay if cfg.runtime.mode is Mode.REPLAY else run_generate)(cfg, device)
-    info["setup_s"] = time.perf_counter() - t0 - rec.wall_s
-    return rec, summarize(rec, rec.wall_s, info)
+    result, info = (run_replay if cfg.runtime.mode is Mode.REPLAY else run_generate)(cfg, device)
+    info["setup_s"] = time.perf_counter() - t0 - result.wall_s
+    result.info.update(info)
+    return result, summarize(result)

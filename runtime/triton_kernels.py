@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from moebits.runtime.grouped import ClassLayout, RoutePlan, class_block_bound, plan_rows
 from moebits.runtime.quant import QuantizedStack
+from moebits.runtime.routeplan import ClassLayout, RoutePlan, class_block_bound, plan_rows
 
 
 # ----------------------------------------------------------------------------- plan
@@ -82,10 +82,12 @@ def build_plan(
     rows = plan_rows(s, g_tot, block_m)
     nb = rows // block_m
     gb = triton.next_power_of_2(g_tot + 1)
-    i32 = dict(dtype=torch.int32, device=dev)
-    pair_pad, block_group = torch.empty(rows, **i32), torch.empty(nb, **i32)
-    group_pad_end, class_block = torch.empty(g_tot, **i32), torch.empty(len(layout.slots) + 1, **i32)
-    cursor = torch.empty(gb, **i32)
+    def i32(n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.int32, device=dev)
+
+    pair_pad, block_group = i32(rows), i32(nb)
+    group_pad_end, class_block = i32(g_tot), i32(len(layout.slots) + 1)
+    cursor = i32(gb)
     _plan_kernel[(1,)](
         topk_ids.reshape(-1), group_of_expert, class_base, cursor,
         pair_pad, block_group, group_pad_end, class_block,

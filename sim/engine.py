@@ -3,23 +3,23 @@
 Batches run one after another; within a batch, the prefill pass (all prompt tokens of the
 batch) and then each decode pass, and within a pass every MoE layer in order: one layer step
 each (see :mod:`core.routing`). The compute stream is the engine's SimPy process; the copy
-streams are the two PCIe directions (:mod:`sim.link`); the slab pool is :mod:`sim.pool`.
+streams are the two PCIe directions (:mod:`sim.link`); the slab pool is :mod:`sim.pool`, the
+mechanism the policy driver (:class:`drive.driver.Driver`, shared with the runtime) hands
+actions to. This module keeps time; the decisions are the driver's.
 
 Timing of one layer step, starting at ``t0`` (the end of the previous one):
 
 1. non-MoE part of the layer (attention, norms, router, shared experts): ``t1 = t0 + non_moe``;
    the router's output is known at ``t1``; copies complete by ``t1`` turn READY.
-2. ``policy.on_layer_step(obs, ledger)`` with ``obs.now_s = t1`` (skipped for static
-   policies); its actions run in order at ``t1``: DEMOTE evicts at once (a pinned slab drains),
-   PROMOTE / PREFETCH reserve a slab and queue the copy on the host-to-device FIFO; each
-   refusal is reported back through ``policy.on_refused``.
-3. every needed expert is served per the policy's :class:`~policies.base.MissRule`:
-   SERVE_LOWER serves its best READY copy now, and waits for the first copy in flight only if
-   none is READY; STALL waits for the highest-precision copy in flight when it beats the best
-   READY one, else serves the best READY one; HOST serves the best READY copy, and computes
-   experts without one on the host (bf16, activations over PCIe both ways), in parallel with
-   the device. An expert with no copy and nothing in flight under SERVE_LOWER or STALL is a
-   policy bug: :class:`PolicyError`.
+2. the driver gives the policy the step's routing (``obs.now_s = t1``; skipped for static
+   policies; with ``observe_lag`` d, the routing of step i - d) and hands its actions to the
+   pool in order at ``t1``: DEMOTE evicts at once (a pinned slab drains), PROMOTE / PREFETCH
+   reserve a slab and queue the copy on the host-to-device FIFO; each refusal goes back
+   through ``policy.on_refused``.
+3. every needed expert is served per the miss rule (:func:`drive.missrule.choose`, the same
+   code as the runtime's); experts the rule sends to the host are computed there (bf16,
+   activations over PCIe both ways), in parallel with the device. An expert with no copy and
+   nothing in flight under SERVE_LOWER or STALL is a policy bug: :class:`PolicyError`.
 4. device compute starts at ``start = max(t1, last awaited copy)`` (``stall = start - t1``):
    one grouped launch per precision class (:mod:`sim.kernels`), summed; the step ends at
    ``max(start + compute, host results back)``. Served slabs are pinned for the compute and
@@ -34,13 +34,15 @@ timeout per layer step. The policy's actions of a step go to the pool in one cal
 at a time. Two shortcuts give the same numbers bit for bit (tests check it): static policies
 whose experts are all resident take a vectorized path, and one-class pools (one precision,
 e.g. the offload caches) take each step's tokens, kernel time and error from numpy per chunk
-(both in :mod:`sim.fastpath`).
+(both in :mod:`sim.fastpath`; `tests/test_sim_paths.py` runs every registered policy under every
+miss rule it supports through both and compares every step record; `EngineOptions.fast=False`
+turns them off).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -49,20 +51,24 @@ import simpy
 from moebits.core.hardware import HardwareProfile
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
-from moebits.core.precision import PRECISIONS, get_channel_mix
-from moebits.core.quality import SensitivityTable, analytic_error
+from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
-from moebits.core.slabs import Refusal, SlabLedger
-from moebits.policies.base import Action, ActionKind, LayerObs, MissRule, Policy, PolicyContext
+from moebits.core.slabs import Refusal
+from moebits.drive.context import PolicyError, policy_name, prepare_policy
+from moebits.drive.driver import Driver
+from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
+from moebits.drive.quality import error_table
+from moebits.drive.records import Recorder, RunResult, snapshot
+from moebits.policies.base import Action, LayerObs, MissRule, Policy
 from moebits.sim.fastpath import single_class_server, static_plan
 from moebits.sim.kernels import KernelModel
 from moebits.sim.link import Link
-from moebits.sim.metrics import Recorder, RunResult
 from moebits.sim.pool import SimPool
 from tqdm import tqdm
 
+__all__ = ["CHUNK", "Engine", "EngineOptions", "InfeasibleError", "PolicyError", "policy_name"]
+
 CHUNK = 4096  # layer steps converted to Python lists at a time
-_STALL, _HOST = MissRule.STALL, MissRule.HOST
 
 
 class _Chunk(NamedTuple):
@@ -77,10 +83,6 @@ class _Chunk(NamedTuple):
     pass_end: list[bool]
 
 
-class PolicyError(ValueError):
-    """A policy broke the contract (e.g. left a needed expert with no copy at all)."""
-
-
 class InfeasibleError(ValueError):
     """The run cannot be simulated as configured (e.g. the budget is too small)."""
 
@@ -88,18 +90,16 @@ class InfeasibleError(ValueError):
 @dataclass
 class EngineOptions:
     """``check``: pin served slabs and assert the invariants at every step (slower).
-    ``log``: keep an event log (times in µs) for tests. ``fast_static``: allow the vectorized
-    path for static policies. ``progress``: a tqdm bar."""
+    ``log``: keep an event log (times in µs) for tests. ``served``: record what every step
+    served (:attr:`drive.records.RunResult.served`; the general path). ``fast``: allow the
+    shortcuts of :mod:`sim.fastpath` (the vectorized path of static policies, the one-class
+    server); off, every step takes the general path. ``progress``: a tqdm bar."""
 
     check: bool = False
     log: bool = False
-    fast_static: bool = True
+    served: bool = False
+    fast: bool = True
     progress: bool = False
-
-
-def policy_name(policy: Policy) -> str:
-    cfg = getattr(policy, "cfg", None)
-    return getattr(cfg, "name", "") or type(policy).__name__
 
 
 def _us(t: float) -> float:
@@ -111,55 +111,38 @@ class Engine:
 
     def __init__(self, view: LayerSteps, spec: ModelSpec, hw: HardwareProfile, policy: Policy,
                  budget_bytes: int, *, seed: int = 0, sensitivity: SensitivityTable | None = None,
-                 profile: LayerSteps | None = None, options: EngineOptions | None = None) -> None:
+                 profile: LayerSteps | None = None, options: EngineOptions | None = None,
+                 observe_lag: int = 0) -> None:
         if budget_bytes <= 0:
             raise InfeasibleError(f'"budget_gb" must be > 0, got {budget_bytes / 1e9:g}.')
         self.view, self.spec, self.hw, self.policy = view, spec, hw, policy
         self.name = policy_name(policy)
         self.opt = options or EngineOptions()
         self.budget_bytes = budget_bytes
-        self.ledger = self._prepare_policy(seed, profile, sensitivity)
+        self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile,
+                                     future=view if policy.needs_future else None, sensitivity=sensitivity)
+        self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.h2d, self.d2h = Link(hw.h2d, "h2d"), Link(hw.d2h, "d2h")
         self.pool = SimPool(self.ledger, spec, self.h2d)
         self.P = len(self.pool.precisions)
-        self._low = [(m & -m).bit_length() - 1 for m in range(1 << self.P)]  # bitmask -> best precision
+        self._low = lowest_bits(self.P)  # bitmask -> best precision
+        self.res = [Residency(self.pool.ready[i], self.pool.loading[i], self._ready_time(i)) for i in range(spec.layers)]
         self.kernels = KernelModel(hw, spec, self.pool.precisions)
-        self._errors(sensitivity)
-        self.counts = {"promotions": 0, "prefetches": 0, "demotions": 0, "refusals": 0}
+        errors = error_table(spec, self.pool.precisions, sensitivity)
+        self.err_table, self.err_of, self.host_err = errors.table, errors.of, errors.host
+        self.counts = self.driver.counts
         self.host_io_bytes = 0
         self.log: list[tuple[Any, ...]] | None = [] if self.opt.log else None
+        self._track = self.opt.check or self.opt.log or self.opt.served  # list what each step serves
         self._check_feasible()
-        self._place_initial()
+        if self.log is not None:
+            self.driver.watch(self._log_refused, self._log_action)
+        self.driver.attach(self.pool)
 
     # ---- set-up ----
-    def _prepare_policy(self, seed: int, profile: LayerSteps | None, table: SensitivityTable | None) -> SlabLedger:
-        spec = self.spec
-        ctx = PolicyContext(
-            spec=spec, budget_bytes=self.budget_bytes, rng=np.random.default_rng(seed),
-            precision_bytes={p: spec.expert_bytes(p) for p in PRECISIONS},
-            profile=profile, future=self.view if self.policy.needs_future else None, sensitivity=table,
-        )
-        self.policy.prepare(ctx)
-        return SlabLedger(self.policy.slab_plan(), self.budget_bytes)
-
-    def _errors(self, table: SensitivityTable | None) -> None:
-        """Per (layer, expert): error per pool precision, and of the host's bf16 copy."""
-        L, E, row = self.spec.layers, self.spec.experts, self.spec.hidden
-        names = [*self.pool.precisions, "bf16"]
-        mixes = {n: get_channel_mix(n) for n in names}
-        base = sorted({b for n, m in mixes.items() for b in ((n,) if m is None else (m.low, m.high))})
-        if table is None:
-            arr = np.broadcast_to(np.array([analytic_error(p, row) for p in base]), (L, E, len(base)))
-        else:
-            arr = table.error_array(L, E, base, row)
-        col: dict[str, Any] = {b: arr[:, :, i] for i, b in enumerate(base)}
-        per = []
-        for n in names:
-            mix = mixes[n]
-            per.append(col[n] if mix is None else np.asarray(mix.error(col[mix.low], col[mix.high])))
-        self.err_table = np.stack(per[: self.P], axis=2).astype(np.float64)  # [L, E, P]
-        self.err_of = self.err_table.tolist()  # [L][E][P]
-        self.host_err = per[self.P].tolist()  # [L][E]
+    def _ready_time(self, layer: int) -> Callable[[int, int], float]:
+        ready_time = self.pool.ready_time
+        return lambda e, p: ready_time(layer, e, p)
 
     def _check_feasible(self) -> None:
         sizes = np.diff(np.asarray(self.view.offsets))
@@ -173,23 +156,10 @@ class Engine:
                 f"{need * smallest / 1e9:.3f} or lower the batch size"
             )
 
-    def _place_initial(self) -> None:
-        for a in self.policy.initial_loads():
-            self._check_key(a.key)
-            r = self.pool.evict(a.key, a.precision) if a.kind is ActionKind.DEMOTE else self.pool.place(a.key, a.precision)
-            if isinstance(r, Refusal):
-                self.counts["refusals"] += 1
-                self.policy.on_refused(a, r)
-
-    def _check_key(self, key: ExpertKey) -> None:
-        if not (0 <= key[0] < self.spec.layers and 0 <= key[1] < self.spec.experts):
-            raise PolicyError(f"policy {self.name} named expert {key}, outside {self.spec.name}'s "
-                              f"{self.spec.layers} layers x {self.spec.experts} experts")
-
     # ---- running ----
     def run(self) -> RunResult:
         """Replay every layer step; returns the measured arrays."""
-        rec = Recorder(self.pool.precisions)
+        rec = Recorder(self.pool.precisions, served=[] if self.opt.served else None)
         env = simpy.Environment()
         wall0 = time.perf_counter()
         bar = tqdm(total=self.view.layer_steps, unit="step", mininterval=0.5, desc=f"sim {self.name}",
@@ -203,7 +173,7 @@ class Engine:
         return RunResult.from_recorder(rec, self.view, wall, info)
 
     def _process(self, env: simpy.Environment, rec: Recorder, bar: tqdm) -> Generator[simpy.Event, Any, None]:
-        if self.policy.is_static and self.opt.fast_static and not self.opt.check and not self.opt.log:
+        if self.policy.is_static and self.opt.fast and not self._track:
             plan = static_plan(self)
             if plan is not None:
                 yield from plan.replay(env, rec, bar)
@@ -217,10 +187,9 @@ class Engine:
         return np.r_[key[1:] != key[:-1], True] if key.size else np.zeros(0, bool)
 
     def snapshot(self) -> tuple[int, ...]:
-        """Counters in :data:`sim.metrics.COUNTERS` order."""
-        c = self.counts
-        return (self.h2d.bytes_total, self.d2h.bytes_total, self.pool.loaded_bytes, c["promotions"],
-                c["prefetches"], c["demotions"], c["refusals"], self.ledger.used_bytes, self.pool.peak_bytes)
+        """Counters in :data:`drive.records.COUNTERS` order."""
+        return snapshot((self.h2d.bytes_total, self.d2h.bytes_total, self.pool.loaded_bytes), self.counts,
+                        (self.ledger.used_bytes, self.pool.peak_bytes))
 
     def _chunk(self, c0: int, c1: int, non_moe: np.ndarray, ends: np.ndarray) -> _Chunk:
         """Layer steps ``c0:c1`` as Python lists for the event loop (one numpy pass per chunk)."""
@@ -233,12 +202,12 @@ class Engine:
 
     def _replay(self, env: simpy.Environment, rec: Recorder, bar: tqdm) -> Generator[simpy.Event, Any, None]:
         """The event loop: per layer step, finish due copies, consult the policy, serve."""
-        v, pool, ledger = self.view, self.pool, self.ledger
+        v, pool = self.view, self.pool
         non_moe, ends = self.kernels.non_moe_s(np.asarray(v.ls_tokens)), self.pass_ends()
-        on_step = None if self.policy.is_static else self.policy.on_layer_step
-        single = self.P == 1 and not self.opt.check and self.log is None
+        observe = None if self.driver.static else self.driver.observe
+        single = self.P == 1 and self.opt.fast and not self._track
         ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate
-        pending, advance, apply, timeout = pool.pending, pool.advance, self._apply, env.timeout
+        pending, advance, timeout = pool.pending, pool.advance, env.timeout
         t = now = 0.0
         for c0 in range(0, v.layer_steps, CHUNK):
             c = self._chunk(c0, min(v.layer_steps, c0 + CHUNK), non_moe, ends)
@@ -249,12 +218,9 @@ class Engine:
                 if pending and pending[0][0] <= t1:
                     advance(t1)
                 layer = layers[j]
-                if on_step is not None:
+                if observe is not None:
                     pi, a, b = passes[j], lo + off[j], lo + off[j + 1]
-                    actions = on_step(LayerObs(c0 + j, layer, 1 if pi else 0, pi, ex_expert[a:b], ex_tokens[a:b],
-                                               ex_gate[a:b], t1), ledger)
-                    if actions:
-                        apply(actions, t1)
+                    observe(LayerObs(c0 + j, layer, 1 if pi else 0, pi, ex_expert[a:b], ex_tokens[a:b], ex_gate[a:b], t1))
                 t = serve(j, layer, t1)
                 if pe[j]:
                     rec.snaps.append(self.snapshot())
@@ -266,36 +232,28 @@ class Engine:
             bar.update(len(nm))
 
     def _server(self, c0: int, c: _Chunk, rec: Recorder) -> Callable[[int, int, float], float]:
-        """``serve(j, layer, t1)`` for step ``j`` of chunk ``c``: the general :meth:`_serve`."""
-        off, ex, serve = c.off, c.ex, self._serve
+        """``serve(j, layer, t1)`` for step ``j`` of chunk ``c``: the general :meth:`serve_general`."""
+        off, ex, serve = c.off, c.ex, self.serve_general
 
         def serve_step(j: int, layer: int, t1: float) -> float:
             return serve(c0 + j, layer, ex, off[j], off[j + 1], t1, rec)
 
         return serve_step
 
-    def _apply(self, actions: Sequence[Action], now: float) -> None:
-        """Carry out a policy's actions in order at ``now``; report refusals back."""
-        if self.log is None:
-            self.pool.apply(actions, now, self.counts, self._refused, self._check_key)
-        else:
-            self.pool.apply(actions, now, self.counts, lambda a, r: self._refused(a, r, now), self._check_key,
-                            self._log_action)
-
     def _log_action(self, a: Action, now: float, done: float) -> None:
         self.log.append((a.kind.name.lower(), str(a.key), a.precision, _us(now), _us(done)))  # type: ignore[union-attr]
 
-    def _refused(self, a: Action, reason: Refusal, now: float = 0.0) -> None:
-        self.counts["refusals"] += 1
-        if self.log is not None:
-            self.log.append(("refused", a.kind.name, str(a.key), a.precision, reason.name, _us(now)))
-        self.policy.on_refused(a, reason)
+    def _log_refused(self, a: Action, reason: Refusal, now: float) -> None:
+        self.log.append(("refused", a.kind.name, str(a.key), a.precision, reason.name, _us(now)))  # type: ignore[union-attr]
 
     # ---- serving one layer step ----
-    def _serve(self, i: int, layer: int, ex: tuple[list, list, list], a: int, b: int, t1: float,
-               rec: Recorder) -> float:
+    def serve_general(self, i: int, layer: int, ex: tuple[list, list, list], a: int, b: int, t1: float,
+                      rec: Recorder) -> float:
         """Serve layer step ``i`` (entries ``a:b`` of the chunk lists); returns its end time."""
-        wait, tok, cnt, err, host, served = self._choose(layer, ex, a, b)
+        choice = self._choose(layer, ex, a, b)
+        wait, tok, cnt, err, host, served, _ = choice
+        if rec.served is not None:
+            rec.served.append(served_row(choice, ex[1], a, self.pool.precisions))
         start = t1 if wait <= t1 else wait
         if start > t1:
             self.pool.advance(start)
@@ -329,61 +287,15 @@ class Engine:
     def _pname(self, p: int) -> str:
         return "host" if p < 0 else self.pool.precisions[p]
 
-    def _choose(self, layer: int, ex: tuple[list, list, list], a: int, b: int) -> tuple:
-        """Pick each needed expert's copy per the miss rule (see the module docstring).
+    def _choose(self, layer: int, ex: tuple[list, list, list], a: int, b: int) -> Choice:
+        """Each needed expert's copy per the miss rule (:func:`drive.missrule.choose`)."""
+        return choose(self.policy.miss_rule, self.res[layer], self._low, self.P, self.err_of[layer],
+                      self.host_err[layer], ex, a, b, track=self._track,
+                      layer=layer, policy=self.name)
 
-        Returns (time of the last awaited copy, tokens per precision, experts per precision,
-        gate-weighted error, host entries [(expert, tokens)], served [(expert, p)] or None)."""
-        pool, P, low = self.pool, self.P, self._low
-        rule = self.policy.miss_rule
-        stall, host_rule = rule is _STALL, rule is _HOST
-        rl, ll, errl = pool.ready[layer], pool.loading[layer], self.err_of[layer]
-        ex_e, ex_t, ex_g = ex
-        tok, cnt = [0] * P, [0] * P
-        host: list[tuple[int, int]] = []
-        track = self.opt.check or self.log is not None
-        served: list[tuple[int, int]] | None = [] if track else None
-        err, wait = 0.0, 0.0
-        for j in range(a, b):
-            e = ex_e[j]
-            r, ld = rl[e], ll[e]
-            if ld and ((stall and (not r or low[ld] < low[r])) or (not r and not host_rule)):
-                p = low[ld] if stall else self._first_done(layer, e, ld)  # wait for a copy in flight
-                d = pool.ready_time(layer, e, p)
-                if d > wait:
-                    wait = d
-            elif r:
-                p = low[r]  # the best READY copy
-            elif host_rule:
-                host.append((e, ex_t[j]))
-                err += ex_g[j] * self.host_err[layer][e]
-                if served is not None:
-                    served.append((e, -1))
-                continue
-            else:
-                raise self._no_copy(layer, e)
-            tok[p] += ex_t[j]
-            cnt[p] += 1
-            err += ex_g[j] * errl[e][p]
-            if served is not None:
-                served.append((e, p))
-        return wait, tok, cnt, err, host, served
-
-    def _first_done(self, layer: int, e: int, bits: int) -> int:
-        """The precision index of the copy in flight that completes first."""
-        best, best_t = -1, float("inf")
-        for p in range(self.P):
-            if bits >> p & 1:
-                d = self.pool.ready_time(layer, e, p)
-                if d < best_t:
-                    best, best_t = p, d
-        return best
-
-    def _no_copy(self, layer: int, e: int) -> PolicyError:
-        return PolicyError(
-            f"policy {self.name}: expert L{layer}E{e} is needed but has no copy and none in flight "
-            f"(miss rule {self.policy.miss_rule.name}); the policy must promote it or use MissRule.HOST"
-        )
+    def no_copy(self, layer: int, e: int) -> PolicyError:
+        """The error for a needed expert with no copy and none in flight."""
+        return no_copy(self.name, self.policy.miss_rule, layer, e)
 
     def _host(self, t1: float, host: list[tuple[int, int]]) -> tuple[float, int]:
         """Experts on the host: activations down, compute, results up; (time back, tokens)."""

@@ -13,16 +13,39 @@ order, so both paths give the same numbers bit for bit (a test checks it).
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import simpy
-from moebits.policies.base import MissRule
-from moebits.sim.metrics import Recorder
+from moebits.core.model_spec import ModelSpec
+from moebits.core.routing import LayerSteps
+from moebits.drive.context import PolicyError
+from moebits.drive.records import Recorder
+from moebits.policies.base import MissRule, Policy
+from moebits.sim.kernels import KernelModel
+from moebits.sim.pool import SimPool
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from moebits.sim.engine import Engine
+
+class Engine(Protocol):
+    """What the shortcuts read of the engine (:class:`sim.engine.Engine`): its public parts."""
+
+    view: LayerSteps
+    spec: ModelSpec
+    policy: Policy
+    pool: SimPool
+    kernels: KernelModel
+    err_table: np.ndarray
+    P: int
+
+    def pass_ends(self) -> np.ndarray: ...
+
+    def snapshot(self) -> tuple[int, ...]: ...
+
+    def no_copy(self, layer: int, e: int) -> PolicyError: ...
+
+    def serve_general(self, i: int, layer: int, ex: tuple[list, list, list], a: int, b: int, t1: float,
+                      rec: Recorder) -> float: ...
 
 
 class StaticPlan:
@@ -77,7 +100,7 @@ def static_plan(eng: Engine) -> StaticPlan | None:
         if eng.policy.miss_rule is MissRule.HOST:
             return None
         j = int(np.argmax(missing))
-        raise eng._no_copy(int(layer_of[j]), int(expert[j]))
+        raise eng.no_copy(int(layer_of[j]), int(expert[j]))
     key = step_of * P + p_of
     tokens = np.asarray(v.ex_tokens, dtype=np.int64)
     tok = np.bincount(key, weights=tokens, minlength=S * P).astype(np.int64).reshape(S, P)
@@ -113,10 +136,10 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
     layer step ``c0``) of a one-class pool, without check or log. Every served copy is of
     the one precision, so tokens, kernel time and error come from :func:`single_class_steps`;
     per step only the copies to wait for are left. A step with an expert that has no copy
-    goes through the engine's general ``_serve`` (HOST computes it on the host; the other
+    goes through the engine's ``serve_general`` (HOST computes it on the host; the other
     rules raise). Same numbers as the general path, bit for bit."""
     tsum, gpu, err = single_class_steps(eng, c0, c0 + len(c.layers))
-    ex_e, off, ready, general = c.ex[0], c.off, eng.pool.ready, eng._serve
+    ex_e, off, ready, general = c.ex[0], c.off, eng.pool.ready, eng.serve_general
     end_s, stall_s, host_wait_s, errs, act = rec.end_s, rec.stall_s, rec.host_wait_s, rec.err, rec.act
     wait = _single_wait if eng.policy.miss_rule is not MissRule.HOST else None
 

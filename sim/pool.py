@@ -28,23 +28,12 @@ from collections.abc import Callable, Sequence
 
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
-from moebits.core.precision import get_channel_mix, get_precision
 from moebits.core.slabs import Refusal, SlabLedger
+from moebits.drive.context import precision_order
 from moebits.policies.base import Action, ActionKind
 from moebits.sim.link import Link
 
 _DEMOTE, _PREFETCH = ActionKind.DEMOTE, ActionKind.PREFETCH
-
-
-def effective_bits(name: str) -> float:
-    """Bits per weight of a precision or a registered channel mix."""
-    mix = get_channel_mix(name)
-    return mix.effective_bits if mix is not None else get_precision(name).effective_bits
-
-
-def precision_order(names: list[str]) -> list[str]:
-    """Precisions highest first (by effective bits, then name): index 0 is the best copy."""
-    return sorted(names, key=lambda p: (-effective_bits(p), p))
 
 
 class SimPool:

@@ -17,31 +17,23 @@ counters (a ``metrics() -> dict[str, float]`` method) have them under ``policy_m
 
 from __future__ import annotations
 
-import dataclasses
-from enum import Enum
 from typing import Any
 
 from moebits.core.config import budget_bytes
 from moebits.core.model_spec import ModelSpec
 from moebits.core.quality import SensitivityTable
+from moebits.drive.context import budget_label, policy_metrics, run_info
+from moebits.drive.records import RunResult, summarize
 from moebits.policies._tables import run_table
-from moebits.policies.base import Policy, build_policy
-from moebits.sim.config import BudgetConfig, RunConfig
+from moebits.policies.base import build_policy
+from moebits.sim.config import RunConfig
 from moebits.sim.engine import Engine, EngineOptions, InfeasibleError
-from moebits.sim.metrics import RunResult, summarize
-from moebits.sim.workload import load_profile, load_workload
+from moebits.traces.workload import load_profile, load_workload
 
 
 def non_expert_total_bytes(spec: ModelSpec) -> int:
     """Resident non-expert weights (bf16): every layer's plus the embedding and LM head."""
     return spec.layers * spec.non_expert_bytes_per_layer + 2 * 2 * spec.vocab_size * spec.hidden
-
-
-def budget_label(b: BudgetConfig) -> str:
-    """The budget's kind as the ``conf/budget/`` preset names it: ``gb``, ``all_int4``, ``bf16_25pct``."""
-    if b.all_at is None:
-        return "gb"
-    return f"all_{b.all_at}" if b.fraction == 1.0 else f"{b.all_at}_{b.fraction * 100:g}pct"
 
 
 def resolve_budget(cfg: RunConfig, spec: ModelSpec) -> int:
@@ -74,25 +66,6 @@ def sensitivity_table(cfg: RunConfig, spec: ModelSpec) -> tuple[SensitivityTable
     return run_table(cfg.quality_table, spec, cfg.seed)
 
 
-def policy_metrics(policy: Policy) -> dict[str, float]:
-    """The policy's own counters (its ``metrics()``), or {} for a policy without them."""
-    metrics = getattr(policy, "metrics", None)
-    if not callable(metrics):
-        return {}
-    return {str(k): float(v) for k, v in metrics().items()}
-
-
-def _plain(value: Any) -> Any:
-    """Config values as JSON-ready data."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Enum):
-        return value.name
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def build_engine(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[Engine, dict[str, Any]]:
     """The engine for ``cfg`` and the run's description (for the summary)."""
     spec = cfg.model.to_spec()
@@ -107,21 +80,8 @@ def build_engine(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[
         profile, profile_src = work.view, "in-sample (the replayed trace)"
     table, table_src = sensitivity_table(cfg, spec)
     engine = Engine(work.view, spec, cfg.hardware, policy, budget, seed=cfg.seed, sensitivity=table,
-                    profile=profile, options=options)
-    info = {
-        "model": spec.name,
-        "hardware": cfg.hardware.name,
-        "budget_gb": budget / 1e9,
-        "budget_bytes": budget,
-        "budget_kind": budget_label(cfg.budget),
-        "batch": cfg.workload.batch,
-        "seed": cfg.seed,
-        "workload": work.source,
-        "profile": profile_src,
-        "quality_table": table_src,
-        "policy_config": _plain(cfg.policy),
-    }
-    return engine, info
+                    profile=profile, options=options, observe_lag=cfg.observe_lag)
+    return engine, run_info(cfg, spec.name, budget, work.source, profile_src, table_src)
 
 
 def simulate(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[RunResult, dict[str, Any]]:

@@ -17,12 +17,12 @@ pytest.importorskip("transformers")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from moebits.core.config import BudgetConfig, ModelConfig, WorkloadConfig, WorkloadKind, unknown_preset  # noqa: E402
+from moebits.drive.records import pass_table  # noqa: E402
 from moebits.policies.static_uniform import StaticUniformConfig  # noqa: E402
 from moebits.runtime.app import CONF_DIR, check_compose, main, presets, register_configs  # noqa: E402
 from moebits.runtime.runner import Mode, RuntimeRunConfig, execute  # noqa: E402
 from moebits.sim import runner as sim_runner  # noqa: E402
 from moebits.sim.config import RunConfig  # noqa: E402
-from moebits.sim.metrics import pass_table  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_config_composes_and_bad_input_is_one_line(monkeypatch: pytest.MonkeyPat
     assert cfg.runtime.mode is Mode.REPLAY and cfg.runtime.layers == 3 and cfg.policy.name == "lru_offload"
     assert _compose().policy.name == "dynaexq"
     assert unknown_preset(["policy=nope"], {"policy": presets("policy")}).startswith("unknown policy preset 'nope'")
-    msg = check_compose(["runtime.layrs=2"])
+    msg = check_compose("runtime", ["runtime.layrs=2"])
     assert msg is not None and "layrs" in msg and "\n" not in msg
     monkeypatch.setattr(sys, "argv", ["runtime", "policy=nope"])
     with pytest.raises(SystemExit) as info:
@@ -94,5 +94,7 @@ def test_replay_mode_runs_the_embedded_trace() -> None:
     assert summary["mode"] == "REPLAY" and summary["layer_steps"] == rec.layer_steps > 0
     assert summary["promotions"] > 0 and summary["h2d_weight_bytes"] == summary["promotions"] * (
         summary["runtime_model"]["hidden"] * summary["runtime_model"]["expert_intermediate"] * 3 * 2)
-    with pytest.raises(ValueError, match="replays trace files"):
-        execute(_compose("runtime.mode=REPLAY", "workload=synth"))
+    _, synth = execute(_compose("runtime.mode=REPLAY", "runtime.scale=0.0625", "workload=synth", "workload.seqs=1",
+                                "workload.prompt_tokens=2", "workload.decode_tokens=2", "policy=lru_offload",
+                                "budget=bf16_50pct", "progress=false"))
+    assert synth["workload"] == "synth(seed=0)" and synth["layer_steps"] == 3 * 2  # 3 passes x 2 layers

@@ -13,9 +13,10 @@ from hypothesis import strategies as st  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
 from moebits.core.slabs import Refusal, SlabClass  # noqa: E402
 from moebits.policies.base import MissRule, demote, promote  # noqa: E402
-from moebits.runtime.engine import PolicyError, RuntimeEngine, assignment, routing_of  # noqa: E402
+from moebits.runtime.engine import PolicyError, RuntimeEngine, routing_of  # noqa: E402
 from moebits.runtime.host_store import HostStore, random_weights  # noqa: E402
 from moebits.runtime.moe_layer import reference_moe  # noqa: E402
+from moebits.runtime.replay import assignment  # noqa: E402
 from sim_testkit import Scripted, TinyStatic  # noqa: E402
 
 SPEC = ModelSpec("eng", layers=2, experts=4, top_k=2, hidden=128, expert_intermediate=128)

@@ -18,11 +18,12 @@ from moebits.policies.dynaexq import DynaExqConfig  # noqa: E402
 from moebits.policies.lru_offload import LruOffloadConfig  # noqa: E402
 from moebits.policies.static_uniform import StaticUniformConfig  # noqa: E402
 from moebits.runtime import hf  # noqa: E402
-from moebits.runtime.engine import RuntimeEngine, replay  # noqa: E402
+from moebits.runtime.engine import RuntimeEngine  # noqa: E402
 from moebits.runtime.host_store import HostStore, random_weights  # noqa: E402
 from moebits.runtime.moe_layer import reference_moe  # noqa: E402
 from moebits.runtime.pool import DevicePool  # noqa: E402
 from moebits.runtime.promote import Promoter  # noqa: E402
+from moebits.runtime.replay import replay  # noqa: E402
 from sim_testkit import TinyStatic  # noqa: E402
 
 SPEC = ModelSpec("gpu", layers=2, experts=16, top_k=4, hidden=256, expert_intermediate=256, vocab_size=512)
@@ -73,8 +74,8 @@ def test_static_mixed_engine_matches_the_served_reference(store: HostStore) -> N
 
 @pytest.mark.parametrize("cfg", [LruOffloadConfig(), DynaExqConfig(min_residency=1)], ids=["lru", "dynaexq"])
 def test_replay_on_gpu(store: HostStore, cfg) -> None:
-    from moebits.sim.synth import synth_trace
     from moebits.traces.replay import build_view
+    from moebits.traces.zipf import synth_trace
 
     view = build_view(synth_trace(SPEC, np.random.default_rng(0), seqs=2, prompt_tokens=8, decode_tokens=16), 1)
     budget = int(SPEC.all_experts_bytes("int4") * 1.8)

@@ -89,8 +89,8 @@ def test_random_model_generates_with_the_policy_in_the_loop() -> None:
 
 
 def test_trace_routing_replaces_the_router_in_live_runs_and_in_the_reference() -> None:
-    from moebits.sim.synth import synth_trace
     from moebits.traces.replay import build_view
+    from moebits.traces.zipf import synth_trace
 
     spec = ModelSpec("Qwen3-30B-A3B", layers=2, experts=16, top_k=4, hidden=128, expert_intermediate=128,
                      vocab_size=512)

@@ -51,8 +51,14 @@ def test_pool_rejects_plans_that_do_not_fit() -> None:
         SlabLedger([SlabClass("bf16", b, 3)], 2 * b)
     with pytest.raises(PoolError, match="takes"):
         DevicePool(SlabLedger([SlabClass("bf16", b - 2, 1)], b), SPEC, "cpu")
-    with pytest.raises(PoolError, match="channel mix"):
-        slab_layout(register_channel_mix(ChannelMix("int4", "bf16", 0.25, 0.5)), 128, 128)
+    mix = ChannelMix("int4", "bf16", 0.25, 0.5)  # a channel mix packs into its planned bytes (runtime.channelmix)
+    planned = mix.expert_bytes(SPEC.expert_bytes("int4"), SPEC.expert_bytes("bf16"))
+    name = register_channel_mix(mix)
+    lay = slab_layout(name, SPEC.hidden, SPEC.expert_intermediate)
+    assert planned <= lay.nbytes <= planned + 3
+    assert DevicePool(SlabLedger([SlabClass(name, planned, 2)], 4 * planned), SPEC, "cpu").slabs == 2
+    with pytest.raises(PoolError, match="takes"):
+        DevicePool(SlabLedger([SlabClass(name, planned - 8, 1)], planned), SPEC, "cpu")
 
 
 plans = st.lists(st.tuples(st.sampled_from(PRECS), st.integers(0, 3)), min_size=1, max_size=4,

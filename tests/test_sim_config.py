@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from moebits.core.config import GROUPS, one_line, unknown_preset
 from moebits.core.hardware import HardwareProfile
 from moebits.core.model_spec import MODEL_PRESETS
 from moebits.policies.base import policy_configs
-from moebits.sim.app import CONF_DIR, check_choices, one_line, presets
+from moebits.sim.app import CONF_DIR, presets
 from moebits.sim.config import (
     ModelConfig,
     RunConfig,
@@ -97,9 +98,10 @@ def test_bad_overrides_read_as_one_line(hydra_ctx: None) -> None:
         run_config("workload.bacth=2")
     msg = one_line(info.value)
     assert "\n" not in msg and "bacth" in msg
-    assert check_choices(["hardware=h100_pcie5,nope"]) == (
+    known = {g: presets(g) for g in GROUPS}
+    assert unknown_preset(["hardware=h100_pcie5,nope"], known) == (
         "unknown hardware preset 'nope'; known: " + ", ".join(presets("hardware")))
-    assert check_choices(["policy=lru_offload", "budget_gb=3"]) is None
+    assert unknown_preset(["policy=lru_offload", "budget_gb=3"], known) is None
 
 
 def _tiny_trace(tmp_path: Path) -> str:

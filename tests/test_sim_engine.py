@@ -9,9 +9,9 @@ import pytest
 from moebits.core.precision import ChannelMix, register_channel_mix
 from moebits.core.quality import analytic_error
 from moebits.core.slabs import Refusal, SlabClass
+from moebits.drive.records import pass_table, summarize
 from moebits.policies.base import MissRule, demote, promote
 from moebits.sim.engine import Engine, EngineOptions, InfeasibleError, PolicyError
-from moebits.sim.metrics import pass_table, summarize
 from moebits.traces.replay import build_view
 from sim_testkit import BF16_BYTES, INT4_BYTES, TINY, Scripted, TinyStatic, make_trace, round_hw
 
@@ -130,7 +130,7 @@ def test_static_fast_path_matches_the_general_loop_bit_for_bit():
     results = []
     for fast in (True, False):
         _, res = run(TinyStatic(["bf16", "int4"], seed=1), seqs, prompt=2, batch=2,
-                     options=EngineOptions(fast_static=fast))
+                     options=EngineOptions(fast=fast))
         results.append(res)
     a, b = results
     for name in ("end_s", "stall_s", "err", "act", "snaps"):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from moebits.core.model_spec import ModelSpec
+from moebits.drive.records import summarize
 from moebits.sim.engine import Engine
-from moebits.sim.metrics import summarize
-from moebits.sim.synth import synth_trace
 from moebits.traces.replay import build_view
+from moebits.traces.zipf import synth_trace
 from sim_testkit import TinyLru, round_hw
 
 GOLDEN = {

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moebits.core.model_spec import ModelSpec
 from moebits.core.slabs import SlabClass
+from moebits.drive.records import summarize
 from moebits.policies.base import MissRule
 from moebits.sim.engine import Engine, EngineOptions
-from moebits.sim.metrics import summarize
-from moebits.sim.synth import synth_trace
 from moebits.traces.replay import build_view
+from moebits.traces.zipf import synth_trace
 from sim_testkit import Chaos, round_hw
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,8 +19,8 @@ from moebits.policies.base import policy_configs
 from moebits.sim.app import CONF_DIR, presets
 from moebits.sim.config import RunConfig, register_configs
 from moebits.sim.runner import build_engine, simulate
-from moebits.sim.workload import load_workload
 from moebits.traces.format import read_trace, write_trace
+from moebits.traces.workload import load_workload
 from omegaconf import OmegaConf
 from sim_testkit import TINY, make_trace
 

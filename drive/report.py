@@ -1,7 +1,7 @@
-"""A run's files and console table: ``summary.json``, ``steps.parquet``, ``figure.png``.
+"""A run's files and console table, for both engines: ``summary.json``, ``steps.parquet``, ``figure.png``.
 
-``steps.parquet`` holds one row per forward pass (see :func:`sim.metrics.pass_table`); the
-figure shows pass latency and the precision mix of served activations over simulated time.
+``steps.parquet`` holds one row per forward pass (see :func:`drive.records.pass_table`); the
+figure shows pass latency and the precision mix of served activations over the run's time.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from moebits.sim.metrics import RunResult, pass_table
+from moebits.drive.records import RunResult, pass_table
 
 SUMMARY_ROWS = (
     ("ttft_ms", "TTFT (ms, mean)"),
@@ -26,6 +26,7 @@ SUMMARY_ROWS = (
     ("promotions", "promotions"),
     ("demotions", "demotions"),
     ("quality_proxy", "quality proxy"),
+    ("kl_mean", "KL vs bf16 (nats, mean)"),
     ("layer_steps", "layer steps"),
     ("wall_s", "wall (s)"),
     ("layer_steps_per_s", "layer steps / wall s"),
@@ -48,14 +49,17 @@ def headline(summary: dict[str, Any]) -> str:
     kind = summary.get("budget_kind")
     if kind and kind != "gb":
         budget_txt += f" ({kind})"
-    return (f"{summary.get('policy', '?')} | {summary.get('model', '?')} on {summary.get('hardware', '?')} | "
+    where = summary.get("hardware", "?")
+    if summary.get("engine") == "runtime":
+        where = f"{summary.get('device', '?')} ({summary.get('mode', '?')})"
+    return (f"{summary.get('policy', '?')} | {summary.get('model', '?')} on {where} | "
             f"budget {budget_txt} | batch {summary.get('batch', '?')}")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A two-column table of the headline numbers."""
     head = headline(summary)
-    rows = [(label, _fmt(key, summary.get(key))) for key, label in SUMMARY_ROWS]
+    rows = [(label, _fmt(key, summary.get(key))) for key, label in SUMMARY_ROWS if key in summary]
     mix = summary.get("activations") or {}
     total = sum(mix.values()) or 1
     rows.append(("precision mix", ", ".join(f"{p} {n / total:.1%}" for p, n in mix.items() if n)))
@@ -68,8 +72,8 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
         return [_json_ready(v) for v in value]
     return value
 
@@ -99,7 +103,7 @@ def write_figure(steps: pd.DataFrame, precisions: list[str], path: Path, title: 
     share = steps[cols].div(steps[cols].sum(axis=1).clip(lower=1), axis=0)
     ax2.stackplot(steps["end_s"], share.to_numpy().T, labels=[c[4:] for c in cols], step="post")
     ax2.set_ylabel("share of activations")
-    ax2.set_xlabel("simulated time (s)")
+    ax2.set_xlabel("run time (s)")
     ax2.set_ylim(0, 1)
     ax2.legend(loc="upper right")
     if title:

@@ -1,8 +1,10 @@
-"""What a replay measured: per-layer-step records, per-pass rows, and the run summary.
+"""What a run measured, for both engines: per-layer-step records, per-pass rows, the summary.
 
-The engine fills a :class:`Recorder` as it goes (plain lists, cheap appends) and turns it into
-a :class:`RunResult` of numpy arrays. From that, :func:`pass_table` builds one row per forward
-pass (the rows of ``steps.parquet``) and :func:`summarize` the run's ``summary.json``.
+An engine (simulated or real) fills a :class:`Recorder` as it goes (plain lists, cheap appends)
+and turns it into a :class:`RunResult` of numpy arrays. From that, :func:`pass_table` builds
+one row per forward pass (the rows of ``steps.parquet``, one schema for both engines) and
+:func:`summarize` the run's ``summary.json`` (one format). Times are the engine's: modelled in
+the simulator, measured in the runtime (CUDA events, or the wall clock on a CPU).
 
 Definitions:
 
@@ -13,7 +15,10 @@ Definitions:
 - stall: time a layer waited for expert copies; host wait: time a layer waited for experts
   computed on the host beyond its device compute;
 - quality proxy: gate-weighted expert error summed over all routed (token, expert) pairs,
-  divided by the (token, layer) pairs (see :mod:`core.quality`).
+  divided by the (token, layer) pairs (see :mod:`core.quality`);
+- ``kl`` (the runtime, where it generates): mean KL divergence of each pass's next-token
+  distributions from the bf16 model's (nats): a ``kl`` column and ``kl_mean`` / ``kl_p99``.
+  Runs without it (the simulator) have neither.
 """
 
 from __future__ import annotations
@@ -25,9 +30,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from moebits.core.routing import LayerSteps
+from moebits.drive.driver import COUNTS
 
-COUNTERS = ("h2d_bytes", "d2h_bytes", "h2d_weight_bytes", "promotions", "prefetches", "demotions", "refusals",
-            "hbm_used_bytes", "hbm_peak_bytes")
+LINK_COUNTERS = ("h2d_bytes", "d2h_bytes", "h2d_weight_bytes")  # the mechanism's traffic
+POOL_COUNTERS = ("hbm_used_bytes", "hbm_peak_bytes")  # the mechanism's occupancy
+COUNTERS = (*LINK_COUNTERS, *COUNTS, *POOL_COUNTERS)  # COUNTS: the driver's (drive.driver)
+
+
+def snapshot(link: tuple[int, int, int], counts: dict[str, int], pool: tuple[int, int]) -> tuple[int, ...]:
+    """Counters in :data:`COUNTERS` order: the mechanism's traffic, the driver's counts, occupancy."""
+    return (*link, *(counts[k] for k in COUNTS), *pool)
 
 
 @dataclass
@@ -41,6 +53,22 @@ class Recorder:
     err: Any = field(default_factory=list)
     act: Any = field(default_factory=list)  # P + 1 per step: tokens per precision, then host
     snaps: list[tuple[int, ...]] = field(default_factory=list)  # COUNTERS at each pass end
+    kl: dict[tuple[int, int], float] | None = None  # (batch, pass) -> mean KL, where measured
+    served: list[tuple[tuple[int, int, str], ...]] | None = None  # per step (expert, tokens, precision), if asked
+
+
+@dataclass
+class StepIndex:
+    """Batch, pass and tokens of each layer step, appended as a live run goes (the runtime)."""
+
+    ls_batch: list[int] = field(default_factory=list)
+    ls_pass: list[int] = field(default_factory=list)
+    ls_tokens: list[int] = field(default_factory=list)
+
+    def append(self, batch: int, pass_index: int, tokens: int) -> None:
+        self.ls_batch.append(batch)
+        self.ls_pass.append(pass_index)
+        self.ls_tokens.append(tokens)
 
 
 @dataclass
@@ -59,15 +87,19 @@ class RunResult:
     snaps: np.ndarray  # [N, len(COUNTERS)] counters at each pass end
     wall_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    kl: dict[tuple[int, int], float] | None = None
+    served: list[tuple[tuple[int, int, str], ...]] | None = None  # see Recorder
 
     @classmethod
-    def from_recorder(cls, rec: Recorder, view: LayerSteps, wall_s: float, info: dict[str, Any]) -> RunResult:
+    def from_recorder(cls, rec: Recorder, steps: LayerSteps | StepIndex, wall_s: float,
+                      info: dict[str, Any]) -> RunResult:
+        """Arrays of ``rec``; ``steps`` gives each layer step's batch, pass and tokens."""
         P = len(rec.precisions)
         return cls(
             precisions=list(rec.precisions),
-            ls_batch=np.asarray(view.ls_batch),
-            ls_pass=np.asarray(view.ls_pass),
-            ls_tokens=np.asarray(view.ls_tokens),
+            ls_batch=np.asarray(steps.ls_batch),
+            ls_pass=np.asarray(steps.ls_pass),
+            ls_tokens=np.asarray(steps.ls_tokens),
             end_s=np.asarray(rec.end_s, dtype=np.float64),
             stall_s=np.asarray(rec.stall_s, dtype=np.float64),
             host_wait_s=np.asarray(rec.host_wait_s, dtype=np.float64),
@@ -76,6 +108,8 @@ class RunResult:
             snaps=np.asarray(rec.snaps, dtype=np.int64).reshape(-1, len(COUNTERS)),
             wall_s=wall_s,
             info=info,
+            kl=rec.kl,
+            served=rec.served,
         )
 
     @property
@@ -116,6 +150,9 @@ def pass_table(r: RunResult) -> pd.DataFrame:
     for k, p in enumerate([*r.precisions, "host"]):
         df[f"act_{p}"] = act[:, k]
     df["quality_proxy"] = np.add.reduceat(r.err, starts) / np.maximum(token_layers, 1)
+    if r.kl is not None:
+        kl = r.kl
+        df["kl"] = [kl.get((int(b), int(p)), math.nan) for b, p in zip(df["batch"], df["pass"], strict=True)]
     return df
 
 
@@ -160,5 +197,9 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "wall_s": r.wall_s,
         "layer_steps_per_s": r.layer_steps / r.wall_s if r.wall_s > 0 else None,
     }
+    if r.kl is not None:
+        kl = np.asarray([v for v in r.kl.values() if math.isfinite(v)], np.float64)
+        out["kl_mean"] = float(kl.mean()) if kl.size else None
+        out["kl_p99"] = float(np.percentile(kl, 99)) if kl.size else None
     out.update(r.info)
     return out

@@ -1,4 +1,5 @@
-"""Workloads: the replay view of the embedded default trace, a trace file, or a synthetic one.
+"""Workloads for both engines: the replay view of the embedded default trace, a trace file, or
+a synthetic one (:mod:`traces.zipf`), cut to ``workload.max_seqs`` sequences.
 
 Also the model check: a trace carries its ModelSpec, and a run whose ``model=`` disagrees
 with it stops before simulating, naming the fields that differ.
@@ -11,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from moebits.core.config import WorkloadConfig, WorkloadKind, preset_stem
 from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
-from moebits.sim.config import WorkloadConfig, WorkloadKind, preset_stem
-from moebits.sim.synth import synth_trace
 from moebits.traces.format import Trace, read_trace
 from moebits.traces.replay import ReplayView, build_view, load_view
+from moebits.traces.zipf import synth_trace
 
 from moebits import traces
 
@@ -46,10 +47,25 @@ def first_seqs(t: Trace, n: int) -> Trace:
                  None if t.gate is None else t.gate[rows])
 
 
-def _view_of_file(path: Path, cfg: WorkloadConfig) -> ReplayView:
-    if cfg.max_seqs > 0:
-        return build_view(first_seqs(read_trace(path), cfg.max_seqs), cfg.batch)
-    return load_view(path, cfg.batch)
+def first_layers(t: Trace, layers: int) -> Trace:
+    """The rows of the first ``layers`` MoE layers of ``t`` (its model cut to as many layers)."""
+    if layers >= t.spec.layers:
+        return t
+    rows = t.layer < layers
+    meta = dataclasses.replace(t.meta, spec=dataclasses.replace(t.spec, layers=layers))
+    return Trace(meta, t.seq[rows], t.step[rows], t.phase[rows], t.layer[rows], t.expert[rows],
+                 None if t.gate is None else t.gate[rows])
+
+
+def _view_of_file(path: Path, cfg: WorkloadConfig, layers: int | None) -> tuple[ReplayView, ModelSpec]:
+    """The view of a trace file (cut as asked) and the trace's own model."""
+    if cfg.max_seqs > 0 or layers is not None:
+        trace = read_trace(path)
+        trace = first_seqs(trace, cfg.max_seqs) if cfg.max_seqs > 0 else trace
+        return build_view(first_layers(trace, layers or trace.spec.layers), cfg.batch), trace.spec
+    view = load_view(path, cfg.batch)
+    assert view.meta is not None
+    return view, view.meta.spec
 
 
 def check_model(trace_spec: ModelSpec, spec: ModelSpec, where: str) -> None:
@@ -63,8 +79,10 @@ def check_model(trace_spec: ModelSpec, spec: ModelSpec, where: str) -> None:
     raise WorkloadError(f"{where} is a trace of {trace_spec.name} but model= is {spec.name} ({'; '.join(diff)}); {hint}")
 
 
-def load_workload(cfg: WorkloadConfig, spec: ModelSpec | None, seed: int) -> Workload:
-    """The replay view for ``cfg``; ``spec`` None takes the model from the trace."""
+def load_workload(cfg: WorkloadConfig, spec: ModelSpec | None, seed: int, layers: int | None = None) -> Workload:
+    """The replay view for ``cfg``; ``spec`` None takes the model from the trace. ``layers``
+    keeps only the first MoE layers (a scaled-down runtime model); ``Workload.spec`` stays the
+    full model's."""
     if cfg.batch < 1:
         raise WorkloadError(f'"workload.batch" must be >= 1, got {cfg.batch}')
     if cfg.kind is WorkloadKind.SYNTH:
@@ -74,6 +92,8 @@ def load_workload(cfg: WorkloadConfig, spec: ModelSpec | None, seed: int) -> Wor
                             decode_tokens=cfg.decode_tokens, skew=cfg.skew, reuse=cfg.reuse)
         if cfg.max_seqs > 0:
             trace = first_seqs(trace, cfg.max_seqs)
+        if layers is not None:
+            trace = first_layers(trace, layers)
         return Workload(build_view(trace, cfg.batch), spec, f"synth(seed={seed})")
     if cfg.kind is WorkloadKind.DEFAULT:
         path = default_trace_path()
@@ -84,9 +104,7 @@ def load_workload(cfg: WorkloadConfig, spec: ModelSpec | None, seed: int) -> Wor
         if not cfg.path:
             raise WorkloadError("workload=file needs workload.path=TRACE.parquet")
         path = Path(cfg.path).expanduser()
-    view = _view_of_file(path, cfg)
-    assert view.meta is not None
-    trace_spec = view.meta.spec
+    view, trace_spec = _view_of_file(path, cfg, layers)
     if spec is not None:
         check_model(trace_spec, spec, str(path))
     return Workload(view, trace_spec, str(path))

@@ -1,0 +1,149 @@
+"""The driver: consults the policy at the seam's points and hands its actions to a mechanism.
+
+An engine owns a :class:`Mechanism` (the simulator's timed slab pool, the runtime's device
+pool and copy stream) and one :class:`Driver`. The driver
+
+1. places the policy's ``initial_loads()`` (untimed, uncounted) through the mechanism;
+2. at every layer step, once the router has run, gives the policy a
+   :class:`policies.base.LayerObs` (skipped for static policies) and hands the actions it
+   returns, in order, to :meth:`Mechanism.apply`: the mechanism carries each out or refuses it
+   with a :class:`core.slabs.Refusal`, which the driver counts and reports back through
+   ``policy.on_refused``;
+3. checks every action names an expert of the model (:class:`drive.context.PolicyError`).
+
+Observation lag (``observe_lag`` = d layer steps, part of the seam's contract): a fast engine
+learns a step's routing through an asynchronous device-to-host copy, so the policy sees layer
+step t's routing only before step t + d is served (``obs.index`` = t, ``obs.now_s`` = the clock
+at step t + d), and its actions take effect from then on. d = 0 is the synchronous seam. The
+routing of the last d steps of a run is never delivered. Both engines go through
+:meth:`Driver.observe`, so the lag is the same rule in the simulator and the runtime.
+
+What a step is then served from is the miss rule's (:mod:`drive.missrule`), read from the
+mechanism's residency; when a copy is ready the mechanism says (:meth:`Mechanism.ready_time`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.core.slabs import Refusal, SlabLedger
+from moebits.drive.context import PolicyError, policy_name
+from moebits.drive.missrule import Masks
+from moebits.policies.base import Action, ActionKind, LayerObs, Policy
+
+COUNTS = ("promotions", "prefetches", "demotions", "refusals")
+
+Refused = Callable[[Action, Refusal], None]
+Accepted = Callable[[Action, float, float], None]
+Watcher = Callable[[Action, Refusal, float], None]
+
+
+class Mechanism(Protocol):
+    """What an engine's mechanism offers the driver and the miss rule.
+
+    ``precisions``: its pool's precisions, highest first (bit ``p`` of a residency mask).
+    ``ready[layer][expert]`` / ``loading[layer][expert]``: bitmasks of READY / LOADING copies.
+    """
+
+    precisions: list[str]
+
+    @property
+    def ready(self) -> Sequence[Masks]: ...
+
+    @property
+    def loading(self) -> Sequence[Masks]: ...
+
+    def place(self, key: ExpertKey, precision: str) -> int | Refusal:
+        """An untimed initial load: the copy is READY at once and moves no counted bytes."""
+        ...
+
+    def evict(self, key: ExpertKey, precision: str) -> int | Refusal:
+        """Drop a READY copy at once (untimed)."""
+        ...
+
+    def apply(self, actions: Sequence[Action], now_s: float, counts: dict[str, int], refused: Refused,
+              bad_key: Callable[[ExpertKey], None], accepted: Accepted | None = None) -> None:
+        """Carry out ``actions`` in order at ``now_s`` (DEMOTE drops a READY copy, PROMOTE and
+        PREFETCH reserve a slab and start the copy); count accepted ones in ``counts``, send each
+        refusal to ``refused`` at once and a key outside the model to ``bad_key``;
+        ``accepted(action, now_s, ready_s)`` if given."""
+        ...
+
+    def ready_time(self, layer: int, expert: int, p: int) -> float:
+        """When the LOADING copy of (layer, expert) at precision index ``p`` is READY (a time,
+        or any key that orders copies by completion)."""
+        ...
+
+
+class Driver:
+    """One policy over one mechanism; see the module docstring."""
+
+    def __init__(self, policy: Policy, ledger: SlabLedger, spec: ModelSpec, observe_lag: int = 0) -> None:
+        if observe_lag < 0:
+            raise ValueError(f'"observe_lag" must be >= 0 layer steps, got {observe_lag}')
+        self.policy, self.ledger, self.spec = policy, ledger, spec
+        self.lag = observe_lag
+        self._waiting: deque[LayerObs] = deque()
+        self.name = policy_name(policy)
+        self.counts = dict.fromkeys(COUNTS, 0)
+        self.static = policy.is_static
+        self._on_step = policy.on_layer_step
+        self.mech: Mechanism | None = None
+        self._watch: tuple[Watcher, Accepted] | None = None
+
+    def watch(self, refused: Watcher, accepted: Accepted) -> None:
+        """Also report each refusal (``refused(action, reason, now_s)``, before it is counted)
+        and each accepted action (``accepted(action, now_s, ready_s)``): an engine's event log."""
+        self._watch = (refused, accepted)
+
+    def attach(self, mech: Mechanism) -> None:
+        """Carry out actions through ``mech`` from now on; places the initial loads."""
+        self.mech = mech
+        for a in self.policy.initial_loads():
+            self.check_key(a.key)
+            r = mech.evict(a.key, a.precision) if a.kind is ActionKind.DEMOTE else mech.place(a.key, a.precision)
+            if isinstance(r, Refusal):
+                self.refused(a, r)
+
+    def observe(self, obs: LayerObs) -> None:
+        """A layer step's routing is known: give it to the policy (with the lag: the routing of
+        ``lag`` steps ago, stamped now) and carry out its actions at ``obs.now_s``."""
+        if self.lag:
+            self._waiting.append(obs)
+            if len(self._waiting) <= self.lag:
+                return
+            now_s, obs = obs.now_s, self._waiting.popleft()
+            obs.now_s = now_s
+        actions = self._on_step(obs, self.ledger)
+        if actions:
+            self.apply(actions, obs.now_s)
+
+    def apply(self, actions: Sequence[Action], now_s: float) -> None:
+        """Hand ``actions`` to the mechanism; refusals come back to :meth:`refused`."""
+        mech = self.mech
+        assert mech is not None, "attach a mechanism first"
+        if self._watch is None:
+            mech.apply(actions, now_s, self.counts, self.refused, self.check_key)
+            return
+        watch_refused, accepted = self._watch
+
+        def refused(a: Action, reason: Refusal) -> None:
+            watch_refused(a, reason, now_s)
+            self.refused(a, reason)
+
+        mech.apply(actions, now_s, self.counts, refused, self.check_key, accepted)
+
+    def refused(self, a: Action, reason: Refusal) -> None:
+        """Count a refusal and tell the policy."""
+        self.counts["refusals"] += 1
+        self.policy.on_refused(a, reason)
+
+    def check_key(self, key: ExpertKey) -> None:
+        spec = self.spec
+        if not (0 <= key[0] < spec.layers and 0 <= key[1] < spec.experts):
+            raise PolicyError(f"policy {self.name} named expert {key}, outside {spec.name}'s "
+                              f"{spec.layers} layers x {spec.experts} experts")

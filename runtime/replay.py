@@ -1,0 +1,59 @@
+"""Trace-driven replay on the runtime: a workload's routing drives a :class:`RuntimeEngine`.
+
+Dimension legend: T tokens of a layer step, k experts per token, H hidden.
+
+A replayed trace fixes routing, not hidden states: each layer step gets random activations and
+a token -> expert assignment with the trace's per-expert token counts (:func:`assignment`),
+and the engine serves it with the trace's own routing as the policy's observation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from moebits.core.routing import LayerSteps
+from moebits.drive.records import RunResult
+from moebits.runtime.engine import RuntimeEngine
+from tqdm import tqdm
+
+
+def assignment(experts: np.ndarray, tokens: np.ndarray, gate: np.ndarray, n_tokens: int,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A token -> expert assignment ``(ids, weights) [T, k]`` with the given per-expert token counts.
+
+    A replayed trace keeps, per layer step, only each expert's token count and summed gate: the
+    pairs sorted by expert are dealt round-robin over the tokens (pair j to token j mod T), so
+    no token gets an expert twice (each count is at most T), and each pair's weight is its
+    expert's mean gate."""
+    pairs = np.repeat(np.asarray(experts, np.int64), tokens)                       # [T*k]
+    if pairs.size != n_tokens * k:
+        raise ValueError(f"layer step routes {pairs.size} (token, expert) pairs, expected {n_tokens} x {k}")
+    w = np.repeat(np.asarray(gate, np.float64) / np.maximum(tokens, 1), tokens)
+    ids = pairs.reshape(k, n_tokens).T                                              # [T, k]
+    return ids, w.reshape(k, n_tokens).T.astype(np.float32)
+
+
+def replay(engine: RuntimeEngine, view: LayerSteps, *, seed: int = 0, dtype: torch.dtype | None = None,
+           progress: bool = False) -> RunResult:
+    """Trace-driven replay: every layer step of ``view`` through ``engine`` with real expert
+    compute on random activations (the trace fixes routing, not hidden states)."""
+    spec, dev = engine.spec, engine.device
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    t_max = int(np.max(view.ls_tokens, initial=1))
+    gen = torch.Generator().manual_seed(seed)
+    x_all = torch.randn(t_max, spec.hidden, generator=gen).to(dev, dtype)
+    S = view.layer_steps
+    key = np.asarray(view.ls_batch, np.int64) * (int(np.max(view.ls_pass, initial=0)) + 1) + np.asarray(view.ls_pass)
+    ends = np.r_[key[1:] != key[:-1], True] if S else np.zeros(0, bool)
+    engine.start()
+    for i in tqdm(range(S), desc=f"replay {engine.name}", disable=not progress, unit="step"):
+        a, b = int(view.offsets[i]), int(view.offsets[i + 1])
+        routing = (view.ex_expert[a:b], view.ex_tokens[a:b], view.ex_gate[a:b])
+        T = int(view.ls_tokens[i])
+        ids, w = assignment(*routing, T, spec.top_k)
+        engine.begin_pass(int(view.ls_batch[i]), int(view.ls_pass[i]))
+        engine.layer_step(int(view.ls_layer[i]), x_all[:T], torch.from_numpy(ids).to(dev),
+                          torch.from_numpy(w).to(dev), routing=routing)
+        if ends[i]:
+            engine.end_pass()
+    return engine.finish()

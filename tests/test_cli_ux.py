@@ -133,7 +133,7 @@ def test_numbers_have_one_format() -> None:
     """The summary table and report.md print numbers alike: no exponents, thousands separated,
     whole numbers without decimals, and each policy counter once."""
     from moebits.analysis.report import _cell
-    from moebits.sim.report import format_summary
+    from moebits.drive.report import format_summary
 
     assert [_cell(v) for v in (3632.863, 70.0, 0.1234, 1234567.0)] == ["3,633", "70", "0.123", "1,234,567"]
     text = format_summary({"ttft_ms": 3632.863, "promotions": 70, "demotions": 70.0, "wall_s": 0.01234,

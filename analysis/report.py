@@ -1,9 +1,9 @@
 """``report.md``: a sweep's tables and figures as one Markdown page.
 
-Sections: what was swept (counts of finished, failed and unfinished runs), the figures, per
-trace the policy x budget tables of latency, quality proxy and stall share on the primary
-GPU, each online policy's latency relative to the oracle, the policies' own counters
-(``policy_metrics``), and every run that failed, with its one-line error.
+Sections: what was swept (counts of ok, infeasible, failed and unfinished runs), the figures,
+per trace the policy x budget tables of latency, quality proxy and stall share on the primary
+GPU, each online policy's distance to the oracle (when an oracle ran), the policies' own
+counters (``policy_metrics``), and every run that did not finish, with its status and reason.
 """
 
 from __future__ import annotations
@@ -14,16 +14,24 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from moebits.analysis.figures import ONLINE, POLICY_ORDER, oracle_ratio, ordered, primary_hardware
-
-BUDGET_ORDER = ("all_int2", "all_int3", "bf16_25pct", "all_int4", "all_int8", "bf16_50pct", "all_bf16")
+from moebits.analysis.figures import (
+    ONLINE,
+    POLICY_ORDER,
+    budget_order,
+    oracle_ratio,
+    ordered,
+    primary_hardware,
+)
 
 
 def _cell(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if isinstance(value, float | np.floating):
-        return f"{value:.{digits}g}"
+    if isinstance(value, float | np.floating):  # one format: no exponents, thousands separated
+        x = float(value)
+        if abs(x) >= 10.0**digits:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
     return str(value).replace("|", "\\|")
 
 
@@ -38,10 +46,10 @@ def markdown_table(df: pd.DataFrame, index: bool = True, digits: int = 3) -> str
 
 
 def pivot(df: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Policy x budget kind of ``value`` (rows and columns in study order)."""
-    table = df.pivot_table(index="label", columns="budget_kind", values=value, aggfunc="first")
+    """Policy x budget of ``value`` (policies in study order, budgets by their bytes)."""
+    table = df.pivot_table(index="label", columns="budget", values=value, aggfunc="first")
     table = table.reindex(index=ordered(table.index.tolist(), POLICY_ORDER),
-                          columns=ordered(table.columns.tolist(), BUDGET_ORDER))
+                          columns=[b for b in budget_order(df) if b in table.columns])
     table.index.name = "policy"
     return table
 
@@ -74,10 +82,11 @@ def metrics_table(df: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def failures_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Failed and unfinished runs: where, and the first line of the error."""
+    """Runs that did not end ok: status (infeasible, failed, unfinished), where, and the reason."""
     bad = df[df["status"] != "ok"]
-    cols = [c for c in ("trace", "hardware", "budget", "label", "status", "error") if c in bad]
-    return bad[cols].sort_values(cols[:4]).reset_index(drop=True)
+    cols = [c for c in ("status", "trace", "hardware", "budget", "label", "error", "run_dir") if c in bad]
+    table = bad[cols].sort_values(cols[:5]).reset_index(drop=True)
+    return table.rename(columns={"error": "reason"})
 
 
 def _section_trace(ok: pd.DataFrame, trace: str) -> list[str]:
@@ -96,16 +105,19 @@ def build_report(df: pd.DataFrame, root: Path, figures: dict[str, Path], out: Pa
     counts = df["status"].value_counts()
     hw = primary_hardware(df)
     ok = df[df["status"] == "ok"]
+    tables = sorted(set(ok.get("quality_table", pd.Series(dtype=str)).dropna().astype(str)))
+    synthetic = [t for t in tables if t.startswith("synthetic")]
     lines = [
         f"# Sweep report: {root}", "",
-        f"{len(df)} runs: {counts.get('ok', 0)} finished, {counts.get('error', 0)} failed (error.txt), "
-        f"{counts.get('missing', 0)} unfinished. Traces: {', '.join(ordered(df['trace'].tolist(), ()))}. "
+        f"{len(df)} runs: {counts.get('ok', 0)} ok, {counts.get('infeasible', 0)} infeasible, "
+        f"{counts.get('failed', 0)} failed, {counts.get('unfinished', 0)} unfinished. Traces: {', '.join(ordered(df['trace'].tolist(), ()))}. "
         f"GPUs: {', '.join(ordered(df['hardware'].dropna().tolist(), ()))}. "
         f"Policies: {', '.join(ordered(df['policy'].dropna().tolist(), POLICY_ORDER))}.", "",
         "Latency is TPOT (mean ms per decode pass) where the trace decodes and TTFT (mean ms) where it is "
         "prefill-only. The quality proxy is the gate-weighted expert quantization error per token and layer "
         "(lower is better; bf16 is 0), from the run's sensitivity table "
-        f"({', '.join(sorted(set(ok.get('quality_table', pd.Series(dtype=str)).dropna().astype(str))))}).",
+        f"({', '.join(tables)})" + (": a SYNTHETIC table (seeded), not measured on real weights, so it ranks "
+                                    "policies only as far as that table is realistic." if synthetic else "."),
         "Tables: runs.parquet / runs.csv (one row per run).", "", "## Figures", "",
     ]
     for name, path in figures.items():
@@ -113,15 +125,20 @@ def build_report(df: pd.DataFrame, root: Path, figures: dict[str, Path], out: Pa
     lines += [f"## Per trace, on {hw}", ""]
     for trace in ordered(ok["trace"].tolist(), ()):
         lines += _section_trace(ok[ok["hardware"] == hw], trace)
-    lines += ["## Online policies vs the oracle", "",
-              "Latency over the Belady oracle's (bf16 cache) at the same trace, GPU and budget; geometric mean "
-              "over GPUs and budgets where both ran. Below 1: faster than the oracle's bf16 cache (by serving "
-              "lower precision).", "", markdown_table(oracle_table(df)), ""]
+    lines += ["## Distance to the oracle", ""]
+    if (ok["policy"] == "oracle").any():
+        lines += ["Latency over the Belady oracle's (bf16 cache) at the same trace, GPU and budget; geometric mean "
+                  "over GPUs and budgets where both ran. Below 1: faster than the oracle's bf16 cache (by serving "
+                  "lower precision).", "", markdown_table(oracle_table(df)), ""]
+    else:
+        lines += ["No oracle run finished in this sweep (add policy=oracle to compare against the bound).", ""]
     metrics = metrics_table(df)
     if metrics is not None and len(metrics):
         lines += ["## Policy counters (policy_metrics, mean over runs)", "", markdown_table(metrics), ""]
     fails = failures_table(df)
-    lines += [f"## Failed or unfinished runs ({len(fails)})", ""]
+    lines += [f"## Infeasible, failed or unfinished runs ({len(fails)})", "",
+              "infeasible: the budget cannot hold the run (recorded, never retried); failed: an error "
+              "(re-run the sweep to retry; error.txt in the run folder); unfinished: interrupted.", ""]
     lines += [markdown_table(fails, index=False) if len(fails) else "None.", ""]
     return "\n".join(lines)
 
@@ -139,7 +156,7 @@ def write_report(root: str | Path, out: str | Path | None = None, progress: bool
         raise ValueError(f"{root}: none of its {len(df)} runs finished (no summary.json); nothing to report")
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out_dir / "runs.parquet", index=False)
-    df.to_csv(out_dir / "runs.csv", index=False)
+    df.to_csv(out_dir / "runs.csv", index=False)  # the same table as text
     figures = draw_all(df, root, out_dir)
     path = out_dir / "report.md"
     path.write_text(build_report(df, root, figures, out_dir))

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any
 
 from moebits.core.hardware import HardwareProfile
-from moebits.core.model_spec import ModelSpec
+from moebits.core.model_spec import PRESET_KEYS, ModelSpec, preset_key
 from moebits.core.precision import PRECISIONS, get_precision
 
 MISSING: Any = "???"  # omegaconf.MISSING, without importing omegaconf
@@ -58,13 +58,26 @@ class WorkloadConfig:
     skew: float = 1.0
     reuse: float = 0.3
 
+    def ignored_settings(self, generates: bool = False) -> list[str]:
+        """The fields set away from their defaults that this ``kind`` does not read (a replay
+        that would silently run something else than its saved config claims). ``generates``:
+        the caller sizes a live generation from ``seqs``/``prompt_tokens``/``decode_tokens``."""
+        base = WorkloadConfig()
+        synth_knobs = ("skew", "reuse") + (() if generates else ("seqs", "prompt_tokens", "decode_tokens"))
+        unread = {WorkloadKind.DEFAULT: ("path", *synth_knobs), WorkloadKind.FILE: synth_knobs,
+                  WorkloadKind.SYNTH: ("path",)}[self.kind]
+        return [f"workload.{f}={getattr(self, f)}" for f in unread if getattr(self, f) != getattr(base, f)]
+
 
 @dataclass
 class ModelConfig:
     """A :class:`core.model_spec.ModelSpec`, field for field; ``from_trace: true`` takes the
-    model from the replayed trace's metadata instead (``model=trace``)."""
+    model from the replayed trace's metadata instead (``model=trace``); ``config`` (a Hugging
+    Face ``config.json`` or a local model directory) builds it from that config instead
+    (``model=hf model.config=PATH``, :mod:`core.hf_config`)."""
 
     from_trace: bool = False
+    config: str | None = None
     name: str = ""
     layers: int = 0
     experts: int = 0
@@ -81,6 +94,10 @@ class ModelConfig:
         """The ModelSpec, or None for ``from_trace``."""
         if self.from_trace:
             return None
+        if self.config:
+            from moebits.core.hf_config import spec_from_hf
+
+            return spec_from_hf(self.config)
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSpec)}
         return ModelSpec(**fields)
 
@@ -129,9 +146,7 @@ class BaseRunConfig:
     observe_lag: int = 0
 
 
-def preset_stem(model_name: str) -> str:
-    """The ``conf/model/`` file stem of a ModelSpec preset: ``Qwen1.5-MoE-A2.7B`` -> ``qwen15_moe_a27b``."""
-    return model_name.lower().replace(".", "").replace("-", "_")
+preset_stem = preset_key  # the ``conf/model/`` file stem of a ModelSpec preset (see core.model_spec)
 
 
 def budget_bytes(budget_gb: float, budget: BudgetConfig, spec: ModelSpec) -> int:
@@ -189,3 +204,21 @@ def unknown_preset(args: list[str], presets: Mapping[str, list[str]]) -> str | N
             if v.strip() not in presets[key]:
                 return f"unknown {key} preset {v.strip()!r}; known: {', '.join(presets[key])}"
     return None
+
+
+def model_choice_spelling(args: list[str]) -> tuple[list[str], list[str]]:
+    """``model=Qwen3-30B-A3B`` (a model's name) rewritten to its preset key ``model=qwen3_30b_a3b``
+    (sweeps ``model=a,b`` too); returns the arguments and one hint per rewrite."""
+    out, hints = [], []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if key.lstrip("+~") != "model" or not sep or "(" in value:
+            out.append(arg)
+            continue
+        names = value.split(",")
+        fixed = [preset_key(v) if v not in PRESET_KEYS and preset_key(v) in PRESET_KEYS else v for v in names]
+        if fixed != names:
+            hints.append(f"note: model presets are named by their conf/model/ file in every command: "
+                         f"{key}={','.join(fixed)} (was {value})")
+        out.append(f"{key}={','.join(fixed)}")
+    return out, hints

@@ -163,10 +163,26 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 }
 
 
+def preset_key(model_name: str) -> str:
+    """The one preset name every CLI uses, the ``conf/model/`` file stem:
+    ``Qwen1.5-MoE-A2.7B`` -> ``qwen15_moe_a27b``."""
+    return model_name.lower().replace(".", "").replace("-", "_")
+
+
+PRESET_KEYS: dict[str, str] = {preset_key(n): n for n in MODEL_PRESETS}
+
+
+def find_preset(name: str) -> tuple[ModelSpec, str | None]:
+    """A preset by its key (``qwen3_30b_a3b``) or its model name (``Qwen3-30B-A3B``); the second
+    value is a hint naming the key when the other spelling was used. Unknown: ValueError."""
+    if name in PRESET_KEYS:
+        return MODEL_PRESETS[PRESET_KEYS[name]], None
+    key = preset_key(name)
+    if key in PRESET_KEYS:
+        return MODEL_PRESETS[PRESET_KEYS[key]], f"model presets are named {key} (the conf/model/ name) in every command"
+    raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESET_KEYS)}")
+
+
 def get_model_spec(name: str) -> ModelSpec:
-    """Look a preset up by name, with a message that lists the known ones."""
-    try:
-        return MODEL_PRESETS[name]
-    except KeyError:
-        known = ", ".join(MODEL_PRESETS)
-        raise ValueError(f"unknown model preset {name!r}; known presets: {known}") from None
+    """Look a preset up by key or model name, with a message that lists the known ones."""
+    return find_preset(name)[0]

@@ -21,6 +21,13 @@ from heapq import heappop, heappush
 from moebits.core.keys import ExpertKey
 
 
+class InfeasibleError(ValueError):
+    """The budget cannot hold what the run needs (too few slabs, experts that do not fit).
+
+    A fact about the configuration, not a fault: a sweep records such a run as ``infeasible``
+    with this message and does not retry it (:mod:`drive.sweep`)."""
+
+
 class SlabState(IntEnum):
     """Life cycle of one slab."""
 

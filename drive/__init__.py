@@ -5,6 +5,7 @@ and the torch runtime, :mod:`moebits.runtime`). It builds the policy and its con
 (:mod:`.context`), consults it at the seam's points and hands its actions to the engine's
 mechanism (:mod:`.driver`), applies the miss rule (:mod:`.missrule`), keeps the quality
 bookkeeping (:mod:`.quality`), the per-step records and the summary (:mod:`.records`,
-:mod:`.report`) and the hydra app both command lines share (:mod:`.app`). Pure Python and
+:mod:`.report`), the hydra app both command lines share (:mod:`.app`) and what makes their
+sweeps trustworthy: outcomes, resume by config hash, progress and tally (:mod:`.sweep`). Pure Python and
 numpy: no simpy, no torch, no clock; the engines keep time (sim) and tensors (runtime).
 """

@@ -3,15 +3,20 @@
 An engine's app is an :class:`App`: its primary config (``conf/<config_name>.yaml``), how to
 register its schemas, and how to run one converted config (``execute(cfg) -> (RunResult,
 summary)``). Everything else is here, once: bad overrides stop before running with one line
-``error: ...`` and exit status 2; each run writes to its hydra run directory ``steps.parquet``,
-``figure.png`` (where asked) and ``summary.json`` last (:mod:`drive.report`); a sweep (``-m``)
-skips runs whose ``summary.json`` exists (``resume=true``), and a failing run of a sweep (bad
-settings, an infeasible budget, or a bug) writes ``error.txt`` in its folder and the sweep goes
-on. ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+``error: ...`` and exit status 2 (a sweep's first run is composed up front, so a misspelled key
+of a sweep is one line too); each run writes to its hydra run directory ``steps.parquet``,
+``figure.pdf/png`` (where asked), ``summary.json``, ``outcome.json`` last and ``app.log`` (what
+it logged; :mod:`drive.report`, :mod:`drive.sweep`). A sweep (``-m``) runs in its own folder
+(``multirun/<date>_<time>`` or the experiment's name) and skips runs that ended ok or
+infeasible with the same fully composed config (``resume=true``); a failing run of a sweep
+writes ``error.txt`` and ``outcome.json`` (infeasible: the budget cannot hold the run; failed:
+anything else) and the sweep goes on, ending with a tally and exit status 3 when a run failed
+(:class:`drive.sweep.SweepCallback`). ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -23,9 +28,10 @@ from typing import Any
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from moebits.core.config import GROUPS, one_line, unknown_preset
+from moebits.core.config import GROUPS, model_choice_spelling, one_line, unknown_preset
+from moebits.core.slabs import InfeasibleError
+from moebits.drive import sweep
 from moebits.drive.records import RunResult
 from moebits.drive.report import format_summary, write_outputs
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 USER_ERRORS = (ValueError, OmegaConfBaseException)
 Execute = Callable[[Any], tuple[RunResult, dict[str, Any]]]
+log = logging.getLogger(__name__)
 
 
 def presets(group: str) -> list[str]:
@@ -42,17 +49,18 @@ def presets(group: str) -> list[str]:
 
 
 def check_compose(config_name: str, args: list[str]) -> str | None:
-    """Compose a single run's config as hydra will, and report the first problem in one line."""
-    if any(a.startswith("-") for a in args):
-        return None  # --help, --cfg, -m ...: hydra handles those
+    """Compose a single run's config as hydra will (a sweep's first run), and report the first
+    problem in one line."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return None  # --help, --cfg ...: hydra handles those
+    args = [a for a in args if a not in ("-m", "--multirun")]
     overrides = [a for a in args if not a.lstrip("+~").startswith("hydra.")]
     try:
-        if any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)):
-            return None  # a sweep (hydra.mode=MULTIRUN set by an experiment): each run checks itself
+        overrides = sweep.first_of_sweep(overrides)  # a sweep: its first run stands for all
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             OmegaConf.to_object(compose(config_name, overrides=overrides))
     except Exception as exc:  # hydra and OmegaConf raise many types; all are the user's input
-        return one_line(exc)
+        return sweep.launcher_hint(str(exc)) or one_line(exc)
     return None
 
 
@@ -64,7 +72,12 @@ def record_failure(out_dir: Path, exc: Exception, msg: str) -> None:
     if not isinstance(exc, USER_ERRORS):
         text = f"internal error: {type(exc).__name__}: {msg}\n\n" + "".join(traceback.format_exception(exc))
     (out_dir / "error.txt").write_text(text)
-    print(f"error: {out_dir}: {text.splitlines()[0]}", file=sys.stderr)
+    log.error(f"error: {out_dir}: {text.splitlines()[0]}")
+
+
+def written_files(out_dir: Path) -> list[str]:
+    """The files a run left in its folder (named in its last log line)."""
+    return sorted(p.name for p in out_dir.iterdir() if p.is_file())
 
 
 @dataclass
@@ -82,34 +95,47 @@ class App:
         write_outputs(result, summary, out_dir, figure=getattr(cfg, "figure", False))
         return summary
 
-    def run_task(self, cfg: DictConfig) -> None:
-        """One run: resume check, run, write files, print the table."""
+    def run_task(self, cfg: DictConfig) -> tuple[sweep.Outcome, bool]:
+        """One run: resume check, run, write files, log the table. Returns the run's outcome and
+        whether it was reused from an earlier run (for :class:`drive.sweep.SweepCallback`)."""
         hc = HydraConfig.get()
         out_dir = Path(hc.runtime.output_dir)
-        sweep = hc.mode == RunMode.MULTIRUN
-        if cfg.resume and (out_dir / "summary.json").exists():
-            print(f"skip {out_dir}: summary.json exists (resume=true)")
-            return
+        in_sweep = hc.mode == RunMode.MULTIRUN
+        digest, key = sweep.config_hash(cfg), sweep.job_key(list(hc.overrides.task))
+        done = sweep.reusable(out_dir, digest) if cfg.resume else None
+        if done is not None:
+            log.info(f"skip {out_dir}: ended {done.status.value} with the same config (resume=true)")
+            return done, True
+        sweep.clear_outcome(out_dir)
         try:
             run_cfg = OmegaConf.to_object(cfg)
             assert isinstance(run_cfg, self.schema)
             summary = self.run_config(run_cfg, out_dir)
         except Exception as exc:  # noqa: BLE001 - a sweep records every failure and goes on
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (sweep or isinstance(exc, USER_ERRORS)):
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (in_sweep or isinstance(exc, USER_ERRORS)):
                 raise
             msg = one_line(exc)
-            if not sweep:
+            if not in_sweep:
                 print(f"error: {msg}", file=sys.stderr)
                 sys.exit(2)
             record_failure(out_dir, exc, msg)
-            return
-        print(format_summary(summary))
-        print(f"results: {out_dir}")
+            status = sweep.Status.INFEASIBLE if isinstance(exc, InfeasibleError) else sweep.Status.FAILED
+            outcome = sweep.Outcome(status, msg, digest, key)
+            sweep.write_outcome(out_dir, outcome)
+            return outcome, False
+        log.info(format_summary(summary))
+        outcome = sweep.Outcome(sweep.Status.OK, "", digest, key)
+        sweep.write_outcome(out_dir, outcome)  # last: its presence means 'finished' to a resumed sweep
+        log.info(f"results in {out_dir}: {', '.join(written_files(out_dir))}")
+        return outcome, False
 
     def main(self) -> None:
         """Entry point: register the schemas, catch bad overrides in one line, then run hydra."""
         self.register()
-        args = sys.argv[1:]
+        args, hints = model_choice_spelling(sys.argv[1:])
+        for hint in hints:
+            print(hint, file=sys.stderr)
+        sys.argv[1:] = args  # hydra reads sys.argv
         problem = unknown_preset(args, {g: presets(g) for g in GROUPS}) or check_compose(self.config_name, args)
         if problem:
             print(f"error: {problem}", file=sys.stderr)

@@ -46,7 +46,7 @@ from typing import ClassVar
 import numpy as np
 from moebits.core.keys import ExpertKey
 from moebits.core.precision import get_precision
-from moebits.core.slabs import SlabClass, SlabLedger
+from moebits.core.slabs import InfeasibleError, SlabClass, SlabLedger
 from moebits.policies._hotness import LayerEma
 from moebits.policies._lookahead import NextLayerPredictor, Predictor, PrefetchStats
 from moebits.policies._lru import CachedPrefetchBooks, TieredCache
@@ -135,7 +135,7 @@ class DyMoE(CachedPrefetchBooks, Policy):
                               cfg.high_budget_share)
         capacity = {p: min(len(self._key_of), int(shares[p] * ctx.budget_bytes) // self._bytes[p]) for p in shares}
         if sum(capacity.values()) < spec.top_k:
-            raise ValueError(f"dymoe: the budget of {ctx.budget_bytes / 1e9:.3f} GB holds {sum(capacity.values())} "
+            raise InfeasibleError(f"dymoe: the budget of {ctx.budget_bytes / 1e9:.3f} GB holds {sum(capacity.values())} "
                              f"experts, fewer than one token's top-{spec.top_k}; raise budget_gb")
         self.cache = TieredCache(capacity, self._key_of, self.bits)
         self.stats = PrefetchStats(spec.layers)
@@ -229,7 +229,7 @@ class DyMoE(CachedPrefetchBooks, Policy):
         if have is not None and self.bits[have] >= self.bits[p]:
             return
         if self.cache.load(k, self._order[p], protect, res, actions) is None and have is None:
-            raise ValueError(f"dymoe: no slab for expert {self._key_of[k]} at layer step {obs.index}: every "
+            raise InfeasibleError(f"dymoe: no slab for expert {self._key_of[k]} at layer step {obs.index}: every "
                              "cached copy is needed now or loading; raise budget_gb or lower the batch size")
 
     def _prefetch(self, layer: int, experts: np.ndarray, weights: np.ndarray, protect: set[int],

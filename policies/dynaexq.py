@@ -39,7 +39,7 @@ from typing import ClassVar
 import numpy as np
 from moebits.core.keys import ExpertKey
 from moebits.core.precision import get_precision
-from moebits.core.slabs import Refusal, SlabClass, SlabLedger
+from moebits.core.slabs import InfeasibleError, Refusal, SlabClass, SlabLedger
 from moebits.policies._hotness import LayerEma, LayerTopN
 from moebits.policies._tables import profile_gate_mean
 from moebits.policies.base import (
@@ -111,7 +111,7 @@ class DynaExq(Policy):
         all_low = spec.layers * spec.experts * self._lo_bytes
         spare = self.ctx.budget_bytes - all_low
         if spare < 0:
-            raise ValueError(
+            raise InfeasibleError(
                 f"dynaexq keeps every expert resident at {self.lo}: {all_low / 1e9:.3f} GB, but the budget "
                 f"is {self.ctx.budget_bytes / 1e9:.3f} GB; raise budget_gb or pick a lower low_precision"
             )

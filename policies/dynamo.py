@@ -41,7 +41,7 @@ from typing import ClassVar
 import numpy as np
 from moebits.core.keys import ExpertKey
 from moebits.core.precision import ChannelMix, get_precision, register_channel_mix
-from moebits.core.slabs import Refusal, SlabClass, SlabLedger
+from moebits.core.slabs import InfeasibleError, Refusal, SlabClass, SlabLedger
 from moebits.policies._hotness import LayerEma, LayerTopN
 from moebits.policies._tables import ExpertStats, stats_for
 from moebits.policies.base import (
@@ -139,7 +139,7 @@ class DynaMo(Policy):
         n = spec.layers * spec.experts
         all_low = n * self._bytes[self.lo]
         if all_low > budget_bytes:
-            raise ValueError(
+            raise InfeasibleError(
                 f"dynamo keeps every expert resident, at least at {self.lo}: {all_low / 1e9:.3f} GB, but its "
                 f"baseline budget is {budget_bytes / 1e9:.3f} GB; raise budget_gb or lower mix_budget_share"
             )

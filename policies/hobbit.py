@@ -40,7 +40,7 @@ from typing import ClassVar
 import numpy as np
 from moebits.core.keys import ExpertKey
 from moebits.core.precision import get_precision
-from moebits.core.slabs import SlabClass, SlabLedger
+from moebits.core.slabs import InfeasibleError, SlabClass, SlabLedger
 from moebits.policies._lookahead import NextLayerPredictor, Predictor, PrefetchStats
 from moebits.policies._lru import CachedPrefetchBooks, TieredCache
 from moebits.policies._tables import profile_mean_gate
@@ -113,7 +113,7 @@ class Hobbit(CachedPrefetchBooks, Policy):
         capacity = {self.hi: min(n, (ctx.budget_bytes - low_bytes) // self._bytes[self.hi]),
                     self.lo: min(n, low_bytes // self._bytes[self.lo])}
         if capacity[self.hi] + capacity[self.lo] < spec.top_k:
-            raise ValueError(f"hobbit: the budget of {ctx.budget_bytes / 1e9:.3f} GB caches fewer experts than "
+            raise InfeasibleError(f"hobbit: the budget of {ctx.budget_bytes / 1e9:.3f} GB caches fewer experts than "
                              f"one token's top-{spec.top_k}; raise budget_gb or low_budget_share")
         self.cache = TieredCache(capacity, self._key_of, self.bits)
         self.stats = PrefetchStats(spec.layers)
@@ -179,7 +179,7 @@ class Hobbit(CachedPrefetchBooks, Policy):
             return
         order = self._critical_order if critical else self._plain_order
         if cache.load(k, order, protect, res, actions) is None and have is None:
-            raise ValueError(f"hobbit: no slab for expert {self._key_of[k]} at layer step {obs.index}: every "
+            raise InfeasibleError(f"hobbit: no slab for expert {self._key_of[k]} at layer step {obs.index}: every "
                              "cached copy is needed now or loading; raise budget_gb or lower the batch size")
 
     def _prefetch(self, obs: LayerObs, experts: list[int], gates: list[float], crit: list[bool],

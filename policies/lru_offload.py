@@ -38,7 +38,7 @@ from typing import ClassVar
 import numpy as np
 from moebits.core.keys import ExpertKey
 from moebits.core.precision import get_precision
-from moebits.core.slabs import Refusal, SlabClass, SlabLedger
+from moebits.core.slabs import InfeasibleError, Refusal, SlabClass, SlabLedger
 from moebits.policies.base import (
     Action,
     ActionKind,
@@ -107,7 +107,7 @@ class OffloadCache(Policy):
     def slab_plan(self) -> list[SlabClass]:
         need = self.min_capacity()
         if self.capacity < need:
-            raise ValueError(
+            raise InfeasibleError(
                 f"{self.cfg.name} at {self.precision} caches {self.capacity} experts in a budget of "
                 f"{self.ctx.budget_bytes / 1e9:.3f} GB, but a layer step needs up to {need} at once "
                 f"({need * self._slab_bytes / 1e9:.3f} GB); raise budget_gb or pick a lower precision"
@@ -146,7 +146,7 @@ class OffloadCache(Policy):
 
     def _check_fits(self, keys: list[int], obs: LayerObs) -> None:
         if len(keys) > self.capacity:
-            raise ValueError(
+            raise InfeasibleError(
                 f"{self.cfg.name}: layer step {obs.index} (layer {obs.layer}) needs {len(keys)} experts "
                 f"at once but the cache holds {self.capacity}; raise budget_gb or lower the batch size"
             )

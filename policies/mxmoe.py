@@ -40,7 +40,7 @@ from typing import ClassVar
 import numpy as np
 from moebits.core.keys import ExpertKey
 from moebits.core.precision import get_precision
-from moebits.core.slabs import SlabClass
+from moebits.core.slabs import InfeasibleError, SlabClass
 from moebits.policies._tables import profile_frequency, stats_for
 from moebits.policies.base import (
     Action,
@@ -111,7 +111,7 @@ def solve_exact(loss: np.ndarray, time: np.ndarray, nbytes: np.ndarray, budget: 
         if j[i] < best_j:
             best_j, best = float(j[i]), digits[i]
     if best is None:
-        raise ValueError("mxmoe: no assignment fits the budget")
+        raise InfeasibleError("mxmoe: no assignment fits the budget")
     return best.astype(np.int64)
 
 
@@ -123,7 +123,7 @@ def _greedy(loss: np.ndarray, time: np.ndarray, nbytes: np.ndarray, budget: int,
     choice = np.full(n, int(np.argmin(nbytes)), dtype=np.int64)
     used = int(nbytes[choice].sum())
     if used > budget:
-        raise ValueError(f"mxmoe: {n} experts need {used / 1e9:.3f} GB even at the smallest precision, "
+        raise InfeasibleError(f"mxmoe: {n} experts need {used / 1e9:.3f} GB even at the smallest precision, "
                          f"budget is {budget / 1e9:.3f} GB; raise budget_gb or add a smaller precision")
     while True:
         total_l, total_t = loss[rows, choice].sum(), time[rows, choice].sum()

@@ -34,7 +34,7 @@ from typing import ClassVar
 import numpy as np
 from moebits.core.keys import ExpertKey
 from moebits.core.precision import get_precision
-from moebits.core.slabs import SlabClass
+from moebits.core.slabs import InfeasibleError, SlabClass
 from moebits.policies._tables import stats_for
 from moebits.policies.base import (
     Action,
@@ -64,7 +64,7 @@ def waterfill(order: list[int], nbytes: list[int], budget_bytes: int, top_share:
     n, low = len(order), len(nbytes) - 1
     spare = budget_bytes - n * nbytes[low]
     if spare < 0:
-        raise ValueError(f"routernorm: {n} experts need {n * nbytes[low]} bytes per layer even at the lowest "
+        raise InfeasibleError(f"routernorm: {n} experts need {n * nbytes[low]} bytes per layer even at the lowest "
                          f"level, the layer's budget is {budget_bytes}; raise budget_gb or lower the levels")
     level, cap = [low] * n, int(top_share * n)
     for e in order:

@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 from moebits.core.precision import get_precision
 from moebits.core.routing import LayerSteps
-from moebits.core.slabs import SlabClass
+from moebits.core.slabs import InfeasibleError, SlabClass
 from moebits.policies.base import (
     Action,
     MissRule,
@@ -98,7 +98,7 @@ class StaticFrequency(Policy):
         all_low_bytes = self._n * self._low_bytes
         spare_bytes = self.ctx.budget_bytes - all_low_bytes
         if spare_bytes < 0:
-            raise ValueError(
+            raise InfeasibleError(
                 f"static_frequency needs {all_low_bytes / 1e9:.3f} GB for {self._n} experts even all at "
                 f"{self.cfg.low_precision}, budget is {self.ctx.budget_bytes / 1e9:.3f} GB; "
                 "raise budget_gb or pick a lower low_precision"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from moebits.core.precision import get_precision
-from moebits.core.slabs import SlabClass
+from moebits.core.slabs import InfeasibleError, SlabClass
 from moebits.policies.base import (
     Action,
     MissRule,
@@ -68,7 +68,7 @@ class StaticUniform(Policy):
     def slab_plan(self) -> list[SlabClass]:
         need_bytes = self._n * self._slab_bytes
         if need_bytes > self.ctx.budget_bytes:
-            raise ValueError(
+            raise InfeasibleError(
                 f"static-uniform at {self.cfg.precision} needs {need_bytes / 1e9:.3f} GB for "
                 f"{self._n} experts, budget is {self.ctx.budget_bytes / 1e9:.3f} GB; "
                 "raise budget_gb or pick a lower precision"

@@ -1,11 +1,10 @@
 """``moebits sim``: the hydra app that replays a workload under a policy and writes results.
 
 Each run writes to its hydra run directory: ``summary.json``, ``steps.parquet`` (one row per
-forward pass), ``figure.png`` and hydra's ``.hydra/`` (the config used). Sweeps
-(``-m policy=a,b seed=0,1``) write one folder per override set under ``multirun/``; re-running
-a sweep skips the runs whose ``summary.json`` exists (``resume=false`` reruns them). Bad
-settings, failing sweep runs and resuming behave as :mod:`drive.app` says (shared with
-``moebits runtime``).
+forward pass), ``figure.pdf/png``, ``outcome.json``, ``app.log`` and hydra's ``.hydra/`` (the
+config used). Sweeps (``-m policy=a,b seed=0,1``) write one folder per override set under their
+own sweep folder; bad settings, failing sweep runs, the tally and resuming behave as
+:mod:`drive.app` and :mod:`drive.sweep` say (shared with ``moebits runtime``).
 """
 
 from __future__ import annotations

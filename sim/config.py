@@ -31,7 +31,7 @@ class RunConfig(BaseRunConfig):
     per-model budget (:class:`BudgetConfig`). ``seed``: the policy's RNG and
     the synthetic workload. ``resume``: in a multirun, skip runs whose ``summary.json``
     exists. ``check``: pin served slabs and assert invariants every step (slower).
-    ``figure``: write ``figure.png``.
+    ``figure``: write ``figure.pdf`` and ``figure.png``.
     ``quality_table``: a per-expert sensitivity table (Parquet/CSV, see core.quality); null
     builds a synthetic one from ``seed`` (``policies._tables.synthetic_table``) that both the
     policy and the quality proxy read; ``analytic`` gives the proxy the analytic default.

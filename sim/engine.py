@@ -53,7 +53,7 @@ from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
 from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
-from moebits.core.slabs import Refusal
+from moebits.core.slabs import InfeasibleError, Refusal  # InfeasibleError: re-exported (__all__)
 from moebits.drive.context import PolicyError, policy_name, prepare_policy
 from moebits.drive.driver import Driver
 from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
@@ -81,10 +81,6 @@ class _Chunk(NamedTuple):
     passes: list[int]
     non_moe_s: list[float]
     pass_end: list[bool]
-
-
-class InfeasibleError(ValueError):
-    """The run cannot be simulated as configured (e.g. the budget is too small)."""
 
 
 @dataclass

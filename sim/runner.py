@@ -28,7 +28,7 @@ from moebits.policies._tables import run_table
 from moebits.policies.base import build_policy
 from moebits.sim.config import RunConfig
 from moebits.sim.engine import Engine, EngineOptions, InfeasibleError
-from moebits.traces.workload import load_profile, load_workload
+from moebits.traces.workload import check_settings_used, load_profile, load_workload
 
 
 def non_expert_total_bytes(spec: ModelSpec) -> int:
@@ -69,6 +69,7 @@ def sensitivity_table(cfg: RunConfig, spec: ModelSpec) -> tuple[SensitivityTable
 def build_engine(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[Engine, dict[str, Any]]:
     """The engine for ``cfg`` and the run's description (for the summary)."""
     spec = cfg.model.to_spec()
+    check_settings_used(cfg.workload)
     work = load_workload(cfg.workload, spec, cfg.seed)
     spec = work.spec
     budget = check_device(cfg, spec)

@@ -55,9 +55,34 @@ def test_run_writes_results_and_a_sweep_resumes(tmp_path: Path) -> None:
             assert key in summary, key
         assert summary["layer_steps"] == 2 * 7 * 16  # 2 sequences x (prefill + 6 decode passes) x 16 layers
         steps = pd.read_parquet(run / "steps.parquet")
-        assert len(steps) == 2 * 7 and (run / "figure.png").stat().st_size > 0
+        assert len(steps) == 2 * 7 and (run / "figure.png").stat().st_size > 0 and (run / "figure.pdf").exists()
         assert (run / ".hydra" / "config.yaml").exists()
-    assert "lru_offload" in first.stdout and "static_uniform" in first.stdout
+        assert "lru_offload" in (run / "app.log").read_text() or "static_uniform" in (run / "app.log").read_text()
+    assert "2 runs: 2 ok, 0 infeasible, 0 failed (0 reused" in first.stderr
     again = sim(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("summary.json exists") == 2
+    assert "2 runs: 2 ok, 0 infeasible, 0 failed (2 reused" in again.stderr
+
+
+def test_ignored_workload_settings_are_refused(tmp_path: Path) -> None:
+    """Settings the chosen workload never reads would make the saved config lie."""
+    assert_one_line_error(sim("workload.path=x.parquet", cwd=tmp_path), "workload.path=x.parquet has no effect",
+                          "workload=file")
+    assert_one_line_error(sim("workload.seqs=3", "workload.decode_tokens=5", cwd=tmp_path),
+                          "workload.seqs=3, workload.decode_tokens=5 has no effect with workload=default", "workload=synth")
+
+
+def test_model_name_spelling_is_accepted_with_a_hint(tmp_path: Path) -> None:
+    proc = sim(*SMALL[1:], "model=OLMoE-1B-7B", "figure=false", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "model=olmoe_1b_7b (was OLMoE-1B-7B)" in proc.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["model"] == "OLMoE-1B-7B"
+
+
+def test_single_run_logs_to_app_log_and_names_its_files(tmp_path: Path) -> None:
+    proc = sim(*SMALL, "figure=false", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "r" / "app.log").read_text()
+    assert "TPOT p50" in log and "TPOT p50" in proc.stdout
+    assert "app.log, outcome.json, steps.parquet, summary.json" in proc.stdout
+    assert "synthetic(seed=0): a SYNTHETIC sensitivity table" in proc.stdout

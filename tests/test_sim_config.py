@@ -52,9 +52,12 @@ def test_default_config(hydra_ctx: None) -> None:
 
 @pytest.mark.parametrize("name", presets("model"))
 def test_model_presets(hydra_ctx: None, name: str) -> None:
-    model = run_config(f"model={name}").model
+    extra = [f"model.config={Path(__file__).parent / 'data' / 'hf_configs' / 'olmoe_1b_7b.json'}"] if name == "hf" else []
+    model = run_config(f"model={name}", *extra).model
     assert isinstance(model, ModelConfig)
-    if name == "trace":
+    if name == "hf":
+        assert model.config and model.to_spec() is not None
+    elif name == "trace":
         assert model.from_trace and model.to_spec() is None
     else:
         spec = model.to_spec()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moebits.traces import cli_capture, cli_import, cli_info, cli_stats, cli_synth
+from moebits.traces import cli_cache, cli_capture, cli_import, cli_info, cli_stats, cli_synth
 from moebits.traces.format import TraceError
 
-COMMANDS = (cli_import, cli_stats, cli_synth, cli_capture, cli_info)
+COMMANDS = (cli_import, cli_stats, cli_synth, cli_capture, cli_info, cli_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,9 @@ import json
 import math
 from pathlib import Path
 
+from moebits.core.plotstyle import PAGE_IN, paper_style, save
 from moebits.traces.format import Phase, read_trace
-from moebits.traces.stats import StatsRow, TraceStats, compute_stats
+from moebits.traces.stats import StatsRow, TraceStats, compute_stats, uniform_top_share
 
 HELP = """\
 statistics (per MoE layer present, and overall):
@@ -57,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("trace", help="a moebits .parquet trace")
     p.add_argument("--phase", choices=tuple(_PHASES), default="all", help="rows to use (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object (overall, layers) instead of a table")
-    p.add_argument("--plot", metavar="FILE.png", help="write a figure: top-10%% share, reuse, popularity heat map")
+    p.add_argument("--plot", metavar="FILE.png", help="write a figure (FILE.pdf and a 300-dpi FILE.png): "
+                   "top-10%% share, reuse, popularity heat map")
     p.set_defaults(func=run)
 
 
@@ -98,44 +100,42 @@ def to_json(st: TraceStats) -> str:
 
 
 def plot_stats(st: TraceStats, path: Path, title: str) -> None:
-    """Three panels: per-layer top-10% share, per-layer reuse, layer x expert popularity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Three panels: per-layer top-10% share (against uniform routing's), per-layer reuse and
+    next-layer predictability (against random), layer x expert popularity. Written as PDF and
+    PNG (:mod:`core.plotstyle`)."""
     layers = [r.layer for r in st.layers]
-    fig, axes = plt.subplots(3, 1, figsize=(10, 11), height_ratios=(1, 1, 2))
-    axes[0].bar(range(len(layers)), [r.top10_share for r in st.layers], color="tab:red")
-    axes[0].axhline(0.1, color="grey", lw=0.8, ls="--", label="uniform")
-    axes[0].set_ylabel("top-10% share")
-    axes[0].legend(loc="lower right")
-    reuse = [math.nan if r.reuse is None else r.reuse for r in st.layers]
-    axes[1].plot(range(len(layers)), reuse, marker="o", label="reuse")
-    pred = [math.nan if r.next_layer_predictability is None else r.next_layer_predictability for r in st.layers]
-    axes[1].plot(range(len(layers)), pred, marker="s", label="next-layer predictability")
-    axes[1].axhline(st.top_k / st.experts, color="grey", lw=0.8, ls="--", label="random (k/E)")
-    axes[1].set_ylabel("fraction of k experts")
-    axes[1].set_ylim(0, 1.05)
-    axes[1].legend(loc="upper right", ncols=3)
-    for ax in axes[:2]:
-        ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-        ax.set_xlabel("MoE layer")
-    share = st.popularity / st.popularity.sum(axis=1, keepdims=True).clip(min=1)
-    im = axes[2].imshow(share, aspect="auto", interpolation="nearest", cmap="viridis")
-    axes[2].set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
-    axes[2].set_xlabel("expert id")
-    axes[2].set_ylabel("MoE layer")
-    fig.colorbar(im, ax=axes[2], label="share of the layer's activations")
-    fig.suptitle(f"{title}\n{st.model}, phase {st.phase}, {st.tokens:,} tokens")
-    fig.tight_layout()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot write the plot {path}: {exc}") from None
-    finally:
-        plt.close(fig)
+    x = range(len(layers))
+    uniform = uniform_top_share(st.experts)
+    with paper_style() as plt:
+        fig, axes = plt.subplots(3, 1, figsize=(PAGE_IN, 8.0), height_ratios=(1, 1, 2))
+        axes[0].bar(x, [r.top10_share for r in st.layers], color="#D55E00")
+        axes[0].axhline(uniform, color="0.3", lw=0.8, ls="--", label=f"uniform routing ({uniform:.3g})")
+        axes[0].set_ylabel("top-10% share")
+        axes[0].legend(loc="lower right")
+        reuse = [math.nan if r.reuse is None else r.reuse for r in st.layers]
+        axes[1].plot(x, reuse, marker="o", label="reuse")
+        pred = [math.nan if r.next_layer_predictability is None else r.next_layer_predictability for r in st.layers]
+        axes[1].plot(x, pred, marker="s", label="next-layer predictability")
+        axes[1].axhline(st.top_k / st.experts, color="0.3", lw=0.8, ls="--", label="random (k/E)")
+        axes[1].set_ylabel("fraction of k experts")
+        axes[1].set_ylim(0, 1.05)
+        axes[1].legend(loc="upper right", ncols=3)
+        step = max(1, len(layers) // 24)  # at most ~24 labelled layers at 8 pt
+        for ax in axes[:2]:
+            ax.set_xticks(list(x)[::step], [str(v) for v in layers][::step])
+            ax.set_xlabel("MoE layer")
+        share = st.popularity / st.popularity.sum(axis=1, keepdims=True).clip(min=1)
+        im = axes[2].imshow(share, aspect="auto", interpolation="nearest", cmap="viridis")
+        axes[2].set_yticks(list(x)[::step], [str(v) for v in layers][::step])
+        axes[2].set_xlabel("expert id")
+        axes[2].set_ylabel("MoE layer")
+        axes[2].grid(False)
+        fig.colorbar(im, ax=axes[2], label="share of the layer's activations")
+        fig.suptitle(f"{title}: {st.model}, phase {st.phase}, {st.tokens:,} tokens")
+        try:
+            save(fig, path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot write the plot {path}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:

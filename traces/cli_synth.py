@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-from moebits.core.model_spec import ModelSpec, get_model_spec
+from moebits.core.model_spec import ModelSpec, find_preset
 from moebits.traces.fit import fit_knobs, targets_from_trace
 from moebits.traces.format import Trace, read_trace, write_trace
 from moebits.traces.synth import Shape, SynthKnobs, generate
@@ -38,8 +39,9 @@ trace or a public trace file or folder (imported on the fly). Of another model, 
 targets are interpolated by relative depth.
 
 examples:
-  moebits traces synth --model Qwen3-30B-A3B --seqs 16 --prompt-len 64 --steps 256 -o q.parquet
-  moebits traces synth --model Mixtral-8x7B --seqs 4 --steps 150 --like mixtral.parquet -o m.parquet
+  moebits traces synth --model qwen3_30b_a3b --seqs 16 --prompt-len 64 --steps 256 -o q.parquet
+  moebits traces synth --seqs 4 --steps 150 --like mixtral.parquet -o m.parquet   # Mixtral's model, from the trace
+  moebits traces synth --model olmoe_1b_7b --seqs 4 --steps 150 --like mixtral.parquet -o o.parquet
 """
 
 
@@ -51,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="ModelSpec preset, e.g. Qwen3-30B-A3B")
+    p.add_argument("--model", default=None, help="model preset (conf/model/ name, e.g. qwen3_30b_a3b); "
+                   "default with --like: the trace's own model")
     p.add_argument("--seqs", type=int, required=True, help="number of sequences")
     p.add_argument("--steps", type=int, required=True, help="decode tokens per sequence")
     p.add_argument("--prompt-len", type=int, default=0, help="prefill tokens per sequence (default 0)")
@@ -123,8 +126,8 @@ def _read_knobs(path: str, spec: ModelSpec) -> SynthKnobs:
     return SynthKnobs.from_dict(data, spec)
 
 
-def _fit(args: argparse.Namespace, spec: ModelSpec, shape: Shape, rng: np.random.Generator) -> tuple[SynthKnobs, dict]:
-    real = load_like(args.like)
+def _fit(args: argparse.Namespace, real: Trace, spec: ModelSpec, shape: Shape,
+         rng: np.random.Generator) -> tuple[SynthKnobs, dict]:
     targets = targets_from_trace(real, spec)
     if args.target_reuse is not None:
         targets = dataclasses.replace(targets, reuse=args.target_reuse)
@@ -140,8 +143,21 @@ def _fit(args: argparse.Namespace, spec: ModelSpec, shape: Shape, rng: np.random
     return result.knobs, summary
 
 
+def pick_model(model: str | None, like: Trace | None) -> ModelSpec:
+    """``--model``'s preset (either spelling, with a hint for the other), else ``--like``'s model."""
+    if model is None:
+        if like is None:
+            raise ValueError("give --model PRESET, or --like TRACE to take the model from that trace")
+        return like.spec
+    spec, hint = find_preset(model)
+    if hint:
+        print(f"note: {hint}", file=sys.stderr)
+    return spec
+
+
 def run(args: argparse.Namespace) -> int:
-    spec = get_model_spec(args.model)
+    real = load_like(args.like) if args.like else None
+    spec = pick_model(args.model, real)
     shape = Shape(args.seqs, args.prompt_len, args.steps)
     if args.target_reuse is not None and not args.like:
         raise ValueError("--target-reuse needs --like")
@@ -150,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     if args.note:
         provenance["note"] = args.note
     if args.like:
-        knobs, summary = _fit(args, spec, shape, fit_rng)
+        assert real is not None
+        knobs, summary = _fit(args, real, spec, shape, fit_rng)
         provenance.update(like=str(args.like), fit=json.dumps(summary, sort_keys=True))
     elif args.knobs:
         knobs = _read_knobs(args.knobs, spec)

@@ -229,6 +229,9 @@ def to_table(t: Trace) -> pa.Table:
 def write_trace(t: Trace, path: str | os.PathLike[str]) -> Path:
     """Validate and write a trace atomically: a crash never leaves a partial file at ``path``."""
     path = Path(path)
+    if path.suffix != ".parquet":
+        raise ValueError(f"{path}: a moebits trace is a Parquet file; name the output *.parquet "
+                         f"(for a table of statistics use `moebits traces stats --json`)")
     t.validate(where=f"trace for {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

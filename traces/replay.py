@@ -7,8 +7,11 @@ step and a layer needs the union of their experts. For each layer step the view 
 the distinct experts needed, the tokens routed to each, and their summed gate weight.
 
 Everything is computed with numpy before any event loop runs, and cached as ``.npy`` files
-that load memory-mapped (``$MOEBITS_CACHE`` or ``~/.cache/moebits``), keyed by the trace
-file's path, size and mtime and the batch size.
+that load memory-mapped, under :func:`cache_root` ``/replay`` (``$MOEBITS_CACHE``, else
+``~/.cache/moebits``), keyed by the trace file's path, size and mtime and the batch size
+(about 11 MB per real trace and batch size). A changed trace gets a new entry; the old one
+stays until ``moebits traces cache --prune`` (entries whose trace is gone or changed, or
+unused for N days) or ``--clear`` removes it (:mod:`traces.cli_cache`).
 """
 
 from __future__ import annotations
@@ -156,22 +159,31 @@ def build_view(t: Trace, batch: int = 1) -> ReplayView:
     )
 
 
-def _cache_dir(path: Path, batch: int) -> Path:
+def cache_root() -> Path:
+    """Where moebits caches derived data: ``$MOEBITS_CACHE``, else ``~/.cache/moebits``."""
+    return Path(os.environ.get("MOEBITS_CACHE", Path.home() / ".cache" / "moebits")).expanduser()
+
+
+def _source_ident(path: Path) -> dict[str, object]:
     st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|B{batch}|v1"
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _cache_dir(path: Path, batch: int) -> Path:
+    src = _source_ident(path)
+    ident = f"{src['path']}|{src['size']}|{src['mtime_ns']}|B{batch}|v1"
     digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
-    root = Path(os.environ.get("MOEBITS_CACHE", Path.home() / ".cache" / "moebits"))
-    return root / "replay" / f"{path.stem}-{digest}"
+    return cache_root() / "replay" / f"{path.stem}-{digest}"
 
 
-def _save(view: ReplayView, where: Path) -> None:
+def _save(view: ReplayView, where: Path, source: dict[str, object] | None = None) -> None:
     if view.meta is None:
         raise ValueError("a replay view without trace metadata cannot be cached")
     tmp = where.with_name(where.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     for name in _ARRAYS:
         np.save(tmp / f"{name}.npy", getattr(view, name))
-    head = {"batch": view.batch, "has_gates": view.has_gates}
+    head = {"batch": view.batch, "has_gates": view.has_gates, "source": source}
     (tmp / "meta.json").write_bytes(view.meta.to_json())
     (tmp / "view.json").write_text(json.dumps(head))
     os.replace(tmp, where)
@@ -191,12 +203,13 @@ def load_view(path: str | os.PathLike[str], batch: int = 1, cache: bool = True) 
         return build_view(read_trace(path), batch)
     where = _cache_dir(path, batch) if path.exists() else None
     if where is not None and (where / "view.json").exists():
+        os.utime(where / "view.json")  # last use, for `moebits traces cache --prune --unused-days N`
         return _load(where)
     view = build_view(read_trace(path), batch)
     if where is not None:
         try:
             where.parent.mkdir(parents=True, exist_ok=True)
-            _save(view, where)
+            _save(view, where, _source_ident(path))
         except OSError:
             return view  # an unwritable cache only costs speed
     return view

@@ -141,6 +141,12 @@ def popularity_counts(t: Trace, li: np.ndarray, n_layers: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_layers * e).reshape(n_layers, e)
 
 
+def uniform_top_share(experts: int, frac: float = 0.1) -> float:
+    """``top10_share`` of perfectly uniform routing over ``experts``: ceil(frac E) / E (0.125 for
+    Mixtral's 8 experts, 13/128 for 128): the reference a skewed layer is measured against."""
+    return math.ceil(frac * experts) / experts
+
+
 def top_share(counts: np.ndarray, frac: float = 0.1) -> np.ndarray:
     """Per row of ``counts`` [L, E]: share taken by the ceil(frac E) largest entries."""
     top = math.ceil(frac * counts.shape[1])

@@ -79,6 +79,17 @@ def check_model(trace_spec: ModelSpec, spec: ModelSpec, where: str) -> None:
     raise WorkloadError(f"{where} is a trace of {trace_spec.name} but model= is {spec.name} ({'; '.join(diff)}); {hint}")
 
 
+def check_settings_used(cfg: WorkloadConfig) -> None:
+    """Refuse settings that this workload kind would silently ignore (the saved config would
+    lie); for a replay that reads the workload only (the simulator), not a live generation."""
+    ignored = cfg.ignored_settings()
+    if not ignored:
+        return
+    wants_file = any(s.startswith("workload.path=") for s in ignored)
+    hint = "add workload=file to replay that file" if wants_file else "add workload=synth to generate a synthetic workload"
+    raise WorkloadError(f"{', '.join(ignored)} has no effect with workload={cfg.kind.value} (nothing reads it); {hint}")
+
+
 def load_workload(cfg: WorkloadConfig, spec: ModelSpec | None, seed: int, layers: int | None = None) -> Workload:
     """The replay view for ``cfg``; ``spec`` None takes the model from the trace. ``layers``
     keeps only the first MoE layers (a scaled-down runtime model); ``Workload.spec`` stays the

@@ -27,6 +27,7 @@ from moebits.drive.context import PolicyError
 from moebits.policies.base import MissRule
 
 _STALL, _HOST = MissRule.STALL, MissRule.HOST
+_NONE: list[tuple[int, int]] = []  # the shared empty bypass list of a step that bypasses nothing (never appended to)
 
 
 def lowest_bits(P: int) -> list[int]:
@@ -106,7 +107,7 @@ def choose(rule: MissRule, res: Residency, low: list[int], P: int, errl: list[li
     ex_e, ex_t, ex_g = ex
     tok, cnt = [0] * P, [0] * P
     host: list[tuple[int, int]] = []
-    bypass: list[tuple[int, int]] = []
+    bypass: list[tuple[int, int]] = _NONE  # a fresh list only when an expert is bypassed
     served: list[tuple[int, int]] | None = [] if track else None
     waited: list[tuple[int, int]] | None = [] if track else None
     err, wait = 0.0, 0.0
@@ -129,6 +130,8 @@ def choose(rule: MissRule, res: Residency, low: list[int], P: int, errl: list[li
                 served.append((e, -1))
             continue
         elif stage_p >= 0:
+            if bypass is _NONE:
+                bypass = []
             bypass.append((e, ex_t[j]))
             err += ex_g[j] * errl[e][stage_p]
             continue

@@ -143,10 +143,10 @@ class LayerTopN:
             out = [e for e in experts if e not in members]
         else:
             out = [e for e in experts if e not in members and eligible(e)]
-        if limit is not None and limit < len(out):
+        if limit is not None and limit < len(out) > 32:  # a partial selection pays off on long lists only
             return heapq.nsmallest(limit, out, key=lambda e: (-row[e], e))
         out.sort(key=lambda e: (-row[e], e))
-        return out
+        return out if limit is None else out[:limit]
 
     def has_free_slot(self, layer: int) -> bool:
         return len(self.members[layer]) < self.slots

@@ -155,13 +155,15 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
         a, b = off[j], off[j + 1]
         exs = ex_e[a:b]
         start = t1
-        bypass = None
+        missing: list[int] = []
         if not all(map(ready[layer].__getitem__, exs)):  # some needed copy is not READY
-            waited = None if wait is None else wait(eng, layer, exs, ex_t[a:b], t1, staged)
+            waited = None if wait is None else wait(eng, layer, exs, t1, staged)
             if waited is None:
                 return general(c0 + j, layer, c.ex, a, b, t1, rec)
-            start, bypass = waited
-        if bypass:
+            start, missing = waited
+        if missing:  # no copy at all: streamed through the staging slab
+            pos = {e: i for i, e in enumerate(exs, a)}
+            bypass = [(e, ex_t[pos[e]]) for e in missing]
             n = b - a - len(bypass)
             tokens = tsum[j] - sum([t for _, t in bypass])
             end = stream(t1, start + group_s(0, tokens, n) if n else start, bypass)
@@ -178,22 +180,21 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
     return serve
 
 
-def _single_wait(eng: Engine, layer: int, exs: list[int], toks: list[int], t1: float,
-                 staged: bool) -> tuple[float, list[tuple[int, int]]] | None:
+def _single_wait(eng: Engine, layer: int, exs: list[int], t1: float, staged: bool) -> tuple[float, list[int]] | None:
     """When compute may start: after the last needed copy in flight (copies due by then turn
-    READY), and the experts (expert, tokens) to stream through the staging slab (no copy at
-    all); None when such an expert has no staging slab to go through."""
+    READY), and the experts to stream through the staging slab (no copy at all); None when
+    such an expert has no staging slab to go through."""
     pool = eng.pool
     rl, ll, done_at, base = pool.ready[layer], pool.loading[layer], pool.done_at, layer * eng.spec.experts
     wait = 0.0
-    bypass: list[tuple[int, int]] = []
-    for e, t in zip(exs, toks, strict=True):
+    bypass: list[int] = []
+    for e in exs:
         if rl[e]:
             continue
         if not ll[e]:
             if not staged:
                 return None
-            bypass.append((e, t))
+            bypass.append(e)
             continue
         d = done_at[base + e]
         if d > wait:

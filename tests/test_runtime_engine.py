@@ -71,7 +71,7 @@ def test_static_mixed_layer_matches_the_served_reference(store: HostStore) -> No
         y = engine.layer_step(layer, x, ids, w)
         ref = _reference(store, layer, x, ids, w, {e: served[(layer, e)] for e in range(SPEC.experts)})
         assert _rel(y, ref) < 1e-5
-    assert engine.counts == {"promotions": 0, "prefetches": 0, "demotions": 0, "refusals": 0}
+    assert engine.counts == {"promotions": 0, "prefetches": 0, "demotions": 0, "refusals": 0, "bypasses": 0}
 
 
 def test_serve_lower_serves_the_resident_copy_until_the_promotion_lands(store: HostStore) -> None:

@@ -14,7 +14,7 @@ called, and :data:`MISSING` is OmegaConf's own marker value (the string ``"???"`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -113,11 +113,14 @@ class BudgetConfig:
     ``all_at`` null: the budget is ``budget_gb``. Else the budget is ``fraction`` x the bytes
     of every routed expert stored at precision ``all_at`` (``ModelSpec.all_experts_bytes``),
     e.g. ``all_at: int4`` = every expert fits at int4; ``all_at: bf16, fraction: 0.25`` = a
-    quarter of the bf16 experts. Presets: ``conf/budget/``.
+    quarter of the bf16 experts. ``experts`` > 0 (``budget=per_layer budget.experts=N``):
+    each MoE layer gets exactly N cache slots at the policy's precision, plus the policy's
+    staging slab (caching policies with a cache per layer only). Presets: ``conf/budget/``.
     """
 
     all_at: str | None = None
     fraction: float = 1.0
+    experts: int = 0
 
 
 @dataclass
@@ -149,8 +152,20 @@ class BaseRunConfig:
 preset_stem = preset_key  # the ``conf/model/`` file stem of a ModelSpec preset (see core.model_spec)
 
 
-def budget_bytes(budget_gb: float, budget: BudgetConfig, spec: ModelSpec) -> int:
-    """The expert budget in bytes: ``budget_gb``, or ``fraction`` x all experts at ``all_at``."""
+def budget_bytes(budget_gb: float, budget: BudgetConfig, spec: ModelSpec,
+                 per_layer_bytes: Callable[[int], int] | None = None) -> int:
+    """The expert budget in bytes: ``budget_gb``, or ``fraction`` x all experts at ``all_at``,
+    or ``per_layer_bytes(budget.experts)`` (the policy's bytes for that many slots per layer)."""
+    if budget.experts < 0 or (budget.experts and budget.all_at is not None):
+        raise ValueError(f'"budget.experts" must be >= 0 and needs "budget.all_at" null, got {budget.experts} '
+                         f"and {budget.all_at!r}")
+    if budget.experts:
+        if budget.experts > spec.experts:
+            raise ValueError(f'"budget.experts"={budget.experts} exceeds the {spec.experts} experts of a layer '
+                             f"of {spec.name}")
+        if per_layer_bytes is None:
+            raise ValueError('"budget.experts" (budget=per_layer) is not supported here')
+        return per_layer_bytes(budget.experts)
     if budget.all_at is None:
         out = int(round(budget_gb * 1e9))
         if out <= 0:

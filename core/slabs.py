@@ -176,6 +176,17 @@ class SlabLedger:
             raise PoolError(f"finish_load on slab {slab} in state {_STATES[state[slab]].name}")
         state[slab] = _READY
 
+    def finish_loads(self, slabs: list[int]) -> None:
+        """:meth:`finish_load` of each slab, in order."""
+        state = self._state
+        n = len(state)
+        for slab in slabs:
+            if slab.__class__ is not int or not 0 <= slab < n:
+                self._check_id(slab)
+            if state[slab] != _LOADING:
+                raise PoolError(f"finish_load on slab {slab} in state {_STATES[state[slab]].name}")
+            state[slab] = _READY
+
     def evict(self, key: ExpertKey, precision: str) -> int | Refusal:
         """Drop ``key``'s copy in ``precision``; a pinned slab drains and frees on its last unpin."""
         rec = self._cls.get(precision)

@@ -19,7 +19,7 @@ from moebits.core.model_spec import ModelSpec
 from moebits.core.precision import PRECISIONS, get_channel_mix, get_precision
 from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
-from moebits.core.slabs import SlabLedger
+from moebits.core.slabs import InfeasibleError, SlabLedger
 from moebits.policies.base import Policy, PolicyContext
 
 
@@ -48,7 +48,8 @@ def policy_name(policy: Policy) -> str:
 def prepare_policy(policy: Policy, spec: ModelSpec, budget_bytes: int, seed: int, *,
                    profile: LayerSteps | None = None, future: LayerSteps | None = None,
                    sensitivity: SensitivityTable | None = None) -> SlabLedger:
-    """``policy.prepare(ctx)`` and the ledger of its slab plan within ``budget_bytes``."""
+    """``policy.prepare(ctx)`` and the ledger of its slab plan within ``budget_bytes`` less the
+    policy's staging slab (:meth:`policies.base.Policy.staging`: its bytes are part of the budget)."""
     if policy.needs_future and future is None:
         raise ValueError(f"policy {policy_name(policy)} needs the future routing: run it on a trace")
     ctx = PolicyContext(
@@ -57,7 +58,12 @@ def prepare_policy(policy: Policy, spec: ModelSpec, budget_bytes: int, seed: int
         profile=profile, future=future if policy.needs_future else None, sensitivity=sensitivity,
     )
     policy.prepare(ctx)
-    return SlabLedger(policy.slab_plan(), budget_bytes)
+    staging = policy.staging()
+    staging_bytes = 0 if staging is None else staging.slab_bytes * staging.count
+    if staging_bytes >= budget_bytes:
+        raise InfeasibleError(f"the staging slab of {policy_name(policy)} ({staging_bytes / 1e9:.3f} GB) leaves nothing of "
+                         f"budget_gb={budget_bytes / 1e9:g}; raise budget_gb or lower staging_experts")
+    return SlabLedger(policy.slab_plan(), budget_bytes - staging_bytes)
 
 
 def policy_metrics(policy: Policy) -> dict[str, float]:
@@ -80,7 +86,10 @@ def plain(value: Any) -> Any:
 
 
 def budget_label(b: BudgetConfig) -> str:
-    """The budget's kind as the ``conf/budget/`` preset names it: ``gb``, ``all_int4``, ``bf16_25pct``."""
+    """The budget's kind as the ``conf/budget/`` preset names it: ``gb``, ``all_int4``, ``bf16_25pct``,
+    ``per_layer_8`` (``budget=per_layer budget.experts=8``)."""
+    if b.experts:
+        return f"per_layer_{b.experts}"
     if b.all_at is None:
         return "gb"
     return f"all_{b.all_at}" if b.fraction == 1.0 else f"{b.all_at}_{b.fraction * 100:g}pct"

@@ -35,7 +35,7 @@ from moebits.drive.context import PolicyError, policy_name
 from moebits.drive.missrule import Masks
 from moebits.policies.base import Action, ActionKind, LayerObs, Policy
 
-COUNTS = ("promotions", "prefetches", "demotions", "refusals")
+COUNTS = ("promotions", "prefetches", "demotions", "refusals", "bypasses")  # bypasses: counted by the engines
 
 Refused = Callable[[Action, Refusal], None]
 Accepted = Callable[[Action, float, float], None]

@@ -11,8 +11,11 @@ flight. Per :class:`policies.base.MissRule`:
   serves the best READY one;
 - HOST serves the best READY copy, and computes experts without one on the host (bf16).
 
-An expert with no copy and nothing in flight under SERVE_LOWER or STALL is a policy bug:
-:class:`drive.context.PolicyError`. This module is the one place that rule lives.
+An expert with no copy and nothing in flight under SERVE_LOWER or STALL is *bypassed* when the
+policy has a staging slab (:meth:`policies.base.Policy.staging`): the engine streams it
+through the slab, serves it at the slab's precision and drops it (the caches that admit only
+some of a step's misses); without one it is a policy bug: :class:`drive.context.PolicyError`.
+This module is the one place that rule lives.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from moebits.drive.context import PolicyError
 from moebits.policies.base import MissRule
 
 _STALL, _HOST = MissRule.STALL, MissRule.HOST
+_NONE: list[tuple[int, int]] = []  # the shared empty bypass list of a step that bypasses nothing (never appended to)
 
 
 def lowest_bits(P: int) -> list[int]:
@@ -37,7 +41,9 @@ class Choice(NamedTuple):
     ``wait``: ready time of the last copy waited for (0 if none); ``tok`` / ``cnt``: tokens and
     experts per precision index; ``err``: gate-weighted error; ``host``: (expert, tokens)
     computed on the host; ``served``: (expert, precision index, or -1 for the host) in expert
-    order, when asked for; ``waited``: (expert, precision index) of every copy waited for."""
+    order, when asked for; ``waited``: (expert, precision index) of every copy waited for;
+    ``bypass``: (expert, tokens) to stream through the staging slab (not in ``tok``/``cnt``;
+    their error is in ``err``)."""
 
     wait: float
     tok: list[int]
@@ -46,6 +52,7 @@ class Choice(NamedTuple):
     host: list[tuple[int, int]]
     served: list[tuple[int, int]] | None
     waited: list[tuple[int, int]] | None
+    bypass: list[tuple[int, int]]
 
 
 class Masks(Protocol):
@@ -89,16 +96,18 @@ def no_copy(policy: str, rule: MissRule, layer: int, e: int) -> PolicyError:
 
 def choose(rule: MissRule, res: Residency, low: list[int], P: int, errl: list[list[float]], host_errl: list[float],
            ex: tuple[list, list, list], a: int, b: int, *, track: bool = False, layer: int = -1,
-           policy: str = "") -> Choice:
+           policy: str = "", stage_p: int = -1) -> Choice:
     """Serve the entries ``a:b`` of ``ex`` (expert, tokens, gate lists) of one layer step.
 
     ``low``: :func:`lowest_bits`; ``errl[e][p]`` / ``host_errl[e]``: the layer's errors
-    (:class:`drive.quality.ErrorTable`). ``track`` also lists what is served and waited for."""
+    (:class:`drive.quality.ErrorTable`). ``track`` also lists what is served and waited for.
+    ``stage_p``: the staging slab's precision index, -1 without one (no bypass)."""
     stall, host_rule = rule is _STALL, rule is _HOST
     rl, ll = res.ready, res.loading
     ex_e, ex_t, ex_g = ex
     tok, cnt = [0] * P, [0] * P
     host: list[tuple[int, int]] = []
+    bypass: list[tuple[int, int]] = _NONE  # a fresh list only when an expert is bypassed
     served: list[tuple[int, int]] | None = [] if track else None
     waited: list[tuple[int, int]] | None = [] if track else None
     err, wait = 0.0, 0.0
@@ -120,6 +129,12 @@ def choose(rule: MissRule, res: Residency, low: list[int], P: int, errl: list[li
             if served is not None:
                 served.append((e, -1))
             continue
+        elif stage_p >= 0:
+            if bypass is _NONE:
+                bypass = []
+            bypass.append((e, ex_t[j]))
+            err += ex_g[j] * errl[e][stage_p]
+            continue
         else:
             raise no_copy(policy, rule, layer, e)
         tok[p] += ex_t[j]
@@ -127,4 +142,4 @@ def choose(rule: MissRule, res: Residency, low: list[int], P: int, errl: list[li
         err += ex_g[j] * errl[e][p]
         if served is not None:
             served.append((e, p))
-    return Choice(wait, tok, cnt, err, host, served, waited)
+    return Choice(wait, tok, cnt, err, host, served, waited, bypass)

@@ -14,6 +14,10 @@ Definitions:
 - tokens/s: decode tokens over decode time (0 when the workload has no decode);
 - stall: time a layer waited for expert copies; host wait: time a layer waited for experts
   computed on the host beyond its device compute;
+- hit rate: demand hits / demand requests; a layer step requests each distinct expert it
+  needs once, and a request hits if that expert had a READY copy (any precision) when the
+  step's routing was known (before the policy acted). ``bypasses``: experts streamed through
+  a staging slab instead of being cached (their copies count in ``h2d_bytes``);
 - quality proxy: gate-weighted expert error summed over all routed (token, expert) pairs,
   divided by the (token, layer) pairs (see :mod:`core.quality`);
 - ``kl`` (the runtime, where it generates): mean KL divergence of each pass's next-token
@@ -52,6 +56,8 @@ class Recorder:
     host_wait_s: Any = field(default_factory=list)
     err: Any = field(default_factory=list)
     act: Any = field(default_factory=list)  # P + 1 per step: tokens per precision, then host
+    hits: Any = field(default_factory=list)  # requests that hit, per step
+    requests: Any = field(default_factory=list)  # distinct experts needed, per step
     snaps: list[tuple[int, ...]] = field(default_factory=list)  # COUNTERS at each pass end
     kl: dict[tuple[int, int], float] | None = None  # (batch, pass) -> mean KL, where measured
     served: list[tuple[tuple[int, int, str], ...]] | None = None  # per step (expert, tokens, precision), if asked
@@ -85,6 +91,8 @@ class RunResult:
     err: np.ndarray  # [S] gate-weighted error sum
     act: np.ndarray  # [S, P+1] activations per precision, last column host
     snaps: np.ndarray  # [N, len(COUNTERS)] counters at each pass end
+    hits: np.ndarray  # [S] requests that hit
+    requests: np.ndarray  # [S] distinct experts needed
     wall_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     kl: dict[tuple[int, int], float] | None = None
@@ -106,6 +114,8 @@ class RunResult:
             err=np.asarray(rec.err, dtype=np.float64),
             act=np.asarray(rec.act, dtype=np.int64).reshape(-1, P + 1),
             snaps=np.asarray(rec.snaps, dtype=np.int64).reshape(-1, len(COUNTERS)),
+            hits=np.asarray(rec.hits, dtype=np.int64),
+            requests=np.asarray(rec.requests, dtype=np.int64),
             wall_s=wall_s,
             info=info,
             kl=rec.kl,
@@ -142,6 +152,8 @@ def pass_table(r: RunResult) -> pd.DataFrame:
         "latency_s": r.end_s[ends] - t_start,
         "stall_s": np.add.reduceat(r.stall_s, starts),
         "host_wait_s": np.add.reduceat(r.host_wait_s, starts),
+        "hits": np.add.reduceat(r.hits, starts),
+        "requests": np.add.reduceat(r.requests, starts),
     })
     diffs = np.diff(np.vstack([np.zeros((1, len(COUNTERS)), np.int64), r.snaps]), axis=0)
     for k, name in enumerate(COUNTERS):
@@ -188,6 +200,9 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "tokens_per_s": float(dec["tokens"].sum() / dec_time) if dec_time > 0 else 0.0,
         "stall_s": float(r.stall_s.sum()),
         "host_wait_s": float(r.host_wait_s.sum()),
+        "hit_rate": float(r.hits.sum() / r.requests.sum()) if r.requests.sum() else None,
+        "hits": int(r.hits.sum()),
+        "requests": int(r.requests.sum()),
         **counters,
         "quality_proxy": float(r.err.sum() / max(int(r.ls_tokens.sum()), 1)),
         "activations": {p: int(n) for p, n in zip([*r.precisions, "host"], total_act, strict=True)},

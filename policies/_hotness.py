@@ -134,12 +134,19 @@ class LayerTopN:
         if len(heap) > 4 * len(members) + 16:
             self._rebuild(layer)
 
-    def challengers(self, layer: int, experts: list[int], eligible: Callable[[int], bool]) -> list[int]:
-        """Routed ``experts`` outside the set and ``eligible``, strongest first (ties: lower id)."""
-        members, score = self.members[layer], self.ema.score
-        out = [e for e in experts if e not in members and eligible(e)]
-        out.sort(key=lambda e: (-score(layer, e), e))
-        return out
+    def challengers(self, layer: int, experts: list[int], eligible: Callable[[int], bool] | None = None,
+                    limit: int | None = None) -> list[int]:
+        """Routed ``experts`` outside the set and ``eligible`` (default: all), strongest first
+        (ties: lower id); only the first ``limit`` when given (a partial selection, same order)."""
+        members, row = self.members[layer], self.ema.v[layer]
+        if eligible is None:
+            out = [e for e in experts if e not in members]
+        else:
+            out = [e for e in experts if e not in members and eligible(e)]
+        if limit is not None and limit < len(out) > 32:  # a partial selection pays off on long lists only
+            return heapq.nsmallest(limit, out, key=lambda e: (-row[e], e))
+        out.sort(key=lambda e: (-row[e], e))
+        return out if limit is None else out[:limit]
 
     def has_free_slot(self, layer: int) -> bool:
         return len(self.members[layer]) < self.slots

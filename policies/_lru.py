@@ -19,44 +19,64 @@ from moebits.core.keys import ExpertKey
 from moebits.core.slabs import Refusal, SlabLedger
 from moebits.policies._lookahead import PrefetchStats
 from moebits.policies.base import Action, ActionKind
+from moebits.policies.offload_cache import split_slots
 
 
 class TieredCache:
-    """LRU books of several slab classes; see the module docstring."""
+    """LRU books of several slab classes; see the module docstring.
 
-    def __init__(self, capacity: dict[str, int], key_of: list[ExpertKey], bits: dict[str, float]) -> None:
+    ``layers`` > 1 keeps a cache per layer in every class (``experts`` per layer): each
+    class's slots are split over the layers evenly, or by ``shares[class]`` (one weight per
+    layer; :func:`policies.offload_cache.split_slots`), and an expert's copies live in, and
+    take victims from, its own layer's books only. Free slots are then counted from the books
+    (the ledger's free count is the class's, for all layers together)."""
+
+    def __init__(self, capacity: dict[str, int], key_of: list[ExpertKey], bits: dict[str, float],
+                 layers: int = 1, experts: int = 1, shares: dict[str, list[float]] | None = None) -> None:
         self.capacity = dict(capacity)
         self.key_of = key_of
         self.bits = bits
-        self.lru: dict[str, OrderedDict[int, None]] = {p: OrderedDict() for p in capacity}
+        self._E = experts if layers > 1 else 0
+        shares = shares or {}
+        self.cap = {p: split_slots(n, layers, experts, shares.get(p)) if layers > 1 else [n]
+                    for p, n in capacity.items()}
+        self.lru: dict[str, list[OrderedDict[int, None]]] = {p: [OrderedDict() for _ in c] for p, c in self.cap.items()}
         self._by_bits = [(p, self.lru[p]) for p in sorted(capacity, key=lambda p: -bits[p])]
-        self._free: dict[str, int] = dict(capacity)
+        self._free: dict[str, list[int]] = {p: list(c) for p, c in self.cap.items()}
+
+    def pool(self, k: int) -> int:
+        """The pool of flat id ``k`` in every class: its layer (a cache per layer) or 0."""
+        return k // self._E if self._E else 0
 
     def begin_step(self, res: SlabLedger) -> None:
-        """Take the free-slab counts from the ledger (once per layer step)."""
-        for p in self.lru:
-            self._free[p] = res.free_slabs(p)
+        """Take the free-slab counts from the ledger, or per layer from the books (once per layer step)."""
+        for p, pools in self.lru.items():
+            if self._E:
+                self._free[p] = [c - len(lru) for c, lru in zip(self.cap[p], pools, strict=True)]
+            else:
+                self._free[p][0] = res.free_slabs(p)
 
     def holds(self, k: int, p: str) -> bool:
-        return k in self.lru[p]
+        return k in self.lru[p][self.pool(k)]
 
     def best(self, k: int) -> str | None:
         """The highest-precision class holding ``k`` (READY or LOADING), if any."""
-        for p, lru in self._by_bits:
-            if k in lru:
+        i = self.pool(k)
+        for p, pools in self._by_bits:
+            if k in pools[i]:
                 return p
         return None
 
     def touch(self, k: int) -> None:
         """``k`` was used (or is about to be): most recently used in every class holding it."""
-        for _, lru in self._by_bits:
-            if k in lru:
-                lru.move_to_end(k)
+        self.touch_best(k)
 
     def touch_best(self, k: int) -> str | None:
         """:meth:`touch` and :meth:`best` in one pass."""
         best = None
-        for p, lru in self._by_bits:
+        i = k // self._E if self._E else 0
+        for p, pools in self._by_bits:
+            lru = pools[i]
             if k in lru:
                 lru.move_to_end(k)
                 best = best or p
@@ -64,36 +84,41 @@ class TieredCache:
 
     def add(self, k: int, p: str) -> None:
         """Book a copy placed outside :meth:`load` (initial loads)."""
-        self.lru[p][k] = None
-        self._free[p] -= 1
+        i = self.pool(k)
+        self.lru[p][i][k] = None
+        self._free[p][i] -= 1
 
     def forget(self, k: int, p: str) -> None:
         """Drop a copy from the books (its load was refused)."""
-        self.lru[p].pop(k, None)
+        self.lru[p][self.pool(k)].pop(k, None)
 
     def readd(self, k: int, p: str) -> None:
         """Book again a copy whose eviction was refused, as the least recently used."""
-        self.lru[p][k] = None
-        self.lru[p].move_to_end(k, last=False)
+        lru = self.lru[p][self.pool(k)]
+        lru[k] = None
+        lru.move_to_end(k, last=False)
 
     def load(self, k: int, order: list[str], exclude: set[int], res: SlabLedger, actions: list[Action],
              kind: ActionKind = ActionKind.PROMOTE, evict: bool = True) -> str | None:
-        """Place ``k`` in the first class of ``order`` with room (free slab, or a victim when
-        ``evict``); append the actions and return the class, or None if none has room."""
+        """Place ``k`` in the first class of ``order`` with room in its pool (free slot, or a
+        victim when ``evict``); append the actions and return the class, or None if none has room."""
+        i = self.pool(k)
         for p in order:
-            if k in self.lru[p]:
+            lru = self.lru[p][i]
+            if k in lru:
                 return p
-            if self._free[p] > 0:
-                self._free[p] -= 1
-            elif not evict or not self._evict_one(p, exclude, res, actions):
+            if self._free[p][i] > 0:
+                self._free[p][i] -= 1
+            elif not evict or not self._evict_one(lru, p, exclude, res, actions):
                 continue
-            self.lru[p][k] = None
+            lru[k] = None
             actions.append(Action(kind, self.key_of[k], p))
             return p
         return None
 
-    def _evict_one(self, p: str, exclude: set[int], res: SlabLedger, actions: list[Action]) -> bool:
-        lru, key_of = self.lru[p], self.key_of
+    def _evict_one(self, lru: OrderedDict[int, None], p: str, exclude: set[int], res: SlabLedger,
+                   actions: list[Action]) -> bool:
+        key_of = self.key_of
         for v in lru:
             if v not in exclude and res.is_ready(key_of[v], p):
                 del lru[v]
@@ -102,8 +127,8 @@ class TieredCache:
         return False
 
     def cached(self, p: str) -> list[int]:
-        """Flat ids holding a copy in class ``p``, least recently used first."""
-        return list(self.lru[p])
+        """Flat ids holding a copy in class ``p``, least recently used first (pool by pool)."""
+        return [k for lru in self.lru[p] for k in lru]
 
 
 class CachedPrefetchBooks:

@@ -5,7 +5,9 @@ plain data and carries out the plain decisions it returns:
 
 1. ``prepare(ctx)`` once, with the model, the budget, a seeded ``numpy.random.Generator``
    and, where the policy asks for them, a profiling trace or the replay's own future.
-2. ``slab_plan()``: how many slabs of which precision the expert budget is carved into.
+2. ``slab_plan()``: how many slabs of which precision the expert budget is carved into, and
+   ``staging()``: the staging slab (if any) through which the engine streams needed experts
+   that have no copy (bypass: copied, used by the step, dropped); its bytes are part of the budget.
 3. ``initial_loads()``: copies placed before serving starts (untimed, like loading weights).
 4. ``on_layer_step(obs, res)`` at every layer step, once the router has run: the routing of
    this step (:class:`LayerObs`) and the residency view (the engine's
@@ -139,6 +141,18 @@ class Policy:
 
     def slab_plan(self) -> list[SlabClass]:
         raise NotImplementedError
+
+    def staging(self) -> SlabClass | None:
+        """The staging slab (``count`` expert slots of ``precision``) for bypassed experts, or None.
+
+        A needed expert with no copy and none in flight is then streamed through it by the
+        engine instead of being an error (caching policies that admit only some misses)."""
+        return None
+
+    def per_layer_budget_bytes(self, spec: ModelSpec, experts: int) -> int:
+        """The budget that gives each layer ``experts`` cache slots (``budget.experts``)."""
+        raise ValueError(f"{type(self).__name__} keeps no per-layer cache: budget.experts needs lru_offload, "
+                         "lfu_offload or oracle with scope LAYER")
 
     def initial_loads(self) -> list[Action]:
         return []

@@ -15,8 +15,13 @@ experts are prefetched to overlap I/O with compute. Here:
   ``critical_count`` layers with the highest mean error at ``low_precision`` in the
   sensitivity table (TABLE);
 - pool: one slab class per distinct precision, each an LRU cache
-  (:class:`policies._lru.TieredCache`); ``high_budget_share`` of the budget goes to the high
-  class, the rest to the floor classes in proportion to the layers each serves;
+  (:class:`policies._lru.TieredCache`); ``high_budget_share`` of the budget (less the staging
+  slab) goes to the high class, the rest to the floor classes in proportion to the layers
+  each serves; with ``scope`` LAYER (the default) each class is split into a cache per layer
+  over the layers it serves (the high class over all), with GLOBAL each class is one pool;
+- bypass: with ``staging_experts`` > 0, that many ``high_precision`` slots are set aside as a
+  staging slab; a miss that finds no room in any class of its pool is streamed through it
+  and dropped, instead of an error;
 - demand fetch: a needed expert without a copy at (or above) its wanted precision is loaded
   at it, evicting the least recently used READY copy of that class not needed by the step
   (falling back to lower, then higher classes when a class is full of needed experts); the
@@ -61,6 +66,7 @@ from moebits.policies.base import (
     PolicyContext,
     register_policy,
 )
+from moebits.policies.offload_cache import CacheScope
 from moebits.policies.static_uniform import expert_bytes
 
 
@@ -94,6 +100,8 @@ class DyMoEConfig(PolicyConfig):
     prefetch_evicts: bool = True
     initial_fill: bool = True
     miss_rule: MissRule = MissRule.STALL
+    scope: CacheScope = CacheScope.LAYER
+    staging_experts: int = 2
 
 
 def layer_shares(critical: list[bool], high: str, crit: str, low: str, high_share: float) -> dict[str, float]:
@@ -133,11 +141,18 @@ class DyMoE(CachedPrefetchBooks, Policy):
         self._bytes = {p: expert_bytes(ctx, p, cfg.name) for p in self.bits}
         shares = layer_shares(self.critical, cfg.high_precision, cfg.critical_precision, cfg.low_precision,
                               cfg.high_budget_share)
-        capacity = {p: min(len(self._key_of), int(shares[p] * ctx.budget_bytes) // self._bytes[p]) for p in shares}
-        if sum(capacity.values()) < spec.top_k:
+        budget = max(0, ctx.budget_bytes - cfg.staging_experts * self._bytes[cfg.high_precision])
+        capacity = {p: min(len(self._key_of), int(shares[p] * budget) // self._bytes[p]) for p in shares}
+        if sum(capacity.values()) < spec.top_k and not cfg.staging_experts:
             raise InfeasibleError(f"dymoe: the budget of {ctx.budget_bytes / 1e9:.3f} GB holds {sum(capacity.values())} "
                              f"experts, fewer than one token's top-{spec.top_k}; raise budget_gb")
-        self.cache = TieredCache(capacity, self._key_of, self.bits)
+        per_layer = cfg.scope is CacheScope.LAYER
+        served = {p: [0.0] * spec.layers for p in capacity}  # per class, the layers it serves
+        for layer, crit in enumerate(self.critical):
+            served[cfg.high_precision][layer] = 1.0
+            served[cfg.critical_precision if crit else cfg.low_precision][layer] = 1.0
+        self.cache = TieredCache(capacity, self._key_of, self.bits, spec.layers if per_layer else 1, spec.experts,
+                                 {p: w for p, w in served.items() if sum(w) > 0})
         self.stats = PrefetchStats(spec.layers)
         self._order = {p: self._fallback_order(p) for p in capacity}
         self.ema = LayerEma(spec.layers, spec.experts, cfg.alpha)
@@ -173,21 +188,28 @@ class DyMoE(CachedPrefetchBooks, Policy):
         return NextLayerPredictor.fit(self.ctx.profile, spec.layers, spec.experts, cfg.top_m or 2 * spec.top_k)
 
     def slab_plan(self) -> list[SlabClass]:
+        hi = self.cfg.high_precision if self.cfg.staging_experts else None
         return [SlabClass(p, self._bytes[p], n) for p, n in sorted(self.cache.capacity.items(),
-                                                                   key=lambda pn: -self.bits[pn[0]]) if n > 0]
+                                                                   key=lambda pn: -self.bits[pn[0]]) if n > 0 or p == hi]
+
+    def staging(self) -> SlabClass | None:
+        """``staging_experts`` slots at ``high_precision`` for bypassed misses (None if 0)."""
+        n, hi = self.cfg.staging_experts, self.cfg.high_precision
+        return SlabClass(hi, self._bytes[hi], n) if n else None
 
     def initial_loads(self) -> list[Action]:
         if not self.cfg.initial_fill or self.ctx.profile is None:
             return []
         gate = profile_gate_mean(self.ctx.profile, self.ctx.spec.layers, self._E).ravel()
-        left = dict(self.cache.capacity)
+        left = {p: list(c) for p, c in self.cache.cap.items()}  # free slots per class and pool
         chosen: list[tuple[int, str]] = []
         for k in np.argsort(-gate, kind="stable").tolist():
             if gate[k] <= 0:
                 break
             p = self.wanted(k // self._E, k % self._E)
-            if left[p] > 0:
-                left[p] -= 1
+            i = self.cache.pool(k)
+            if left[p][i] > 0:
+                left[p][i] -= 1
                 chosen.append((k, p))
         for k, p in reversed(chosen):  # least important first: evicted first
             self.cache.add(k, p)
@@ -228,9 +250,11 @@ class DyMoE(CachedPrefetchBooks, Policy):
         have = self.cache.touch_best(k)
         if have is not None and self.bits[have] >= self.bits[p]:
             return
-        if self.cache.load(k, self._order[p], protect, res, actions) is None and have is None:
+        if self.cache.load(k, self._order[p], protect, res, actions) is None and have is None \
+                and not self.cfg.staging_experts:
             raise InfeasibleError(f"dymoe: no slab for expert {self._key_of[k]} at layer step {obs.index}: every "
-                             "cached copy is needed now or loading; raise budget_gb or lower the batch size")
+                             "cached copy is needed now or loading and staging_experts is 0; raise budget_gb or "
+                             "lower the batch size")
 
     def _prefetch(self, layer: int, experts: np.ndarray, weights: np.ndarray, protect: set[int],
                   res: SlabLedger, actions: list[Action]) -> None:

@@ -157,7 +157,7 @@ class DynaExq(Policy):
         keys, hi, top = self._key_of[layer], self.hi, self.top
         actions: list[Action] = []
         free = res.free_slabs(hi)
-        for c in top.challengers(layer, experts, lambda e: True)[:quota]:
+        for c in top.challengers(layer, experts, limit=quota):
             if top.has_free_slot(layer):
                 if free <= 0:
                     break  # the layer's slot is still draining elsewhere in the pool

@@ -185,7 +185,7 @@ class DynaMo(Policy):
         keys, mix, top, low = self._keys[layer], self.mix_name, self.top, self._low_rows[layer]
         actions: list[Action] = []
         free = res.free_slabs(mix)
-        for c in top.challengers(layer, experts, low.__contains__)[:quota]:
+        for c in top.challengers(layer, experts, low.__contains__, quota):
             if top.has_free_slot(layer):
                 if free <= 0:
                     break

@@ -8,7 +8,12 @@ and the next layer's likely experts are prefetched from the current routing. Her
 
 - pool: two LRU caches (:class:`policies._lru.TieredCache`), a high class and a low class
   (low-precision copies fetched on misses must live somewhere): ``low_budget_share`` of the
-  budget goes to low copies, the rest to high ones;
+  budget (less the staging slab) goes to low copies, the rest to high ones; with ``scope``
+  LAYER (the default, as HOBBIT keeps it) each class is split evenly into a cache per layer,
+  with GLOBAL each class is one pool for all layers;
+- bypass: with ``staging_experts`` > 0, that many high-precision slots are set aside as a
+  staging slab; a miss that finds no room in its pool (every cached copy there is needed by
+  the step) is streamed through it and dropped, instead of an error;
 - criticality of a needed expert: MEAN_GATE = its summed gate weight over the tokens routed
   to it (the mean gate per token), SUM_GATE = its summed gate over the step's tokens; it is
   critical when that reaches ``critical_gate / top_k`` (1.0 = the average gate);
@@ -54,6 +59,7 @@ from moebits.policies.base import (
     PolicyContext,
     register_policy,
 )
+from moebits.policies.offload_cache import CacheScope
 from moebits.policies.static_uniform import expert_bytes
 
 
@@ -82,6 +88,8 @@ class HobbitConfig(PolicyConfig):
     prefetch_evicts: bool = True
     initial_fill: bool = True
     miss_rule: MissRule = MissRule.STALL
+    scope: CacheScope = CacheScope.LAYER
+    staging_experts: int = 2
 
 
 @register_policy(HobbitConfig)
@@ -109,13 +117,15 @@ class Hobbit(CachedPrefetchBooks, Policy):
         self._E, n = spec.experts, spec.layers * spec.experts
         self._key_of = [ExpertKey(k // spec.experts, k % spec.experts) for k in range(n)]
         self._bytes = {p: expert_bytes(ctx, p, cfg.name) for p in (self.hi, self.lo)}
-        low_bytes = int(cfg.low_budget_share * ctx.budget_bytes)
-        capacity = {self.hi: min(n, (ctx.budget_bytes - low_bytes) // self._bytes[self.hi]),
+        budget = max(0, ctx.budget_bytes - cfg.staging_experts * self._bytes[self.hi])
+        low_bytes = int(cfg.low_budget_share * budget)
+        capacity = {self.hi: min(n, (budget - low_bytes) // self._bytes[self.hi]),
                     self.lo: min(n, low_bytes // self._bytes[self.lo])}
-        if capacity[self.hi] + capacity[self.lo] < spec.top_k:
+        if capacity[self.hi] + capacity[self.lo] < spec.top_k and not cfg.staging_experts:
             raise InfeasibleError(f"hobbit: the budget of {ctx.budget_bytes / 1e9:.3f} GB caches fewer experts than "
                              f"one token's top-{spec.top_k}; raise budget_gb or low_budget_share")
-        self.cache = TieredCache(capacity, self._key_of, self.bits)
+        per_layer = cfg.scope is CacheScope.LAYER
+        self.cache = TieredCache(capacity, self._key_of, self.bits, spec.layers if per_layer else 1, spec.experts)
         self.stats = PrefetchStats(spec.layers)
         self._threshold = cfg.critical_gate / spec.top_k
         self._count = cfg.prefetch_count or spec.top_k
@@ -134,7 +144,12 @@ class Hobbit(CachedPrefetchBooks, Policy):
 
     def slab_plan(self) -> list[SlabClass]:
         return [SlabClass(p, self._bytes[p], self.cache.capacity[p]) for p in (self.hi, self.lo)
-                if self.cache.capacity[p] > 0]
+                if self.cache.capacity[p] > 0 or (p == self.hi and self.cfg.staging_experts)]
+
+    def staging(self) -> SlabClass | None:
+        """``staging_experts`` high-precision slots for bypassed misses (None if 0)."""
+        n = self.cfg.staging_experts
+        return SlabClass(self.hi, self._bytes[self.hi], n) if n else None
 
     def initial_loads(self) -> list[Action]:
         profile = self.ctx.profile
@@ -142,7 +157,13 @@ class Hobbit(CachedPrefetchBooks, Policy):
             return []
         spec = self.ctx.spec
         counts = profile.counts(spec.layers, spec.experts).ravel()
-        top = [k for k in np.argsort(-counts, kind="stable")[: self.cache.capacity[self.hi]].tolist() if counts[k]]
+        left, top = list(self.cache.cap[self.hi]), []  # free slots per pool
+        for k in np.argsort(-counts, kind="stable").tolist():
+            if not counts[k]:
+                break
+            if left[self.cache.pool(k)] > 0:
+                left[self.cache.pool(k)] -= 1
+                top.append(k)
         for k in reversed(top):  # least popular first: evicted first
             self.cache.add(k, self.hi)
         return [Action(ActionKind.PROMOTE, self._key_of[k], self.hi) for k in reversed(top)]
@@ -178,9 +199,10 @@ class Hobbit(CachedPrefetchBooks, Policy):
         if have == self.hi or (have is not None and not critical):
             return
         order = self._critical_order if critical else self._plain_order
-        if cache.load(k, order, protect, res, actions) is None and have is None:
+        if cache.load(k, order, protect, res, actions) is None and have is None and not self.cfg.staging_experts:
             raise InfeasibleError(f"hobbit: no slab for expert {self._key_of[k]} at layer step {obs.index}: every "
-                             "cached copy is needed now or loading; raise budget_gb or lower the batch size")
+                             "cached copy is needed now or loading and staging_experts is 0; raise budget_gb or "
+                             "lower the batch size")
 
     def _prefetch(self, obs: LayerObs, experts: list[int], gates: list[float], crit: list[bool],
                   protect: set[int], res: SlabLedger, actions: list[Action]) -> None:

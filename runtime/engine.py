@@ -125,6 +125,8 @@ class RuntimeEngine:
         self.res = [Residency(self.mech.ready[i], self.mech.loading[i], self._ready_time(i)) for i in range(spec.layers)]
         self._low = lowest_bits(len(self.precisions))
         self.host_h2d_bytes = self.host_d2h_bytes = 0
+        self._stage_p = self._staging_precision()
+        self.staged_bytes = 0
         self.rec, self.index = Recorder(list(self.precisions), served=[] if served else None), StepIndex()
         self._marks: list[Any] = []
         self._deferred: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -134,6 +136,15 @@ class RuntimeEngine:
         self.clock = Clock(self.device)
 
     # ---- set-up ----
+    def _staging_precision(self) -> int:
+        """Index of the policy's staging precision (bypassed experts stream at it), -1 if none."""
+        staging = self.policy.staging()
+        if staging is None or staging.count == 0:
+            return -1
+        if staging.precision not in self.precisions:
+            raise PolicyError(f"policy {self.name}: staging precision {staging.precision} has no slab class")
+        return self.precisions.index(staging.precision)
+
     def _ready_time(self, layer: int) -> Any:
         ready_time = self.mech.ready_time
         return lambda e, p: ready_time(layer, e, p)
@@ -199,7 +210,7 @@ class RuntimeEngine:
     def snapshot(self) -> tuple[int, ...]:
         """Counters in :data:`drive.records.COUNTERS` order."""
         w = self.promoter.loaded_bytes
-        return snapshot((w + self.host_h2d_bytes, self.host_d2h_bytes, w), self.counts,
+        return snapshot((w + self.host_h2d_bytes + self.staged_bytes, self.host_d2h_bytes, w), self.counts,
                         (self.ledger.used_bytes, self.peak_bytes))
 
     def finish(self, info: dict[str, Any] | None = None) -> RunResult:
@@ -223,6 +234,10 @@ class RuntimeEngine:
         if routing is None:
             routing = routing_of(ids, weights, self.spec.experts)
         experts, tokens, gate = routing
+        ready = self.mech.ready[layer]
+        needed = np.asarray(experts).tolist()
+        self.rec.hits.append(sum(1 for e in needed if ready[e]))  # before the policy acts
+        self.rec.requests.append(len(needed))
         if not self.driver.static:
             self.driver.observe(LayerObs(self.steps, layer, 0 if self.pass_index == 0 else 1, self.pass_index,
                                          experts, tokens, gate, now))
@@ -232,7 +247,10 @@ class RuntimeEngine:
             self.rec.served.append(served_row(choice, ex[1], 0, self.precisions))
         stall = self._wait(layer, choice)
         served = [(e, p, self._slab(layer, e, p)) for e, p in choice.served or () if p >= 0]
-        y, host_s = self._compute(layer, x, ids, weights, served, [e for e, _ in choice.host])
+        streamed = [e for e, _ in choice.bypass]
+        y, host_s = self._compute(layer, x, ids, weights, served, [e for e, _ in choice.host], streamed)
+        if streamed:
+            y = y + self._stream(layer, x, ids, weights, streamed)
         self._record(x.shape[0], choice, stall, host_s)
         return y
 
@@ -240,7 +258,7 @@ class RuntimeEngine:
         """Each needed expert's copy per the miss rule (:func:`drive.missrule.choose`)."""
         return choose(self.policy.miss_rule, self.res[layer], self._low, len(self.precisions),
                       self.errors.of[layer], self.errors.host[layer], ex, 0, len(ex[0]), track=True,
-                      layer=layer, policy=self.name)
+                      layer=layer, policy=self.name, stage_p=self._stage_p)
 
     def _wait(self, layer: int, choice: Choice) -> float:
         """Wait for the last copy the step waits for (copies land in FIFO order); seconds waited."""
@@ -289,15 +307,17 @@ class RuntimeEngine:
         self._stage_ev[layer] = ev
 
     def _compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 served: list[tuple[int, int, int]], host: list[int]) -> tuple[torch.Tensor, float]:
+                 served: list[tuple[int, int, int]], host: list[int],
+                 streamed: Sequence[int] = ()) -> tuple[torch.Tensor, float]:
         """Device experts ``served`` (expert, precision index, slab; pinned, fenced) plus ``host``
-        experts; returns (y [T, H], host seconds)."""
+        experts (``streamed`` ones are left out: :meth:`_stream`); returns (y [T, H], host seconds)."""
         slabs = [s for _, _, s in served]
         w = weights
-        if host and served:
-            self._set_groups(layer, served + [(e, served[0][1], served[0][2]) for e in host])
-            host_ids = torch.tensor(host, device=ids.device)
-            w = weights.masked_fill(torch.isin(ids, host_ids), 0)
+        off = [*host, *streamed]  # experts with no slab: masked out of the grouped launch
+        if off and served:
+            self._set_groups(layer, served + [(e, served[0][1], served[0][2]) for e in off])
+            off_ids = torch.tensor(off, device=ids.device)
+            w = weights.masked_fill(torch.isin(ids, off_ids), 0)
         elif served:
             self._set_groups(layer, served)
         self.fences.pin(slabs)
@@ -312,6 +332,28 @@ class RuntimeEngine:
             y = y + self._host(layer, x, ids, weights, host)
             host_s = time.perf_counter() - t0
         return y, host_s
+
+    def _stream(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                experts: list[int]) -> torch.Tensor:
+        """Bypassed ``experts`` of ``layer``: their host copies at the staging precision go to the
+        device, are used once and dropped. A faithful equivalent of the simulator's staging slab:
+        the rows are dequantized on the host and the expert FFN runs in float32 on the device
+        (the copy is counted at the staging precision's bytes); y [T, H]."""
+        p = self.precisions[self._stage_p]
+        gu, dn = self.store.layer_stacks(p, layer)
+        slots = torch.tensor(experts)
+        w_gu = gu.dequantize(slots, torch.float32).to(x.device)                          # [n, 2I, H]
+        w_dn = dn.dequantize(slots, torch.float32).to(x.device)                          # [n, H, I]
+        inter = self.spec.expert_intermediate
+        y = torch.zeros_like(x, dtype=torch.float32)                                     # [T, H]
+        for i, e in enumerate(experts):
+            tok, j = torch.nonzero(ids == e, as_tuple=True)
+            h = x[tok].float() @ w_gu[i].T                                               # [n, 2I]
+            h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+            y.index_add_(0, tok, (h @ w_dn[i].T) * weights[tok, j, None].float())
+        self.counts["bypasses"] += len(experts)
+        self.staged_bytes += len(experts) * self.spec.expert_bytes(p)
+        return y.to(x.dtype)
 
     def _host(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
               host: list[int]) -> torch.Tensor:
@@ -341,7 +383,10 @@ class RuntimeEngine:
         rec.stall_s.append(stall)
         rec.host_wait_s.append(host_s)
         rec.err.append(choice.err)
-        rec.act.extend(choice.tok)
+        tok = list(choice.tok)
+        for _, n in choice.bypass:  # streamed experts count at the staging precision
+            tok[self._stage_p] += n
+        rec.act.extend(tok)
         rec.act.append(sum(t for _, t in choice.host))
         self._marks.append(self.clock.mark())
         self.steps += 1
@@ -377,4 +422,6 @@ class RuntimeEngine:
                 err += g * errl[e][p]
             self.rec.err.append(err)
             self.rec.act.extend(tok)
+            self.rec.hits.append(len(experts))  # static, every expert resident
+            self.rec.requests.append(len(experts))
         self._deferred.clear()

@@ -19,12 +19,24 @@ Timing of one layer step, starting at ``t0`` (the end of the previous one):
 3. every needed expert is served per the miss rule (:func:`drive.missrule.choose`, the same
    code as the runtime's); experts the rule sends to the host are computed there (bf16,
    activations over PCIe both ways), in parallel with the device. An expert with no copy and
-   nothing in flight under SERVE_LOWER or STALL is a policy bug: :class:`PolicyError`.
+   nothing in flight under SERVE_LOWER or STALL is *bypassed* when the policy has a staging
+   slab (``policy.staging()``: S expert slots at one precision, their bytes taken from the
+   budget): streamed through it and dropped (step 5); without one it is a policy bug:
+   :class:`PolicyError`.
 4. device compute starts at ``start = max(t1, last awaited copy)`` (``stall = start - t1``):
    one grouped launch per precision class (:mod:`sim.kernels`), summed; the step ends at
    ``max(start + compute, host results back)``. Served slabs are pinned for the compute and
    unpinned after (carried out in ``check`` mode; in this model the next policy call always
    comes after the unpin, so pins never change a decision).
+5. bypassed experts stream through the staging slots in ascending expert id: expert j's copy
+   is queued on the host-to-device link when slot ``j mod S`` is free (at ``t1``, or once the
+   expert before it in that slot is computed), and it is computed, one launch per expert,
+   when its copy is done and the device is free (after the step's cached experts); the step
+   ends when the last one is computed.
+
+Hit rate: a layer step requests each distinct expert it needs once; a request hits when the
+expert has a READY copy (any precision) when the step's routing is known (at ``t1``, before
+the policy acts). Bypassed experts are misses by definition.
 
 Initial loads (``policy.initial_loads()``) are placed before t = 0, untimed and uncounted.
 Copy completions are closed-form times, and copies turn READY lazily: when a step starts or
@@ -120,6 +132,7 @@ class Engine:
         self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.h2d, self.d2h = Link(hw.h2d, "h2d"), Link(hw.d2h, "d2h")
         self.pool = SimPool(self.ledger, spec, self.h2d)
+        self._stage_p, self.staging_slots, self._stage_bytes = self._staging_slab()
         self.P = len(self.pool.precisions)
         self._low = lowest_bits(self.P)  # bitmask -> best precision
         self.res = [Residency(self.pool.ready[i], self.pool.loading[i], self._ready_time(i)) for i in range(spec.layers)]
@@ -128,6 +141,7 @@ class Engine:
         self.err_table, self.err_of, self.host_err = errors.table, errors.of, errors.host
         self.counts = self.driver.counts
         self.host_io_bytes = 0
+        self.staged_bytes = 0
         self.log: list[tuple[Any, ...]] | None = [] if self.opt.log else None
         self._track = self.opt.check or self.opt.log or self.opt.served  # list what each step serves
         self._check_feasible()
@@ -140,11 +154,21 @@ class Engine:
         ready_time = self.pool.ready_time
         return lambda e, p: ready_time(layer, e, p)
 
+    def _staging_slab(self) -> tuple[int, int, int]:
+        """(precision index, slots, bytes per slot) of the policy's staging slab; (-1, 0, 0) if none."""
+        staging = self.policy.staging()
+        if staging is None or staging.count == 0:
+            return -1, 0, 0
+        if staging.precision not in self.pool.index:
+            raise PolicyError(f"policy {self.name}: staging precision {staging.precision} has no slab class "
+                              f"(pool precisions: {', '.join(self.pool.precisions)})")
+        return self.pool.index[staging.precision], staging.count, staging.slab_bytes
+
     def _check_feasible(self) -> None:
         sizes = np.diff(np.asarray(self.view.offsets))
         need = int(sizes.max()) if sizes.size else 0
         slabs = sum(c.count for c in self.ledger.classes.values())
-        if self.policy.miss_rule is not MissRule.HOST and slabs < need:
+        if self.policy.miss_rule is not MissRule.HOST and slabs < need and not self.staging_slots:
             smallest = min((c.slab_bytes for c in self.ledger.classes.values()), default=0)
             raise InfeasibleError(
                 f"budget_gb={self.budget_bytes / 1e9:g} gives {self.name} {slabs} expert slabs, but a layer step "
@@ -156,6 +180,7 @@ class Engine:
     def run(self) -> RunResult:
         """Replay every layer step; returns the measured arrays."""
         rec = Recorder(self.pool.precisions, served=[] if self.opt.served else None)
+        rec.requests = np.diff(np.asarray(self.view.offsets, dtype=np.int64))  # each distinct expert, once
         env = simpy.Environment()
         wall0 = time.perf_counter()
         bar = tqdm(total=self.view.layer_steps, unit="step", mininterval=0.5, desc=f"sim {self.name}",
@@ -204,16 +229,22 @@ class Engine:
         single = self.P == 1 and self.opt.fast and not self._track
         ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate
         pending, advance, timeout = pool.pending, pool.advance, env.timeout
+        ready, hits = pool.ready, rec.hits
         t = now = 0.0
         for c0 in range(0, v.layer_steps, CHUNK):
             c = self._chunk(c0, min(v.layer_steps, c0 + CHUNK), non_moe, ends)
             serve = single_class_server(self, c0, c, rec) if single else self._server(c0, c, rec)
-            lo, off, _, layers, passes, nm, pe = c
+            lo, off, (exs, _, _), layers, passes, nm, pe = c
             for j in range(len(nm)):
                 t1 = t + nm[j]
                 if pending and pending[0][0] <= t1:
                     advance(t1)
                 layer = layers[j]
+                rl, n = ready[layer], 0
+                for e in exs[off[j] : off[j + 1]]:  # requests that hit (a plain loop is fastest here)
+                    if rl[e]:
+                        n += 1
+                hits.append(n)
                 if observe is not None:
                     pi, a, b = passes[j], lo + off[j], lo + off[j + 1]
                     observe(LayerObs(c0 + j, layer, 1 if pi else 0, pi, ex_expert[a:b], ex_tokens[a:b], ex_gate[a:b], t1))
@@ -247,7 +278,7 @@ class Engine:
                       rec: Recorder) -> float:
         """Serve layer step ``i`` (entries ``a:b`` of the chunk lists); returns its end time."""
         choice = self._choose(layer, ex, a, b)
-        wait, tok, cnt, err, host, served, _ = choice
+        wait, tok, cnt, err, host, served, _, bypass = choice
         if rec.served is not None:
             rec.served.append(served_row(choice, ex[1], a, self.pool.precisions))
         start = t1 if wait <= t1 else wait
@@ -261,6 +292,10 @@ class Engine:
             if cnt[p]:
                 gpu += group_s(p, tok[p], cnt[p])
         gpu_end = start + gpu
+        if bypass:
+            gpu_end = self.stream(t1, gpu_end, bypass)
+            for _, n in bypass:
+                tok[self._stage_p] += n
         end = gpu_end
         host_tokens = 0
         if host:
@@ -280,6 +315,20 @@ class Engine:
         rec.act.append(host_tokens)
         return end
 
+    def stream(self, t1: float, device_free: float, bypass: list[tuple[int, int]]) -> float:
+        """Stream bypassed experts through the staging slots (module docstring, step 5);
+        returns when the last one is computed."""
+        p, nbytes, submit, group_s = self._stage_p, self._stage_bytes, self.h2d.submit, self.kernels.group_s
+        slot_free = [t1] * self.staging_slots
+        for j, (_, tokens) in enumerate(bypass):
+            s = j % self.staging_slots
+            ready = submit(slot_free[s], nbytes)
+            device_free = (ready if ready > device_free else device_free) + group_s(p, tokens, 1)
+            slot_free[s] = device_free
+        self.counts["bypasses"] += len(bypass)
+        self.staged_bytes += nbytes * len(bypass)
+        return device_free
+
     def _pname(self, p: int) -> str:
         return "host" if p < 0 else self.pool.precisions[p]
 
@@ -287,7 +336,7 @@ class Engine:
         """Each needed expert's copy per the miss rule (:func:`drive.missrule.choose`)."""
         return choose(self.policy.miss_rule, self.res[layer], self._low, self.P, self.err_of[layer],
                       self.host_err[layer], ex, a, b, track=self._track,
-                      layer=layer, policy=self.name)
+                      layer=layer, policy=self.name, stage_p=self._stage_p)
 
     def no_copy(self, layer: int, e: int) -> PolicyError:
         """The error for a needed expert with no copy and none in flight."""
@@ -318,6 +367,6 @@ class Engine:
         done = [d[0] for d in self.pool.pending]
         if done != sorted(done):
             raise AssertionError(f"step {i}: copies would complete out of FIFO order: {done}")
-        if self.h2d.bytes_total != self.pool.loaded_bytes + self.host_io_bytes:
+        if self.h2d.bytes_total != self.pool.loaded_bytes + self.host_io_bytes + self.staged_bytes:
             raise AssertionError(f"step {i}: {self.h2d.bytes_total} B on the link but {self.pool.loaded_bytes} B "
-                                 f"of loads and {self.host_io_bytes} B of host results")
+                                 f"of loads, {self.staged_bytes} B staged and {self.host_io_bytes} B of host results")

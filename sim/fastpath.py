@@ -37,8 +37,11 @@ class Engine(Protocol):
     kernels: KernelModel
     err_table: np.ndarray
     P: int
+    staging_slots: int
 
     def pass_ends(self) -> np.ndarray: ...
+
+    def stream(self, t1: float, device_free: float, bypass: list[tuple[int, int]]) -> float: ...
 
     def snapshot(self) -> tuple[int, ...]: ...
 
@@ -74,6 +77,7 @@ class StaticPlan:
         rec.host_wait_s = np.zeros(S)
         rec.err = self.err
         rec.act = self.act
+        rec.hits = np.diff(np.asarray(eng.view.offsets, dtype=np.int64))  # everything is resident
         rec.snaps = [eng.snapshot()] * int(eng.pass_ends().sum())
 
 
@@ -135,23 +139,36 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
     """``serve(j, layer, t1)`` for step ``j`` of chunk ``c`` (an engine chunk starting at
     layer step ``c0``) of a one-class pool, without check or log. Every served copy is of
     the one precision, so tokens, kernel time and error come from :func:`single_class_steps`;
-    per step only the copies to wait for are left. A step with an expert that has no copy
-    goes through the engine's ``serve_general`` (HOST computes it on the host; the other
-    rules raise). Same numbers as the general path, bit for bit."""
+    per step only the copies to wait for, and the experts to stream through the staging slab
+    (whose kernel time is then the cached experts' launch plus the streamed ones, as the
+    engine computes it), are left. A step with an expert that has no copy and no staging
+    slab goes through the engine's ``serve_general`` (HOST computes it on the host; the
+    other rules raise). Same numbers as the general path, bit for bit."""
     tsum, gpu, err = single_class_steps(eng, c0, c0 + len(c.layers))
-    ex_e, off, ready, general = c.ex[0], c.off, eng.pool.ready, eng.serve_general
+    (ex_e, ex_t, _), off, ready, general = c.ex, c.off, eng.pool.ready, eng.serve_general
     end_s, stall_s, host_wait_s, errs, act = rec.end_s, rec.stall_s, rec.host_wait_s, rec.err, rec.act
     wait = _single_wait if eng.policy.miss_rule is not MissRule.HOST else None
+    staged = eng.staging_slots > 0
+    group_s, stream = eng.kernels.group_s, eng.stream
 
     def serve(j: int, layer: int, t1: float) -> float:
-        exs = ex_e[off[j] : off[j + 1]]
+        a, b = off[j], off[j + 1]
+        exs = ex_e[a:b]
         start = t1
+        missing: list[int] = []
         if not all(map(ready[layer].__getitem__, exs)):  # some needed copy is not READY
-            waited = None if wait is None else wait(eng, layer, exs, t1)
+            waited = None if wait is None else wait(eng, layer, exs, t1, staged)
             if waited is None:
-                return general(c0 + j, layer, c.ex, off[j], off[j + 1], t1, rec)
-            start = waited
-        end = start + gpu[j]
+                return general(c0 + j, layer, c.ex, a, b, t1, rec)
+            start, missing = waited
+        if missing:  # no copy at all: streamed through the staging slab
+            pos = {e: i for i, e in enumerate(exs, a)}
+            bypass = [(e, ex_t[pos[e]]) for e in missing]
+            n = b - a - len(bypass)
+            tokens = tsum[j] - sum([t for _, t in bypass])
+            end = stream(t1, start + group_s(0, tokens, n) if n else start, bypass)
+        else:
+            end = start + gpu[j]
         end_s.append(end)
         stall_s.append(start - t1)
         host_wait_s.append(0.0)
@@ -163,21 +180,26 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
     return serve
 
 
-def _single_wait(eng: Engine, layer: int, exs: list[int], t1: float) -> float | None:
+def _single_wait(eng: Engine, layer: int, exs: list[int], t1: float, staged: bool) -> tuple[float, list[int]] | None:
     """When compute may start: after the last needed copy in flight (copies due by then turn
-    READY), or None when a needed expert has no copy at all."""
+    READY), and the experts to stream through the staging slab (no copy at all); None when
+    such an expert has no staging slab to go through."""
     pool = eng.pool
     rl, ll, done_at, base = pool.ready[layer], pool.loading[layer], pool.done_at, layer * eng.spec.experts
     wait = 0.0
+    bypass: list[int] = []
     for e in exs:
         if rl[e]:
             continue
         if not ll[e]:
-            return None
+            if not staged:
+                return None
+            bypass.append(e)
+            continue
         d = done_at[base + e]
         if d > wait:
             wait = d
     if wait <= t1:
-        return t1
+        return t1, bypass
     pool.advance(wait)
-    return wait
+    return wait, bypass

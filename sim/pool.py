@@ -131,13 +131,15 @@ class SimPool:
 
     def advance(self, now_s: float) -> None:
         """Every copy whose completion time is ``<= now_s`` turns READY, in completion order."""
-        pending, finish, ready, loading = self.pending, self.ledger.finish_load, self.ready, self.loading
+        pending, ready, loading = self.pending, self.ready, self.loading
+        done: list[int] = []
         while pending and pending[0][0] <= now_s:
             _, slab, layer, expert, p = pending.popleft()
-            finish(slab)
+            done.append(slab)
             bit = 1 << p
             loading[layer][expert] ^= bit  # set while LOADING
             ready[layer][expert] |= bit
+        self.ledger.finish_loads(done)
 
     def ready_time(self, layer: int, expert: int, p: int) -> float:
         """Completion time of the LOADING copy of (layer, expert) in precision index ``p``."""

@@ -25,7 +25,7 @@ from moebits.core.quality import SensitivityTable
 from moebits.drive.context import budget_label, policy_metrics, run_info
 from moebits.drive.records import RunResult, summarize
 from moebits.policies._tables import run_table
-from moebits.policies.base import build_policy
+from moebits.policies.base import Policy, build_policy
 from moebits.sim.config import RunConfig
 from moebits.sim.engine import Engine, EngineOptions, InfeasibleError
 from moebits.traces.workload import check_settings_used, load_profile, load_workload
@@ -36,22 +36,23 @@ def non_expert_total_bytes(spec: ModelSpec) -> int:
     return spec.layers * spec.non_expert_bytes_per_layer + 2 * 2 * spec.vocab_size * spec.hidden
 
 
-def resolve_budget(cfg: RunConfig, spec: ModelSpec) -> int:
-    """The expert budget in bytes: ``budget_gb``, or ``fraction`` x all experts at ``all_at``
-    (:func:`core.config.budget_bytes`)."""
+def resolve_budget(cfg: RunConfig, spec: ModelSpec, policy: Policy | None = None) -> int:
+    """The expert budget in bytes: ``budget_gb``, or ``fraction`` x all experts at ``all_at``,
+    or ``budget.experts`` slots per layer of ``policy``'s cache (:func:`core.config.budget_bytes`)."""
+    per_layer = None if policy is None else (lambda n: policy.per_layer_budget_bytes(spec, n))
     try:
-        return budget_bytes(cfg.budget_gb, cfg.budget, spec)
+        return budget_bytes(cfg.budget_gb, cfg.budget, spec, per_layer)
     except ValueError as exc:
         raise InfeasibleError(str(exc)) from None
 
 
-def check_device(cfg: RunConfig, spec: ModelSpec) -> int:
+def check_device(cfg: RunConfig, spec: ModelSpec, policy: Policy | None = None) -> int:
     """The expert budget in bytes, if it fits the device next to the non-expert weights."""
-    budget = resolve_budget(cfg, spec)
+    budget = resolve_budget(cfg, spec, policy)
     rest = non_expert_total_bytes(spec)
     hw = cfg.hardware
     if budget + rest > hw.hbm_capacity_bytes:
-        what = f"budget_gb={cfg.budget_gb:g}" if cfg.budget.all_at is None else \
+        what = f"budget_gb={cfg.budget_gb:g}" if cfg.budget.all_at is None and not cfg.budget.experts else \
             f"budget={budget_label(cfg.budget)} ({budget / 1e9:.2f} GB for {spec.name})"
         raise InfeasibleError(
             f"{what} plus {rest / 1e9:.2f} GB of {spec.name}'s non-expert weights exceeds "
@@ -72,8 +73,8 @@ def build_engine(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[
     check_settings_used(cfg.workload)
     work = load_workload(cfg.workload, spec, cfg.seed)
     spec = work.spec
-    budget = check_device(cfg, spec)
     policy = build_policy(cfg.policy)
+    budget = check_device(cfg, spec, policy)
     profile, profile_src = None, None
     if cfg.workload.profile_path:
         profile, profile_src = load_profile(cfg.workload.profile_path, spec), cfg.workload.profile_path

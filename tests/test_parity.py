@@ -48,6 +48,7 @@ from moebits.policies.base import (  # noqa: E402
     build_policy,
     policy_configs,
 )
+from moebits.policies.offload_cache import CacheScope  # noqa: E402
 from moebits.runtime.engine import RuntimeEngine  # noqa: E402
 from moebits.runtime.host_store import HostStore  # noqa: E402
 from moebits.runtime.replay import replay  # noqa: E402
@@ -84,6 +85,9 @@ class Recording(Policy):
         plan = self.inner.slab_plan()
         self.log.append(("plan", tuple(plan)))
         return plan
+
+    def staging(self) -> SlabClass | None:
+        return self.inner.staging()
 
     def initial_loads(self) -> list[Action]:
         loads = self.inner.initial_loads()
@@ -131,6 +135,8 @@ BUDGET = ("bf16", 0.6)  # 60 % of the experts in bf16: every registered policy f
 KNOBS: dict[str, dict[str, Any]] = {  # knobs that make a policy act within this short trace
     "dynaexq": {"min_residency": 2, "max_promotions_per_step": 2},
     "dynamo": {"min_residency": 1, "mix_budget_share": 0.3},
+    # the caches at their presets (a cache per layer, bypass through 2 staging slots), and lru_offload
+    # also as one pool without staging (``lru_offload_global`` below)
 }
 BUDGETS = {"dynamo": ("int4", 0.9)}  # keeps low-baseline experts that channel-mix copies can raise
 
@@ -206,6 +212,15 @@ def test_same_decisions_in_sim_and_runtime(name: str, rule: MissRule, monkeypatc
     if not build_policy(cfg).is_static:
         assert sum(len(e[-1]) for e in sim[0] if e[0] == "step") > 0, "the case must exercise decisions"
     _compare(sim, _runtime_run(cfg, budget, trace_path, store))
+
+
+@pytest.mark.parametrize("name", ["lru_offload", "oracle", "hobbit"])
+def test_same_decisions_one_pool_without_staging(name: str, monkeypatch: pytest.MonkeyPatch, trace_path: Path,
+                                                 store: HostStore) -> None:
+    """The caches as the old single pool with no bypass (scope GLOBAL, staging_experts 0)."""
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(policy_configs()[name](), scope=CacheScope.GLOBAL, staging_experts=0)
+    _compare(_sim_run(monkeypatch, cfg, BUDGET, trace_path), _runtime_run(cfg, BUDGET, trace_path, store))
 
 
 @pytest.mark.parametrize("lag", [1, 3])

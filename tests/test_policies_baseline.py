@@ -1,5 +1,9 @@
 """Baseline policies (static_uniform, static_frequency, lru_offload, lfu_offload, oracle).
 
+The caches here run with one GLOBAL pool and no staging slab (``OLD``: the demand-fetch
+semantics, every needed expert cached at once); per-layer scope and bypass are tested in
+tests/test_cache_scope.py.
+
 Pure tests on hand-built routing: a tiny engine (``drive``) applies each policy's actions to
 a real SlabLedger in order, finishes loads at once, and checks after every layer step that
 the ledger stays within the budget, no needed expert was evicted and every needed expert
@@ -33,7 +37,8 @@ from moebits.policies.base import (
     register_policy,
 )
 from moebits.policies.lfu_offload import LfuOffloadConfig
-from moebits.policies.lru_offload import InitialFill, LruOffloadConfig
+from moebits.policies.lru_offload import LruOffloadConfig
+from moebits.policies.offload_cache import CacheScope, InitialFill
 from moebits.policies.oracle import OracleConfig
 from moebits.policies.static_frequency import StaticFrequencyConfig
 from moebits.policies.static_uniform import StaticUniformConfig
@@ -120,12 +125,14 @@ def single(seq: list[int]) -> LayerSteps:
     return layer_steps([(0, [e]) for e in seq])
 
 
+OLD = {"scope": CacheScope.GLOBAL, "staging_experts": 0}  # one pool, no bypass
+
 BELADY = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]  # the textbook string
 
 
 def cold(cfg_type: type, steps: LayerSteps, slabs: int, spec: ModelSpec | None = None) -> Run:
     """A cache policy started empty with ``slabs`` bf16 slabs (plus some slack bytes)."""
-    policy = build_policy(cfg_type(initial_fill=InitialFill.EMPTY))
+    policy = build_policy(cfg_type(initial_fill=InitialFill.EMPTY, **OLD))
     return drive(policy, context(spec or tiny_spec(), slabs * 100 + 99, future=steps), steps)
 
 
@@ -164,19 +171,19 @@ def test_cache_is_shared_by_layers() -> None:
 
 def test_initial_fills() -> None:
     spec = tiny_spec(layers=2, experts=4)
-    lru = build_policy(LruOffloadConfig())
+    lru = build_policy(LruOffloadConfig(**OLD))
     lru.prepare(context(spec, 3 * 100))
     keys = [(a.key.layer, a.key.expert) for a in lru.initial_loads()]
     assert keys == [(0, 0), (1, 0), (0, 1)]  # round robin over layers
     profile = layer_steps([(1, [3]), (1, [3]), (0, [2]), (1, [3]), (0, [2]), (0, [1])])
-    lru = build_policy(LruOffloadConfig())
+    lru = build_policy(LruOffloadConfig(**OLD))
     lru.prepare(context(spec, 2 * 100, profile=profile))
     assert [(a.key.layer, a.key.expert) for a in lru.initial_loads()] == [(0, 2), (1, 3)]  # least popular first
     steps = layer_steps([(0, [3]), (1, [1])])
-    opt = build_policy(OracleConfig())
+    opt = build_policy(OracleConfig(**OLD))
     opt.prepare(context(spec, 2 * 100, future=steps))
     assert [(a.key.layer, a.key.expert) for a in opt.initial_loads()] == [(0, 3), (1, 1)]
-    assert drive(build_policy(OracleConfig()), context(spec, 200, future=steps), steps).misses == 0
+    assert drive(build_policy(OracleConfig(**OLD)), context(spec, 200, future=steps), steps).misses == 0
 
 
 def test_lfu_counts_survive_eviction() -> None:
@@ -192,14 +199,14 @@ def test_lfu_counts_survive_eviction() -> None:
 
 def test_cache_too_small() -> None:
     spec = tiny_spec(experts=8, top_k=2)
-    lru = build_policy(LruOffloadConfig())
+    lru = build_policy(LruOffloadConfig(**OLD))
     lru.prepare(context(spec, 199))
-    with pytest.raises(ValueError, match="caches 1 experts .* needs up to 2"):
+    with pytest.raises(ValueError, match="the cache holds 1 experts .* needs up to 2 .* staging_experts is 0"):
         lru.slab_plan()
     steps = layer_steps([(0, [0, 1, 2])])  # a batch needs 3 at once
     with pytest.raises(ValueError, match="layer step 0 .* needs 3 experts at once but the cache holds 2"):
         cold(LruOffloadConfig, steps, 2, spec)
-    with pytest.raises(ValueError, match="caches 2 experts .* needs up to 3"):
+    with pytest.raises(ValueError, match="the cache holds 2 experts .* needs up to 3"):
         cold(OracleConfig, steps, 2, spec)  # the oracle sees it coming
 
 
@@ -354,7 +361,7 @@ def test_caches_keep_the_contract_and_oracle_is_best(case, slack, fill) -> None:
     misses = {}
     for cfg_type in (LruOffloadConfig, LfuOffloadConfig, OracleConfig):
         ctx = context(spec, slabs * 100 + slack, future=steps)
-        misses[cfg_type.name] = drive(build_policy(cfg_type(initial_fill=fill)), ctx, steps).misses
+        misses[cfg_type.name] = drive(build_policy(cfg_type(initial_fill=fill, **OLD)), ctx, steps).misses
     assert misses["oracle"] <= misses["lru_offload"]
     assert misses["oracle"] <= misses["lfu_offload"]
     if fill is InitialFill.EMPTY:

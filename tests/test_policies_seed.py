@@ -42,11 +42,14 @@ from moebits.policies.dynaexq import DynaExqConfig
 from moebits.policies.dynamo import Aggregate, DynaMoConfig
 from moebits.policies.hobbit import HobbitConfig
 from moebits.policies.mxmoe import MxMoEConfig, Solver, assignment_objective, solve_exact, solve_greedy
+from moebits.policies.offload_cache import CacheScope
 from moebits.policies.routernorm import RouterNormConfig, allocate_layer, waterfill, zeta_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTES = {"bf16": 100, "fp8": 52, "int8": 55, "int4": 30, "int3": 24, "int2": 18}  # made up, exact budgets
 A = ActionKind
+
+OLD = {"scope": CacheScope.GLOBAL, "staging_experts": 0}  # dymoe/hobbit as one pool per class, no bypass
 
 
 def tiny_spec(layers: int = 1, experts: int = 4, top_k: int = 1) -> ModelSpec:
@@ -218,13 +221,13 @@ def shifted_pattern(n: int, experts: int = 8) -> list[tuple[int, list[int]]]:
 def test_dymoe_prefetch_hits_on_a_deterministic_pattern() -> None:
     spec = tiny_spec(layers=2, experts=8)
     steps = shifted_pattern(40)
-    cfg = DyMoEConfig(initial_fill=False, critical_first=0, critical_last=0)
+    cfg = DyMoEConfig(**OLD, initial_fill=False, critical_first=0, critical_last=0)
     t = Tiny(build_policy(cfg), context(spec, 6 * BYTES["int8"] + 10 * BYTES["int2"], profile=layer_steps(steps)))
     t.run(steps)
     m = t.policy.metrics()
     assert m["prefetch_issued"] > 10 and m["prefetch_hits"] >= m["prefetch_issued"] - 2
     assert t.policy.prefetch_hits == m["prefetch_hits"]
-    same = DyMoEConfig(initial_fill=False, critical_first=0, critical_last=0, predictor=Predictor.SAME_EXPERTS)
+    same = DyMoEConfig(**OLD, initial_fill=False, critical_first=0, critical_last=0, predictor=Predictor.SAME_EXPERTS)
     u = Tiny(build_policy(same), context(spec, 6 * BYTES["int8"] + 10 * BYTES["int2"], profile=layer_steps(steps)))
     assert u.run(steps).policy.metrics()["prefetch_hit_rate"] < 0.3  # ids shift: the heuristic misses
     assert not t.refusals and not u.refusals
@@ -232,7 +235,7 @@ def test_dymoe_prefetch_hits_on_a_deterministic_pattern() -> None:
 
 def test_dymoe_importance_and_depth_pick_the_precision() -> None:
     spec = tiny_spec(layers=3, experts=8)
-    cfg = DyMoEConfig(initial_fill=False, lookahead_layers=0, predictor=Predictor.SAME_EXPERTS, alpha=0.5)
+    cfg = DyMoEConfig(**OLD, initial_fill=False, lookahead_layers=0, predictor=Predictor.SAME_EXPERTS, alpha=0.5)
     t = Tiny(build_policy(cfg), context(spec, 4000))
     assert t.policy.critical == [True, False, True]
     # first sight: importance 0.5 against a layer mean of 0.5 / 8, over twice the mean: high
@@ -250,12 +253,12 @@ def test_dymoe_table_critical_layers_and_profile_requirement() -> None:
     spec = tiny_spec(layers=4, experts=4)
     table = synthetic_table(4, 4, ["int2"], np.random.default_rng(1))
     table.error[table.layer == 2] *= 100.0
-    cfg = DyMoEConfig(critical_layers=CriticalLayers.TABLE, critical_count=1, predictor=Predictor.SAME_EXPERTS)
+    cfg = DyMoEConfig(**OLD, critical_layers=CriticalLayers.TABLE, critical_count=1, predictor=Predictor.SAME_EXPERTS)
     p = build_policy(cfg)
     p.prepare(context(spec, 4000, table=table))
     assert p.critical == [False, False, True, False]
     with pytest.raises(ValueError, match="needs a profiling trace"):
-        build_policy(DyMoEConfig()).prepare(context(spec, 4000))
+        build_policy(DyMoEConfig(**OLD)).prepare(context(spec, 4000))
 
 
 # ---- hobbit ----
@@ -263,7 +266,7 @@ def test_dymoe_table_critical_layers_and_profile_requirement() -> None:
 def hobbit(spec: ModelSpec, high: int, low: int, **kw) -> Tiny:
     budget = high * BYTES["bf16"] + low * BYTES["int4"]
     share = low * BYTES["int4"] / budget
-    cfg = HobbitConfig(low_budget_share=share, initial_fill=False, **{"prefetch": False, **kw})
+    cfg = HobbitConfig(**OLD, low_budget_share=share, initial_fill=False, **{"prefetch": False, **kw})
     return Tiny(build_policy(cfg), context(spec, budget))
 
 
@@ -285,7 +288,7 @@ def test_hobbit_fetches_low_copies_for_low_gate_misses() -> None:
 def test_hobbit_prefetches_the_next_layer() -> None:
     spec = tiny_spec(layers=2, experts=8, top_k=1)
     steps = shifted_pattern(30)
-    t = Tiny(build_policy(HobbitConfig(initial_fill=False)), context(spec, 1000, profile=layer_steps(steps)))
+    t = Tiny(build_policy(HobbitConfig(**OLD, initial_fill=False)), context(spec, 1000, profile=layer_steps(steps)))
     t.run(steps)
     m = t.policy.metrics()
     assert m["prefetch_issued"] > 5 and m["prefetch_hits"] >= m["prefetch_issued"] - 2
@@ -478,9 +481,9 @@ def policies_for(spec: ModelSpec, profile: LayerSteps, rng: np.random.Generator)
     return [
         (build_policy(DynaExqConfig(min_residency=int(rng.integers(0, 3)), hysteresis=float(rng.choice([1.0, 1.3])))),
          roomy),
-        (build_policy(DyMoEConfig(lookahead_layers=int(rng.integers(0, 3)), alpha=0.5)), 12 * BYTES["int8"]),
-        (build_policy(HobbitConfig(critical_gate=float(rng.choice([0.5, 1.0, 1.5])))), 10 * BYTES["bf16"]),
-        (build_policy(HobbitConfig(predictor=Predictor.SAME_EXPERTS, low_budget_share=0.5)), 8 * BYTES["bf16"]),
+        (build_policy(DyMoEConfig(**OLD, lookahead_layers=int(rng.integers(0, 3)), alpha=0.5)), 12 * BYTES["int8"]),
+        (build_policy(HobbitConfig(**OLD, critical_gate=float(rng.choice([0.5, 1.0, 1.5])))), 10 * BYTES["bf16"]),
+        (build_policy(HobbitConfig(**OLD, predictor=Predictor.SAME_EXPERTS, low_budget_share=0.5)), 8 * BYTES["bf16"]),
         (build_policy(DynaMoConfig(min_residency=0, mix_budget_share=0.3)), int(n * BYTES["int2"] / 0.6)),
         (build_policy(MxMoEConfig(solver=Solver.GREEDY)), roomy),
         (build_policy(RouterNormConfig()), roomy),
@@ -504,8 +507,8 @@ def books_match_ledger(t: Tiny) -> None:
     """What the policy believes is resident is what the ledger holds."""
     p = t.policy
     if hasattr(p, "cache"):
-        for prec, lru in p.cache.lru.items():
-            assert {p.cache.key_of[k] for k in lru} == t.copies(prec)
+        for prec in p.cache.lru:
+            assert {p.cache.key_of[k] for k in p.cache.cached(prec)} == t.copies(prec)
     elif hasattr(p, "top"):
         prec = getattr(p, "mix_name", getattr(p, "hi", None))
         held = {ExpertKey(layer, e) for layer, m in enumerate(p.top.members) for e in m}

@@ -12,7 +12,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
 from moebits.core.slabs import Refusal, SlabClass  # noqa: E402
-from moebits.policies.base import MissRule, demote, promote  # noqa: E402
+from moebits.drive.records import COUNTERS  # noqa: E402
+from moebits.policies.base import MissRule, build_policy, demote, promote  # noqa: E402
 from moebits.runtime.engine import PolicyError, RuntimeEngine, routing_of  # noqa: E402
 from moebits.runtime.host_store import HostStore, random_weights  # noqa: E402
 from moebits.runtime.moe_layer import reference_moe  # noqa: E402
@@ -70,7 +71,7 @@ def test_static_mixed_layer_matches_the_served_reference(store: HostStore) -> No
         y = engine.layer_step(layer, x, ids, w)
         ref = _reference(store, layer, x, ids, w, {e: served[(layer, e)] for e in range(SPEC.experts)})
         assert _rel(y, ref) < 1e-5
-    assert engine.counts == {"promotions": 0, "prefetches": 0, "demotions": 0, "refusals": 0}
+    assert engine.counts == {"promotions": 0, "prefetches": 0, "demotions": 0, "refusals": 0, "bypasses": 0}
 
 
 def test_serve_lower_serves_the_resident_copy_until_the_promotion_lands(store: HostStore) -> None:
@@ -128,3 +129,23 @@ def test_replay_assignment_keeps_the_counts_and_never_repeats_an_expert(tokens: 
     e2, c2, s2 = routing_of(torch.from_numpy(got_ids), torch.from_numpy(got_w), 8)
     assert e2.tolist() == experts.tolist() and c2.tolist() == counts.tolist()
     np.testing.assert_allclose(s2, sums, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int4"])
+def test_bypassed_experts_stream_at_the_staging_precision(store: HostStore, precision: str) -> None:
+    """lru_offload with one slot per layer and a staging slab: a step needing 4 experts admits
+    the lowest id and streams the other 3; the output matches the float64 reference of those
+    copies, and the counters show the streamed bytes."""
+    from moebits.policies.lru_offload import LruOffloadConfig
+    from moebits.policies.offload_cache import InitialFill
+
+    policy = build_policy(LruOffloadConfig(precision=precision, initial_fill=InitialFill.EMPTY, staging_experts=2))
+    engine = RuntimeEngine(SPEC, policy, policy.per_layer_budget_bytes(SPEC, 1), store)
+    x, _, w = _inputs(4, 2)
+    ids = torch.tensor([[0, 1], [2, 3]])
+    y = engine.layer_step(0, x, ids, w)
+    assert _rel(y, _reference(store, 0, x, ids, w, dict.fromkeys(range(4), precision))) < 1e-5
+    snap = dict(zip(COUNTERS, engine.snapshot(), strict=True))
+    nbytes = SPEC.expert_bytes(precision)
+    assert (snap["bypasses"], snap["promotions"], snap["h2d_bytes"]) == (3, 1, 4 * nbytes)
+    assert (engine.rec.hits, engine.rec.requests) == ([0], [4])

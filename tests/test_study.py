@@ -48,11 +48,15 @@ def _tiny(tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", presets("budget"))
 def test_budget_presets_resolve_per_model(hydra_ctx: None, tmp_path: Path, name: str) -> None:
-    cfg = run_config(*_tiny(tmp_path), f"budget={name}", "budget_gb=0.5", "policy=lru_offload")
+    cfg = run_config(*_tiny(tmp_path), f"budget={name}", "budget_gb=0.5", "policy=lru_offload",
+                     "policy.staging_experts=0",
+                     *(["budget.experts=3"] if name == "per_layer" else ["policy.scope=GLOBAL"]))
     _, info = build_engine(cfg)
     b = cfg.budget
     want = int(0.5e9) if b.all_at is None else int(b.fraction * TINY.all_experts_bytes(b.all_at))
-    assert info["budget_bytes"] == want and info["budget_kind"] == name
+    if b.experts:  # 3 slots per layer at the policy's bf16, no staging
+        want = TINY.layers * 3 * TINY.expert_bytes("bf16")
+    assert info["budget_bytes"] == want and info["budget_kind"] == (name if not b.experts else "per_layer_3")
 
 
 def test_budget_error_names_the_budget(hydra_ctx: None) -> None:

@@ -1,0 +1,119 @@
+"""Parity of the graph path: one trace through the simulator and the graph-captured runtime (CPU).
+
+The graph path (:class:`runtime.graph_engine.GraphEngine`: the fast model over a residency table,
+the expert mover, graphs off and torch reference kernels on the CPU) replays the trace with its
+routing forced into the fast model's routing buffers. Parity means what ``test_parity`` means:
+the same policy calls with the same answers, and per layer step the same tokens, phase and
+precision served (``_compare``), with observation lag 0 and > 0.
+
+Not covered, and why: ``MissRule.HOST`` (the graph path computes no expert on the host) and
+``dynamo`` (channel-mix copies: the fused kernels have no class for them; the eager runtime
+serves them). Both are refused with one clear error, tested below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from moebits.drive.context import PolicyError  # noqa: E402
+from moebits.policies.base import MissRule, build_policy  # noqa: E402
+from moebits.runtime import hf  # noqa: E402
+from moebits.runtime.fast_model import AttnShape, FastModel, FastWeights  # noqa: E402
+from moebits.runtime.graph_engine import GraphEngine  # noqa: E402
+from moebits.runtime.host_store import HostStore  # noqa: E402
+from moebits.runtime.replay import graph_replay, replay_shape  # noqa: E402
+from moebits.traces.replay import load_view  # noqa: E402
+from test_parity import (  # noqa: E402
+    BUDGET,
+    BUDGETS,
+    SPEC,
+    Recording,
+    _compare,
+    _sim_run,
+    policy_cases,
+    policy_config,
+    trace_path,  # noqa: F401  (fixture)
+)
+
+UNSUPPORTED = {"dynamo"}  # channel-mix precisions: no fused-kernel class
+
+
+def graph_cases() -> list[Any]:
+    return [c for c in policy_cases() if c.values[1] is not MissRule.HOST and c.values[0] not in UNSUPPORTED]
+
+
+@pytest.fixture(scope="module")
+def model_parts() -> tuple[Any, Any, HostStore]:
+    """Non-expert weights of a tiny Qwen3-MoE of the parity spec, its expert weights, a host store."""
+    model, weights = hf.build_random_model(dataclasses.replace(SPEC, name="Qwen3-30B-A3B"), arch="qwen3_moe",
+                                           dtype=torch.bfloat16, full_hidden=2048, std=0.05)
+    store = HostStore(SPEC, pin=False, quant_device="cpu").fill_bf16(weights)
+    return model, weights, store.require(["int8", "int4", "int3", "int2", "fp8"])
+
+
+def graph_engine(policy: Any, budget: tuple[str, float], view: Any, parts: tuple, lag: int) -> GraphEngine:
+    model, weights, store = parts
+    rows, max_len = replay_shape(view)
+    fw, shape = FastWeights.from_hf(model), AttnShape.from_hf_config(model.config)
+
+    def make(pool: Any, table: Any) -> FastModel:
+        return FastModel(fw, SPEC, shape, pool, table, use_triton=False, max_seqs=rows, max_len=max_len)
+
+    budget_bytes = int(budget[1] * SPEC.all_experts_bytes(budget[0]))
+    return GraphEngine(SPEC, policy, budget_bytes, make, weights, store.row, seed=5,
+                       profile=view if policy.needs_profile else None, future=view, observe_lag=lag, replay=True,
+                       served=True, max_rows=rows)
+
+
+def _graph_run(cfg: Any, budget: tuple[str, float], path: Path, parts: tuple, lag: int) -> tuple:
+    policy = Recording(build_policy(cfg))
+    view = load_view(path, 1, cache=False)
+    engine = graph_engine(policy, budget, view, parts, lag)
+    return policy.log, graph_replay(engine, view), engine
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+@pytest.mark.parametrize(("name", "rule"), graph_cases())
+def test_graph_path_decides_as_the_simulator(name: str, rule: MissRule, lag: int, monkeypatch: pytest.MonkeyPatch,
+                                             trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
+    torch.set_num_threads(1)
+    cfg, budget = policy_config(name, rule), BUDGETS.get(name, BUDGET)
+    try:
+        sim = _sim_run(monkeypatch, cfg, budget, trace_path, lag)
+    except PolicyError as exc:  # a demand-fetch cache under SERVE_LOWER with lag: the same contract error
+        with pytest.raises(PolicyError) as rt_exc:
+            _graph_run(cfg, budget, trace_path, model_parts, lag)
+        assert str(rt_exc.value) == str(exc)
+        return
+    _compare(sim, _graph_run(cfg, budget, trace_path, model_parts, lag))
+
+
+def test_forced_routing_is_what_the_policy_observed(trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
+    """The replayed trace's routing reaches the policy unchanged: experts, tokens and gate of every layer step."""
+    policy = Recording(build_policy(policy_config("dynaexq", MissRule.SERVE_LOWER)))
+    view = load_view(trace_path, 1, cache=False)
+    graph_replay(graph_engine(policy, BUDGET, view, model_parts, 0), view)
+    assert len(policy.observed) == view.layer_steps
+    for i, o in enumerate(policy.observed):
+        a, b = int(view.offsets[i]), int(view.offsets[i + 1])
+        assert (o.index, o.layer, o.pass_index) == (i, int(view.ls_layer[i]), int(view.ls_pass[i]))
+        assert o.experts.tolist() == view.ex_expert[a:b].tolist()
+        assert o.tokens.tolist() == view.ex_tokens[a:b].tolist()
+        np.testing.assert_allclose(o.gate, view.ex_gate[a:b], rtol=1e-3)
+
+
+def test_unsupported_policies_are_one_clear_error(trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
+    view = load_view(trace_path, 1, cache=False)
+    with pytest.raises(ValueError, match="MissRule.HOST runs in the eager runtime"):
+        graph_engine(build_policy(policy_config("lru_offload", MissRule.HOST)), BUDGET, view, model_parts, 0)
+    with pytest.raises(ValueError, match="no class for"):
+        graph_engine(build_policy(policy_config("dynamo", MissRule.SERVE_LOWER)), BUDGETS["dynamo"], view,
+                     model_parts, 0)

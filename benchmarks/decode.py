@@ -1,31 +1,39 @@
-"""Graph-captured decode of a Qwen3-30B-A3B-shaped model (random weights) under expert policies.
+"""Decode benchmark: graph-captured decode of a Qwen3-30B-A3B-shaped model (random weights) under policies.
 
-The fast model (:mod:`runtime.fast_model`: Triton kernels, static KV cache, a device-side
-residency table) serves every configuration; transformers' own model is the user baseline.
-All configurations see the same teacher-forced random tokens (a ``--prompt``-token prompt,
-then ``--decode`` steps), so KL divergences against ``bf16_resident`` compare like for like.
+The fast model (:mod:`runtime.fast_model`: Triton kernels, static KV cache, a device residency
+table) serves every configuration through :class:`runtime.graph_engine.GraphEngine`, i.e. the
+policy runs through the one driver (:mod:`drive`) and each configuration yields the drive step
+table and summary; transformers' own model is the user baseline. ``--engine eager`` runs the
+earlier eager runtime benchmark instead (``benchmarks/decode_eager.py``, its own options).
+
+Routing (``--trace``): by default each layer's top-k ids and gates are forced from the embedded
+default trace (Qwen3-30B-A3B-shaped, fitted to real traces' statistics; its prompts set the
+prompt length), replayed through the fast model's routing buffers after the router ran (the
+router's cost stays); ``--trace PATH`` replays another trace of the same expert count and top-k,
+``--trace none`` keeps the random model's own router (far more repetitive than real routing).
+Tokens are teacher-forced random tokens, the same for every configuration, so KL divergences
+against ``bf16_resident`` compare like for like (the transformers baseline keeps its own router:
+its KL is reported only with ``--trace none``).
 
 Configurations (``--configs``):
 
 - ``bf16_resident`` / ``static_int4``: every expert resident in one precision (static_uniform);
-- ``dynaexq`` (bf16 / int4) and ``dynaexq_int3`` (bf16 / int3): every expert at the low
-  precision plus hot experts promoted to bf16 asynchronously (policy ``dynaexq``); the policy
-  observes step t before step t + ``--lag`` is served, through one pinned copy per step;
-  budgets: all-int4 bytes + ``--dyn-slots`` bf16 experts per layer (``dynaexq``), all-int4 bytes
-  (``dynaexq_int3``: what int3 leaves free);
-- ``lru_bf16``: bf16 demand-fetch cache (policy ``lru_offload``, STALL) in the all-int4 budget:
-  graphs per layer, the host reads each layer's routing and waits for the copies;
-- ``hf``: transformers' ``Qwen3MoeForCausalLM``, every expert bf16 on the device, eager, its
-  own DynamicCache (``--hf-experts`` implementation).
+- ``dynaexq`` (bf16 / int4) and ``dynaexq_int3`` (bf16 / int3), each at every ``--lags`` d: the
+  policy observes pass t's routing before pass t + d (one pinned copy per pass, whole-step
+  graph, actions at pass boundaries); budgets: all-int4 bytes + ``--dyn-slots`` bf16 experts per
+  layer (``dynaexq``), all-int4 bytes (``dynaexq_int3``: what int3 leaves free);
+- ``lru_bf16``: bf16 demand-fetch cache (lru_offload, STALL) in the all-int4 budget: graphs per
+  layer, the host reads each layer's routing and waits for the copies (lag 0: the seam's rule);
+- ``hf``: transformers' ``Qwen3MoeForCausalLM``, every expert bf16 on the device, eager.
 
-Per configuration: TTFT (prefill of the prompt in ``--chunk``-row chunks), TPOT p50 over the
-decode steps (CUDA events around boundary + replay), tokens/s, H2D GB per token, stall seconds,
-KL vs bf16. ``static_int4`` is also timed with per-layer graphs and eager (launch overhead), and
-at ``--batch`` sizes. ``--stress N`` runs N decode steps of random promotions and demotions with
-every layer's MoE output checked against a float32 dequantize reference of the table's state.
+Per configuration (from the drive summary): TTFT (prefill in ``--chunk``-row chunks), TPOT p50,
+tokens/s, H2D GB per token, stall seconds, KL vs bf16, promotions; ``static_int4`` also at each
+``--batch`` size > 1 (whole-step graph, trace decode rows). ``--stress N`` runs N decode steps of
+random promotions and demotions with every layer's MoE output checked against a float32
+dequantize reference of the table's state.
 
-    PYTHONPATH=... python benchmarks/decode_fast.py --out decode.json   # CUDA
-    PYTHONPATH=... python benchmarks/decode_fast.py --small             # CPU smoke (eager, torch ops)
+    PYTHONPATH=... python benchmarks/decode.py --out decode.json   # CUDA
+    PYTHONPATH=... python benchmarks/decode.py --smoke             # CPU smoke (tiny shape, eager, torch ops)
 """
 
 from __future__ import annotations
@@ -34,40 +42,52 @@ import argparse
 import dataclasses
 import gc
 import json
+import runpy
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec, get_model_spec
-from moebits.core.slabs import SlabLedger
-from moebits.policies.base import PolicyContext, build_policy
+from moebits.core.routing import LayerSteps
+from moebits.drive.records import summarize
+from moebits.policies.base import build_policy
 from moebits.policies.dynaexq import DynaExqConfig
 from moebits.policies.lru_offload import LruOffloadConfig
 from moebits.policies.static_uniform import StaticUniformConfig
 from moebits.runtime import hf
-from moebits.runtime.expert_mover import CudaStreams, ExpertMover, SyncStreams
 from moebits.runtime.fast_model import AttnShape, FastModel, FastWeights, StepBuffers
-from moebits.runtime.graph_serve import GraphMode, PolicyDriver, StepRunner, initial_loads
+from moebits.runtime.graph_engine import GraphEngine, PassInput
+from moebits.runtime.graph_serve import GraphMode, StepRunner
 from moebits.runtime.host_store import HostStore
-from moebits.runtime.pool import DevicePool
-from moebits.runtime.residency import ResidencyTable, serve_reference
-from moebits.runtime.route_observer import RouteObserver
+from moebits.runtime.replay import pass_routing
+from moebits.runtime.residency import serve_reference
+from moebits.traces.format import read_trace
+from moebits.traces.replay import build_view
+from moebits.traces.workload import default_trace_path, first_layers, first_seqs
 
 CONFIGS = ("bf16_resident", "static_int4", "dynaexq", "dynaexq_int3", "lru_bf16", "hf")
-SLACK_BYTES = 64 << 20  # alignment room beyond the policy's budget (the pool aligns slabs to 16 B)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=["graph", "eager"], default="graph",
+                    help="graph: this benchmark; eager: benchmarks/decode_eager.py with the remaining options")
     ap.add_argument("--layers", type=int, default=48, help="MoE layers (of 48)")
-    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    ap.add_argument("--trace", default="default",
+                    help="routing to replay: 'default' (embedded trace), a trace file, or 'none' (the model's router)")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (with a trace: the trace's prompt length)")
     ap.add_argument("--chunk", type=int, default=32, help="prefill chunk rows")
+    ap.add_argument("--lru-chunk", type=int, default=4,
+                    help="prefill chunk rows of lru_bf16 (a chunk's distinct experts must fit its per-layer cache)")
     ap.add_argument("--decode", type=int, default=64, help="decode steps")
-    ap.add_argument("--batch", type=int, nargs="*", default=[8, 32], help="extra batch sizes (static_int4, bf16)")
+    ap.add_argument("--batch", type=int, nargs="*", default=[8, 32], help="extra batch sizes (static_int4)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    ap.add_argument("--lag", type=int, default=1, help="observation lag d: step t is observed before t+d")
+    ap.add_argument("--lags", type=int, nargs="+", default=[1, 2],
+                    help="dynaexq observation lags d in passes: pass t is observed before pass t+d")
     ap.add_argument("--dyn-slots", type=int, default=16, help="bf16 slots per layer in dynaexq's budget")
     ap.add_argument("--hf-experts", default="grouped_mm", help="transformers experts implementation")
     ap.add_argument("--stress", type=int, default=0, help="decode steps of the promote/demote stress check")
@@ -75,14 +95,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="MoE calls with at least this many (token, expert) pairs use the grouped tensor-core kernels")
     ap.add_argument("--breakdown", action="store_true",
                     help="static_int4: time the whole-step graph with parts left out (experts, attention, layers)")
-    ap.add_argument("--small", action="store_true", help="tiny CPU shape, eager torch path (smoke test)")
+    ap.add_argument("--smoke", "--small", dest="small", action="store_true",
+                    help="tiny CPU shape, eager torch path (checks the whole script runs)")
     ap.add_argument("--out", default=None, help="write results JSON here")
     return ap.parse_args(argv)
 
 
 @dataclasses.dataclass
 class Setup:
-    """What every configuration shares: the model's non-expert weights, expert source, tokens."""
+    """What every configuration shares: the model's non-expert weights, expert source, tokens, routing."""
 
     spec: ModelSpec
     hf_model: Any
@@ -92,6 +113,8 @@ class Setup:
     tokens: torch.Tensor         # [P + N] (teacher forced)
     device: torch.device
     use_triton: bool
+    prompt: int
+    trace: Any = None            # the trace replayed (cut to the model's layers), or None
     store: HostStore | None = None
 
 
@@ -99,16 +122,46 @@ def build_setup(args: argparse.Namespace) -> Setup:
     device = torch.device("cpu" if args.small else "cuda")
     full = get_model_spec("Qwen3-30B-A3B")
     if args.small:
-        spec = dataclasses.replace(full, layers=2, experts=16, top_k=4, hidden=256, expert_intermediate=128,
-                                   vocab_size=1024)
+        spec = dataclasses.replace(full, layers=2, hidden=256, expert_intermediate=128, vocab_size=1024)
         model, weights = hf.build_random_model(spec, device=device, dtype=torch.bfloat16, full_hidden=2048)
     else:
         spec = dataclasses.replace(full, layers=args.layers)
         model, weights = hf.build_random_model(spec, device=device, dtype=torch.bfloat16)
+    trace, prompt = load_trace(args.trace, spec), args.prompt
+    if trace is not None:
+        view = build_view(first_seqs(trace, 1), 1)
+        prompt = int(view.ls_tokens[0])
     gen = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, spec.vocab_size, (args.prompt + args.decode,), generator=gen)
+    tokens = torch.randint(0, spec.vocab_size, (prompt + args.decode,), generator=gen)
     return Setup(spec, model, weights, FastWeights.from_hf(model), AttnShape.from_hf_config(model.config),
-                 tokens, device, not args.small)
+                 tokens, device, not args.small, prompt, trace)
+
+
+def load_trace(arg: str, spec: ModelSpec) -> Any:
+    """The trace to replay, cut to ``spec``'s layers (None for the model's own router)."""
+    if arg == "none":
+        return None
+    path = default_trace_path() if arg == "default" else Path(arg)
+    if not path.exists():
+        raise SystemExit(f"error: trace {path} not found")
+    t = read_trace(path)
+    if (t.spec.experts, t.spec.top_k) != (spec.experts, spec.top_k) or t.spec.layers < spec.layers:
+        raise SystemExit(f"error: trace {path} routes {t.spec.layers} layers x {t.spec.experts} experts top-"
+                         f"{t.spec.top_k}; the model has {spec.layers} x {spec.experts} top-{spec.top_k}")
+    return first_layers(t, spec.layers)
+
+
+# ----------------------------------------------------------------------------- routing from the trace
+def decode_routing(view: LayerSteps, layers: int, top_k: int, rows: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` decode passes' routing ``[L, rows, k]`` from ``view``'s decode passes of ``rows`` rows, cyclically."""
+    starts = [i for i in range(0, view.layer_steps, layers) if view.ls_pass[i] > 0 and view.ls_tokens[i] == rows]
+    if not starts:
+        raise SystemExit(f"error: the trace has no decode pass of {rows} rows")
+    return [pass_routing(view, starts[t % len(starts)], layers, top_k) for t in range(n)]
+
+
+def prefill_routing(view: LayerSteps, layers: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    return pass_routing(view, 0, layers, top_k)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -123,47 +176,27 @@ def policy_for(name: str, spec: ModelSpec, dyn_slots: int) -> tuple[Any, int]:
     }[name]
 
 
-@dataclasses.dataclass
-class Served:
-    """A configuration ready to serve: model over its pool, policy driver."""
-
-    model: FastModel
-    driver: PolicyDriver
-    budget: int
-
-
-def serve_config(s: Setup, name: str, args: argparse.Namespace, rows_max: int) -> Served:
+def engine_for(s: Setup, name: str, args: argparse.Namespace, lag: int, rows: int) -> GraphEngine:
+    """The graph engine of configuration ``name`` (pool, table, model, mover, driver; initial loads placed)."""
     cfg, budget = policy_for(name, s.spec, args.dyn_slots)
-    policy = build_policy(cfg)
-    ctx = PolicyContext(s.spec, budget, np.random.default_rng(0),
-                        {p: s.spec.expert_bytes(p) for p in ("bf16", "fp8", "int8", "int4", "int3", "int2")})
-    policy.prepare(ctx)
-    ledger = SlabLedger(policy.slab_plan(), budget + SLACK_BYTES)
-    pool = DevicePool(ledger, s.spec, s.device)
-    table = ResidencyTable(s.spec.layers, s.spec.experts, s.device)
     moe_cfg = None
     if s.use_triton:
         from moebits.runtime.fused_moe import MoeKernelConfig
 
         moe_cfg = MoeKernelConfig(grouped_from_pairs=args.grouped_from_pairs)
-    model = FastModel(s.fast_w, s.spec, s.shape, pool, table, s.use_triton, max_seqs=rows_max,
-                      max_len=args.prompt + args.decode, moe_cfg=moe_cfg)
-    initial_loads(model, policy.initial_loads(), s.weights)
-    rows = (lambda key, p: s.store.row(key, p)) if s.store is not None else _no_rows  # noqa: E731
-    streams = CudaStreams(s.device) if s.device.type == "cuda" else SyncStreams()
-    mover = ExpertMover(pool, table, rows, streams)
-    observer = RouteObserver(s.spec.layers, 1, s.spec.top_k, args.lag, s.device)
-    return Served(model, PolicyDriver(policy, mover, observer), budget)
+
+    def make(pool: Any, table: Any) -> FastModel:
+        return FastModel(s.fast_w, s.spec, s.shape, pool, table, s.use_triton, max_seqs=rows,
+                         max_len=s.prompt + args.decode, moe_cfg=moe_cfg)
+
+    store_rows = s.store.row if s.store is not None else _no_rows
+    mode = GraphMode.WHOLE if s.device.type == "cuda" else GraphMode.EAGER
+    return GraphEngine(s.spec, build_policy(cfg), budget, make, s.weights, store_rows, device=s.device, mode=mode,
+                       route_lag=lag, replay=s.trace is not None, max_rows=rows, per_pass=True)
 
 
 def _no_rows(key: ExpertKey, precision: str) -> torch.Tensor:
     raise RuntimeError("this configuration has no host store")
-
-
-# ----------------------------------------------------------------------------- one sequence
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class Clock:
@@ -187,35 +220,6 @@ class Clock:
         return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
-def run_sequence(s: Setup, sv: Served, args: argparse.Namespace, mode: GraphMode) -> dict[str, Any]:
-    """Prefill + decode one sequence (row 0, sequence 0); times, logits [N, V], copy stats."""
-    m, drv, dev = sv.model, sv.driver, s.device
-    p, n = args.prompt, args.decode
-    pre = m.buffers(args.chunk)
-    dec = m.buffers(1)
-    stall = drv.stall
-    runners = {r: StepRunner(m, b, mode if not (stall and mode is GraphMode.WHOLE) else GraphMode.LAYER)
-               for r, b in ((args.chunk, pre), (1, dec))}
-    for r in runners.values():
-        _load_rows(r.buf, s.tokens[: r.buf.rows], list(range(r.buf.rows)), dev)
-        r.capture()                      # warm-up runs once; caches are overwritten by the real run
-    clock = Clock(dev)
-    clock.mark()
-    for c0 in range(0, p, args.chunk):   # chunked prefill (the last chunk padded onto position p-1)
-        pos = [min(c0 + j, p - 1) for j in range(args.chunk)]
-        _step(s, drv, runners[args.chunk], s.tokens[pos], pos, serving=-1)
-    clock.mark()
-    logits = torch.zeros(n, s.spec.vocab_size, dtype=torch.float32, device=dev)
-    copy_steps = []
-    for t in range(n):
-        copy_steps.append(drv.mover.in_flight() > 0)
-        _step(s, drv, runners[1], s.tokens[p + t : p + t + 1], [p + t], serving=t)
-        logits[t] = dec.logits[0].float()
-        clock.mark()
-    times = clock.seconds()
-    return {"ttft_s": times[0], "decode_s": times[1:], "logits": logits, "copy_steps": copy_steps}
-
-
 def _load_rows(b: StepBuffers, tokens: torch.Tensor, pos: list[int], dev: torch.device) -> None:
     pin = dev.type == "cuda"
     t = tokens.to(torch.long)
@@ -224,36 +228,70 @@ def _load_rows(b: StepBuffers, tokens: torch.Tensor, pos: list[int], dev: torch.
     b.set_rows(*(x.pin_memory() if pin else x for x in (t, seq, ps)))
 
 
-def _step(s: Setup, drv: PolicyDriver, runner: StepRunner, tokens: torch.Tensor, pos: list[int], serving: int) -> None:
-    drv.before_step(serving) if serving >= 0 else drv.mover.boundary()
-    _load_rows(runner.buf, tokens, pos, s.device)
-    hook = drv.between(runner.buf, runner.buf.rows) if drv.stall else None
-    runner.run(hook)
-    if serving >= 0:
-        drv.after_step(serving, runner.buf, 1)
+
+# ----------------------------------------------------------------------------- one sequence
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def batch_tpot(s: Setup, sv: Served, rows: int, steps: int, pos0: int) -> float:
-    """Median step time of decoding ``rows`` sequences at once (positions pos0.., whole-step graph)."""
-    b = sv.model.buffers(rows)
-    r = StepRunner(sv.model, b, GraphMode.WHOLE if s.device.type == "cuda" else GraphMode.EAGER)
-    tok = s.tokens[:rows].to(torch.long) if rows <= s.tokens.numel() else torch.zeros(rows, dtype=torch.long)
-    b.set_rows(tok, torch.arange(rows, dtype=torch.int32), torch.full((rows,), pos0, dtype=torch.int32))
-    r.capture()
-    clock = Clock(s.device)
-    clock.mark()
+def _t(x: np.ndarray | None, dev: torch.device) -> torch.Tensor | None:
+    return None if x is None else torch.from_numpy(x).to(dev)
+
+
+def run_sequence(s: Setup, eng: GraphEngine, args: argparse.Namespace,
+                 chunk: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Prefill (in ``chunk``-row chunks) + decode one sequence (row 0, sequence 0) through ``eng``;
+    its summary and logits [N, V]."""
+    dev, p, n, L, k = s.device, s.prompt, args.decode, s.spec.layers, s.spec.top_k
+    pre_r = dec_r = None
+    if s.trace is not None:
+        view = build_view(first_seqs(s.trace, 1), 1)
+        pre_r = prefill_routing(view, L, k)
+        dec_r = decode_routing(build_view(s.trace, 1), L, k, 1, n)
+    chunk = min(chunk, p)
+    for rows in (chunk, 1):
+        eng.runner(rows)                 # capture (warm-up runs) before the clock starts
+    eng.start()
+    for c0 in range(0, p, chunk):        # chunked prefill (the last chunk padded onto position p-1)
+        pos = [min(c0 + j, p - 1) for j in range(chunk)]
+        ids, w = (pre_r[0][:, pos], pre_r[1][:, pos]) if pre_r is not None else (None, None)
+        eng.run_pass(PassInput(0, 0, s.tokens[pos].to(dev), torch.zeros(chunk, dtype=torch.int32, device=dev),
+                               torch.tensor(pos, dtype=torch.int32, device=dev), _t(ids, dev), _t(w, dev),
+                               ends_pass=c0 + chunk >= p))
+    logits = torch.zeros(n, s.spec.vocab_size, dtype=torch.float32, device=dev)
+    for t in range(n):
+        ids, w = dec_r[t] if dec_r is not None else (None, None)
+        out = eng.run_pass(PassInput(0, 1 + t, s.tokens[p + t : p + t + 1].to(dev),
+                                     torch.zeros(1, dtype=torch.int32, device=dev),
+                                     torch.tensor([p + t], dtype=torch.int32, device=dev), _t(ids, dev), _t(w, dev)))
+        logits[t] = out[0].float()
+    return summarize(eng.finish()), logits
+
+
+def batch_tpot(s: Setup, name: str, args: argparse.Namespace, rows: int, steps: int) -> dict[str, Any]:
+    """Decode ``rows`` sequences at once for ``steps`` passes (whole-step graph, trace decode rows)."""
+    eng = engine_for(s, name, args, lag=1, rows=rows)
+    dev, L, k = s.device, s.spec.layers, s.spec.top_k
+    routing = decode_routing(build_view(s.trace, rows), L, k, rows, steps) if s.trace is not None else None
+    tok = torch.randint(0, s.spec.vocab_size, (rows,), generator=torch.Generator().manual_seed(rows))
+    eng.runner(rows)
+    eng.start()
     for t in range(steps):
-        b.row_pos.fill_(pos0 + t)
-        r.run()
-        clock.mark()
-    return float(np.median(clock.seconds()))
+        ids, w = routing[t] if routing is not None else (None, None)
+        eng.run_pass(PassInput(0, 1 + t, tok.to(dev), torch.arange(rows, dtype=torch.int32, device=dev),
+                               torch.full((rows,), s.prompt + t, dtype=torch.int32, device=dev), _t(ids, dev),
+                               _t(w, dev)))
+    summ = summarize(eng.finish())
+    return {f"batch{rows}_step_ms": summ["tpot_ms_p50"], f"batch{rows}_tokens_per_s": summ["tokens_per_s"]}
 
 
 # ----------------------------------------------------------------------------- stress
 def stress(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """Random promotions/demotions (bf16 <-> int4) every step under a whole-step graph; every layer checked."""
-    sv = serve_config(s, "dynaexq", args, 1)
-    m, mover = sv.model, sv.driver.mover
+    eng = engine_for(s, "dynaexq", args, lag=1, rows=1)
+    m, mover = eng.model, eng.mover
+    m.forced = False  # the model's own routing: every expert the random router picks is checked
     b = m.buffers(1)
     trace = {k: torch.zeros(s.spec.layers, 1, s.spec.hidden, device=s.device) for k in ("x", "r0", "r1")}
     inner = m.experts
@@ -295,8 +333,8 @@ def stress(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
 
 def breakdown(s: Setup, args: argparse.Namespace) -> dict[str, float]:
     """Median whole-step time (ms) of static_int4 with parts of the step replaced by nothing."""
-    sv = serve_config(s, "static_int4", args, 1)
-    m = sv.model
+    m = engine_for(s, "static_int4", args, lag=1, rows=1).model
+    m.forced = False
     noop = lambda *a, **k: None  # noqa: E731
     parts = {"full": {}, "no_experts": {"experts": noop}, "no_attention_kernel": {"attention": noop},
              "no_moe_block": {"experts": noop, "route": noop, "router_mm": True},
@@ -380,51 +418,45 @@ def kl_mean(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((lr.exp() * (lr - lg)).sum(-1).mean())
 
 
+
 # ----------------------------------------------------------------------------- rows
-def row_of(name: str, res: dict[str, Any], s: Setup, extra: dict[str, Any]) -> dict[str, Any]:
-    dec = np.asarray(res["decode_s"])
-    tpot = float(np.median(dec))
-    row = {"config": name, "tpot_ms_p50": tpot * 1e3, "tpot_ms_mean": float(dec.mean() * 1e3),
-           "ttft_ms": res["ttft_s"] * 1e3, "tokens_per_s": 1.0 / tpot, "h2d_gb_per_token": 0.0, "stall_s": 0.0,
-           "kl_mean": None, "device": torch.cuda.get_device_name() if s.device.type == "cuda" else "cpu",
-           "torch": torch.__version__}
+KEEP = ("tpot_ms_p50", "tpot_ms_p99", "ttft_ms", "tokens_per_s", "stall_s", "promotions", "demotions", "refusals",
+        "prefetches", "h2d_bytes", "hbm_peak_bytes", "activations", "graph", "observe", "route_wait_s")
+
+
+def row_of(name: str, summary: dict[str, Any], s: Setup, tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """One JSON row: the decode fields of issue 10 plus the drive summary's counters."""
+    row: dict[str, Any] = {"config": name, **{k: summary.get(k) for k in KEEP},
+                           "h2d_gb_per_token": summary.get("h2d_bytes", 0) / 1e9 / max(tokens, 1), "kl_mean": None,
+                           "device": torch.cuda.get_device_name() if s.device.type == "cuda" else "cpu",
+                           "torch": torch.__version__}
     row.update(extra)
     return row
 
 
-def run_ours(s: Setup, name: str, args: argparse.Namespace, lag: int, bw: dict[str, float]) -> tuple[dict, Any]:
-    a = argparse.Namespace(**{**vars(args), "lag": lag})
-    rows_max = max([1, args.chunk, *args.batch])
-    sv = serve_config(s, name, a, rows_max)
-    mover, drv = sv.driver.mover, sv.driver
-    mode = GraphMode.WHOLE if s.device.type == "cuda" else GraphMode.EAGER
-    h2d0 = mover.stats.h2d_bytes
-    res = run_sequence(s, sv, a, mode)
-    n = args.decode
-    extra: dict[str, Any] = {"budget_gb": sv.budget / 1e9, "pool_gb": sv.model.moe.pool.nbytes / 1e9,
-                             "h2d_gb_per_token": (mover.stats.h2d_bytes - h2d0) / 1e9 / (n + args.prompt),
-                             "stall_s": drv.stall_s,   # host time serving STALL misses (sync + copies)
-                             "host_wait_s": drv.observer.wait_s if drv.observer else 0.0,  # routing not yet copied "promotions": mover.stats.promotions,
-                             "demotions": mover.stats.demotions, "lag": lag if not drv.stall else 0,
-                             "graph": "per-layer" if drv.stall and mode is not GraphMode.EAGER else mode.value}
-    dec, cs = np.asarray(res["decode_s"]), np.asarray(res["copy_steps"])
-    if cs.any() and (~cs).any() and bw:
-        copy_s = mover.stats.h2d_bytes / (bw["h2d_pinned_gbps"] * 1e9)
-        exposed = max(0.0, float(np.median(dec[cs]) - np.median(dec[~cs]))) * int(cs.sum())
-        extra.update(copy_steps=int(cs.sum()), copy_time_s=copy_s, promotion_hidden=1 - min(1.0, exposed / copy_s))
-    if name == "static_int4" and s.device.type == "cuda":
-        for m2 in (GraphMode.LAYER, GraphMode.EAGER):
-            extra[f"tpot_ms_{m2.value}"] = float(np.median(run_sequence(s, sv, a, m2)["decode_s"]) * 1e3)
-    if name in ("static_int4", "bf16_resident"):
-        for rows in args.batch:
-            t = batch_tpot(s, sv, rows, min(16, args.decode), args.prompt)
-            extra[f"batch{rows}_step_ms"] = t * 1e3
-            extra[f"batch{rows}_tokens_per_s"] = rows / t
-    row = row_of(name if lag == args.lag or drv.stall or name in ("static_int4", "bf16_resident", "lru_bf16")
-                 else f"{name}_lag{lag}", res, s, extra)
-    logits = res["logits"]
-    del sv, res
+def run_ours(s: Setup, name: str, args: argparse.Namespace, lag: int) -> tuple[dict, Any]:
+    chunk = args.lru_chunk if name == "lru_bf16" else args.chunk
+    eng = engine_for(s, name, args, lag, rows=max(1, min(chunk, s.prompt)))
+    budget = policy_for(name, s.spec, args.dyn_slots)[1]
+    summary, logits = run_sequence(s, eng, args, chunk)
+    dyn = name.startswith("dynaexq")
+    extra: dict[str, Any] = {"pool_gb": eng.pool.nbytes / 1e9, "lag": lag if dyn else 0, "budget_gb": budget / 1e9,
+                             "trace": args.trace, "prefill_chunk": min(chunk, s.prompt)}
+    del eng
+    if name == "static_int4":
+        for rows in [b for b in args.batch if b > 1]:
+            gc.collect()
+            extra.update(batch_tpot(s, name, args, rows, min(16, args.decode)))
+    row = row_of(f"{name}_lag{lag}" if dyn else name, summary, s, s.prompt + args.decode, extra)
     return row, logits
+
+
+def hf_row(s: Setup, args: argparse.Namespace) -> tuple[dict, Any]:
+    res = hf_baseline(s, args, min(args.decode, 16))
+    dec = np.asarray(res["decode_s"])
+    summary = {"tpot_ms_p50": float(np.median(dec)) * 1e3, "ttft_ms": res["ttft_s"] * 1e3,
+               "tokens_per_s": 1.0 / float(np.median(dec)), "stall_s": 0.0, "graph": "none (eager)"}
+    return row_of(f"hf_{args.hf_experts}_eager", summary, s, 0, {"routing": "own router"}), res["logits"]
 
 
 def _write(path: str | None, obj: dict[str, Any]) -> None:
@@ -437,23 +469,32 @@ def format_table(rows: list[dict[str, Any]], head: str) -> str:
     cols = [("config", "config", "{}"), ("tpot_ms_p50", "TPOT p50 ms", "{:.2f}"), ("ttft_ms", "TTFT ms", "{:.1f}"),
             ("tokens_per_s", "tok/s", "{:.0f}"), ("h2d_gb_per_token", "H2D GB/tok", "{:.3f}"),
             ("stall_s", "stall s", "{:.3f}"), ("promotions", "promotions", "{}"),
-            ("promotion_hidden", "hidden", "{:.0%}"), ("kl_mean", "KL nats", "{:.2e}")]
+            ("route_wait_s", "route wait s", "{:.3f}"), ("kl_mean", "KL nats", "{:.2e}")]
     lines = [head, " | ".join(c[1] for c in cols)]
     for r in rows:
         lines.append(" | ".join("-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols))
     return "\n".join(lines)
 
 
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
+    if args.engine == "eager":
+        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--engine")
+                and a != "eager"]
+        sys.argv = [str(Path(__file__).with_name("decode_eager.py")), *rest]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
     if not args.small and not torch.cuda.is_available():
-        raise SystemExit("error: benchmarks/decode_fast.py needs a CUDA GPU (or --small for the CPU smoke run)")
+        raise SystemExit("error: benchmarks/decode.py needs a CUDA GPU (or --smoke for the CPU smoke run)")
     t0 = time.perf_counter()
     s = build_setup(args)
     bw = measure_bandwidths(s.device)
-    print(f"built {s.spec.layers} layers in {time.perf_counter() - t0:.0f} s; bandwidths {bw}", flush=True)
-    rows, logits, out = [], {}, {"bandwidths": bw, "layers": s.spec.layers, "prompt": args.prompt,
-                                 "decode": args.decode, "chunk": args.chunk}
+    print(f"built {s.spec.layers} layers in {time.perf_counter() - t0:.0f} s; bandwidths {bw}; "
+          f"routing {args.trace}", flush=True)
+    rows, logits = [], {}
+    out: dict[str, Any] = {"bandwidths": bw, "layers": s.spec.layers, "prompt": s.prompt, "decode": args.decode,
+                           "chunk": args.chunk, "trace": args.trace, "torch": torch.__version__}
     ours = [c for c in args.configs if c != "hf"]
     ours.sort(key=lambda c: c != "bf16_resident")        # the KL reference first
     if any(c.startswith(("dynaexq", "lru")) for c in ours) or args.stress:
@@ -461,25 +502,26 @@ def main(argv: list[str] | None = None) -> None:
         s.store = HostStore(s.spec, progress=False).fill_bf16(s.weights)
         print(f"host store bf16 {s.store.nbytes() / 1e9:.1f} GB pinned in {time.perf_counter() - t1:.0f} s", flush=True)
     if "hf" in args.configs:
-        res = hf_baseline(s, args, min(args.decode, 16))
-        rows.append(row_of(f"hf_{args.hf_experts}_eager", res, s, {"graph": "none (eager)"}))
-        logits["hf"] = res["logits"]
-        print(rows[-1], flush=True)
+        row, lg = hf_row(s, args)
+        rows.append(row)
+        logits["hf"] = lg
+        print(row, flush=True)
     for name in ours:
-        for lag in ([args.lag, args.lag + 1] if name == "dynaexq" else [args.lag]):
+        for lag in (args.lags if name.startswith("dynaexq") else [1]):
             gc.collect()
             if s.device.type == "cuda":
                 torch.cuda.empty_cache()
             t1 = time.perf_counter()
-            row, lg = run_ours(s, name, args, lag, bw)
+            row, lg = run_ours(s, name, args, lag)
             logits[row["config"]] = lg
             rows.append(row)
             print(f"{row['config']}: {json.dumps(row)} ({time.perf_counter() - t1:.0f} s)", flush=True)
             _write(args.out, {**out, "rows": rows})  # a run cut short keeps what it measured
     ref = logits.get("bf16_resident")
     for r in rows:
-        key = "hf" if r["config"].startswith("hf_") else r["config"]
-        if ref is not None and key in logits:
+        hf_like = r["config"].startswith("hf_")
+        key = "hf" if hf_like else r["config"]
+        if ref is not None and key in logits and not (hf_like and s.trace is not None):
             r["kl_mean"] = kl_mean(ref, logits[key])
     out["rows"] = rows
     if args.breakdown:
@@ -491,8 +533,9 @@ def main(argv: list[str] | None = None) -> None:
         out["stress"] = stress(s, args)
         print("stress:", out["stress"], flush=True)
     dev = rows[0]["device"] if rows else "?"
+    out["device"] = dev
     head = (f"{dev} | torch {torch.__version__} | Qwen3-30B-A3B shape, random weights, {s.spec.layers} of 48 layers | "
-            f"batch 1, prompt {args.prompt} (chunk {args.chunk}), decode {args.decode}, teacher-forced")
+            f"batch 1, prompt {s.prompt} (chunk {args.chunk}), decode {args.decode}, routing {args.trace}")
     print(format_table(rows, head))
     _write(args.out, out)
 

@@ -71,7 +71,9 @@ SLACK_BYTES = 64 << 20  # alignment room beyond the policy's budget (the fused k
 
 @dataclass(frozen=True)
 class PassInput:
-    """One pass: ``tokens``, ``row_seq``, ``row_pos [T]`` and, when replaying, ``ids``/``weights [L, T, k]``."""
+    """One pass: ``tokens``, ``row_seq``, ``row_pos [T]`` and, when replaying, ``ids``/``weights [L, T, k]``.
+
+    ``ends_pass``: False for every chunk of a chunked prefill but its last (one pass in the records)."""
 
     batch: int
     pass_index: int
@@ -80,6 +82,7 @@ class PassInput:
     row_pos: torch.Tensor
     ids: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    ends_pass: bool = True
 
 
 @dataclass
@@ -181,7 +184,8 @@ class GraphEngine:
             assert self.observer is not None
             self.observer.record(self.passes, buf.ids, buf.weights, T)
         self._marks.append(self.clock.mark())
-        self.rec.snaps.append(self.snapshot())
+        if p.ends_pass:
+            self.rec.snaps.append(self.snapshot())
         self.passes += 1
         return buf.logits
 

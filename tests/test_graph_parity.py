@@ -117,3 +117,58 @@ def test_unsupported_policies_are_one_clear_error(trace_path: Path, model_parts:
     with pytest.raises(ValueError, match="no class for"):
         graph_engine(build_policy(policy_config("dynamo", MissRule.SERVE_LOWER)), BUDGETS["dynamo"], view,
                      model_parts, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("name", "rule"), [("dynaexq", MissRule.SERVE_LOWER), ("lru_offload", MissRule.STALL)])
+def test_graph_path_on_cuda(name: str, rule: MissRule, tmp_path: Path) -> None:
+    """CUDA, Triton kernels, WHOLE graphs: dynaexq observes per pass (route lag 1), lru (STALL) is split
+    into per-layer graphs; every layer step is recorded and the policy observed the trace's routing."""
+    per_pass_run(name, rule, tmp_path, "cuda")
+
+
+@pytest.mark.parametrize(("name", "rule"), [("dynaexq", MissRule.SERVE_LOWER), ("lru_offload", MissRule.STALL)])
+def test_graph_path_per_pass_cpu(name: str, rule: MissRule, tmp_path: Path) -> None:
+    """The same per-pass seam on the CPU (eager steps, torch kernels)."""
+    per_pass_run(name, rule, tmp_path, "cpu")
+
+
+def per_pass_run(name: str, rule: MissRule, tmp_path: Path, device: str) -> None:
+    from moebits.runtime.graph_serve import GraphMode
+    from moebits.traces.format import write_trace
+    from moebits.traces.zipf import synth_trace
+
+    cuda = device == "cuda"
+
+    spec = dataclasses.replace(SPEC, hidden=256)
+    trace = synth_trace(spec, np.random.default_rng(3), seqs=2, prompt_tokens=4, decode_tokens=12, skew=1.2, reuse=0.4)
+    view = load_view(write_trace(trace, tmp_path / "t.parquet"), 1, cache=False)
+    model, weights = hf.build_random_model(dataclasses.replace(spec, name="Qwen3-30B-A3B"), arch="qwen3_moe",
+                                           device=device, dtype=torch.bfloat16, full_hidden=2048, std=0.05)
+    store = HostStore(spec, pin=cuda, quant_device=device).fill_bf16(weights)
+    rows, max_len = replay_shape(view)
+    fw, shape = FastWeights.from_hf(model), AttnShape.from_hf_config(model.config)
+
+    def make(pool: Any, table: Any) -> FastModel:
+        return FastModel(fw, spec, shape, pool, table, use_triton=cuda, max_seqs=rows, max_len=max_len)
+
+    policy = Recording(build_policy(policy_config(name, rule)))
+    budget = int(BUDGET[1] * spec.all_experts_bytes(BUDGET[0]))
+    mode = GraphMode.WHOLE if cuda else GraphMode.EAGER
+    eng = GraphEngine(spec, policy, budget, make, weights, store.row, device=device, mode=mode, route_lag=1,
+                      replay=True, served=True, max_rows=rows, per_pass=True)
+    if cuda:
+        assert eng.mode is (GraphMode.LAYER if rule is MissRule.STALL else GraphMode.WHOLE)
+    result = graph_replay(eng, view)
+    assert result.layer_steps == view.layer_steps
+    unobserved = 0 if rule is MissRule.STALL else spec.layers  # per pass: the last pass is recorded, not observed
+    assert len(policy.observed) == view.layer_steps - unobserved
+    for i, o in enumerate(policy.observed):
+        a, b = int(view.offsets[i]), int(view.offsets[i + 1])
+        assert o.experts.tolist() == view.ex_expert[a:b].tolist() and o.tokens.tolist() == view.ex_tokens[a:b].tolist()
+    for i, row in enumerate(result.served):
+        a, b = int(view.offsets[i]), int(view.offsets[i + 1])
+        assert [(e, t) for e, t, _ in row] == list(zip(view.ex_expert[a:b].tolist(), view.ex_tokens[a:b].tolist(),
+                                                       strict=True))
+    assert torch.isfinite(eng.runner(1).buf.logits.float()).all()

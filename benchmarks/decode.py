@@ -478,13 +478,14 @@ def format_table(rows: list[dict[str, Any]], head: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
-    if args.engine == "eager":
-        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--engine")
-                and a != "eager"]
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--engine=eager" in given or any(a == "--engine" and b == "eager" for a, b in zip(given, given[1:], strict=False)):
+        rest = [a for i, a in enumerate(given) if not a.startswith("--engine") and not (a == "eager" and i
+                and given[i - 1] == "--engine")]
         sys.argv = [str(Path(__file__).with_name("decode_eager.py")), *rest]
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        runpy.run_path(sys.argv[0], run_name="__main__")   # the eager runtime benchmark, its own options
         return
+    args = _parse(argv)
     if not args.small and not torch.cuda.is_available():
         raise SystemExit("error: benchmarks/decode.py needs a CUDA GPU (or --smoke for the CPU smoke run)")
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ KL is the mean KL divergence of next-token distributions from the exact bf16 mod
 same routing). ``promote GB/s`` times 64 bf16 expert
 promotions back to back on the copy stream against one large pinned copy (the link's peak).
 
-    PYTHONPATH=. python benchmarks/decode.py [--layers N] [--decode 32] [--out results.json]
+    PYTHONPATH=. python benchmarks/decode.py --engine eager [--layers N] [--decode 32] [--out results.json]
 
 ``--layers 0`` (default) takes as many of the 48 layers as fit the GPU (bf16 resident) and host
 memory (pinned bf16 + int4 copies). No CUDA graphs: every layer is eager Python.
@@ -234,7 +234,7 @@ def format_table(rows: list[dict[str, Any]], head: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
+        raise SystemExit("error: benchmarks/decode.py --engine eager needs a CUDA GPU")
     full = get_model_spec("Qwen3-30B-A3B")
     layers = args.layers or layers_that_fit(full, "bf16_resident" in args.configs or "hf_grouped_mm" in args.configs)
     spec = dataclasses.replace(full, layers=layers)

@@ -235,8 +235,13 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _h(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A step input on the host, pinned on a GPU machine: the engine copies it without a stream sync."""
+    return x.pin_memory() if dev.type == "cuda" else x
+
+
 def _t(x: np.ndarray | None, dev: torch.device) -> torch.Tensor | None:
-    return None if x is None else torch.from_numpy(x).to(dev)
+    return None if x is None else _h(torch.from_numpy(np.ascontiguousarray(x)), dev)
 
 
 def run_sequence(s: Setup, eng: GraphEngine, args: argparse.Namespace,
@@ -256,15 +261,15 @@ def run_sequence(s: Setup, eng: GraphEngine, args: argparse.Namespace,
     for c0 in range(0, p, chunk):        # chunked prefill (the last chunk padded onto position p-1)
         pos = [min(c0 + j, p - 1) for j in range(chunk)]
         ids, w = (pre_r[0][:, pos], pre_r[1][:, pos]) if pre_r is not None else (None, None)
-        eng.run_pass(PassInput(0, 0, s.tokens[pos].to(dev), torch.zeros(chunk, dtype=torch.int32, device=dev),
-                               torch.tensor(pos, dtype=torch.int32, device=dev), _t(ids, dev), _t(w, dev),
+        eng.run_pass(PassInput(0, 0, _h(s.tokens[pos], dev), _h(torch.zeros(chunk, dtype=torch.int32), dev),
+                               _h(torch.tensor(pos, dtype=torch.int32), dev), _t(ids, dev), _t(w, dev),
                                ends_pass=c0 + chunk >= p))
     logits = torch.zeros(n, s.spec.vocab_size, dtype=torch.float32, device=dev)
     for t in range(n):
         ids, w = dec_r[t] if dec_r is not None else (None, None)
-        out = eng.run_pass(PassInput(0, 1 + t, s.tokens[p + t : p + t + 1].to(dev),
-                                     torch.zeros(1, dtype=torch.int32, device=dev),
-                                     torch.tensor([p + t], dtype=torch.int32, device=dev), _t(ids, dev), _t(w, dev)))
+        out = eng.run_pass(PassInput(0, 1 + t, _h(s.tokens[p + t : p + t + 1], dev),
+                                     _h(torch.zeros(1, dtype=torch.int32), dev),
+                                     _h(torch.tensor([p + t], dtype=torch.int32), dev), _t(ids, dev), _t(w, dev)))
         logits[t] = out[0].float()
     return summarize(eng.finish()), logits
 
@@ -279,8 +284,8 @@ def batch_tpot(s: Setup, name: str, args: argparse.Namespace, rows: int, steps: 
     eng.start()
     for t in range(steps):
         ids, w = routing[t] if routing is not None else (None, None)
-        eng.run_pass(PassInput(0, 1 + t, tok.to(dev), torch.arange(rows, dtype=torch.int32, device=dev),
-                               torch.full((rows,), s.prompt + t, dtype=torch.int32, device=dev), _t(ids, dev),
+        eng.run_pass(PassInput(0, 1 + t, _h(tok, dev), _h(torch.arange(rows, dtype=torch.int32), dev),
+                               _h(torch.full((rows,), s.prompt + t, dtype=torch.int32), dev), _t(ids, dev),
                                _t(w, dev)))
     summ = summarize(eng.finish())
     return {f"batch{rows}_step_ms": summ["tpot_ms_p50"], f"batch{rows}_tokens_per_s": summ["tokens_per_s"]}

@@ -126,7 +126,9 @@ class GraphEngine:
         per_pass = mode is GraphMode.WHOLE if per_pass is None else per_pass  # the CPU tests the per-pass seam eagerly
         self.per_layer = not per_pass or policy.miss_rule is MissRule.STALL
         self.mode = GraphMode.LAYER if mode is GraphMode.WHOLE and self.per_layer else mode
-        self.observer = None if self.per_layer else RouteObserver(spec.layers, max_rows, spec.top_k, route_lag,
+        # a static policy's routing is read for the records only: late enough never to wait for it
+        read_lag = max(route_lag, 8) if self.driver.static else route_lag
+        self.observer = None if self.per_layer else RouteObserver(spec.layers, max_rows, spec.top_k, read_lag,
                                                                  self.device)
         self.errors = error_table(spec, self.precisions, sensitivity)
         self.res = [Residency(self.mech.ready[i], self.mech.loading[i], self._ready_time(i)) for i in range(spec.layers)]

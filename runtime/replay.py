@@ -104,6 +104,7 @@ def graph_replay(engine: GraphEngine, view: LayerSteps, *, seed: int = 0, progre
                                                                        dtype=torch.int32)
         ids, w = pass_routing(view, i, L, spec.top_k)
         tokens = torch.randint(0, spec.vocab_size, (T,), generator=gen)
-        engine.run_pass(PassInput(batch, pidx, tokens.to(dev), seq.to(dev), pos.to(dev),
-                                  torch.from_numpy(ids).to(dev), torch.from_numpy(w).to(dev)))
+        t, s, p, i_t, w_t = (x.pin_memory() if dev.type == "cuda" else x  # pinned: copied without a stream sync
+                             for x in (tokens, seq, pos, torch.from_numpy(ids), torch.from_numpy(w)))
+        engine.run_pass(PassInput(batch, pidx, t, s, p, i_t, w_t))
     return engine.finish()

@@ -54,8 +54,8 @@ class RouteObserver:
         if len(self._pending) >= self.slots:
             raise RuntimeError("route ring overrun: observe steps (due) before recording more")
         slot = step % self.slots
-        self.ids[slot, :, :live_rows].copy_(ids[:, :live_rows], non_blocking=True)
-        self.weights[slot, :, :live_rows].copy_(weights[:, :live_rows], non_blocking=True)
+        self._slot(self.ids, slot, live_rows).copy_(ids[:, :live_rows], non_blocking=True)
+        self._slot(self.weights, slot, live_rows).copy_(weights[:, :live_rows], non_blocking=True)
         ev = None
         if self.cuda:
             ev = torch.cuda.Event()
@@ -72,9 +72,16 @@ class RouteObserver:
                 ev.synchronize()
                 self.wait_s += time.perf_counter() - t0
             slot = step % self.slots
-            out.append(StepRouting(step, self.ids[slot, :, :rows].numpy().copy(),
-                                   self.weights[slot, :, :rows].numpy().copy(), rows))
+            out.append(StepRouting(step, self._slot(self.ids, slot, rows).numpy().copy(),
+                                   self._slot(self.weights, slot, rows).numpy().copy(), rows))
         return out
+
+    @staticmethod
+    def _slot(ring: torch.Tensor, slot: int, rows: int) -> torch.Tensor:
+        """Slot ``slot`` as a contiguous ``[L, rows, k]`` view (a pinned, contiguous copy target:
+        an asynchronous device-to-host copy into a strided view would go through pageable memory)."""
+        L, _, k = ring.shape[1:]
+        return ring[slot].view(-1)[: L * rows * k].view(L, rows, k)
 
     def flush(self) -> list[StepRouting]:
         """Everything recorded (end of a run)."""

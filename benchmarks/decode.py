@@ -22,7 +22,7 @@ Configurations (``--configs``):
   policy observes pass t's routing before pass t + d (one pinned copy per pass, whole-step
   graph, actions at pass boundaries); budgets: all-int4 bytes + ``--dyn-slots`` bf16 experts per
   layer (``dynaexq``), all-int4 bytes (``dynaexq_int3``: what int3 leaves free);
-- ``lru_bf16``: bf16 demand-fetch cache (lru_offload, STALL) in the all-int4 budget: graphs per
+- ``lru_bf16``: bf16 demand-fetch cache per layer (lru_offload, STALL, no staging slab) in the all-int4 budget: graphs per
   layer, the host reads each layer's routing and waits for the copies (lag 0: the seam's rule);
 - ``hf``: transformers' ``Qwen3MoeForCausalLM``, every expert bf16 on the device, eager.
 
@@ -172,7 +172,7 @@ def policy_for(name: str, spec: ModelSpec, dyn_slots: int) -> tuple[Any, int]:
         "static_int4": (StaticUniformConfig(precision="int4"), int4_all),
         "dynaexq": (DynaExqConfig(warm_start=False), int4_all + dyn_slots * spec.layers * spec.expert_bytes("bf16")),
         "dynaexq_int3": (DynaExqConfig(low_precision="int3", warm_start=False), int4_all),
-        "lru_bf16": (LruOffloadConfig(precision="bf16"), int4_all),
+        "lru_bf16": (LruOffloadConfig(precision="bf16", staging_experts=0), int4_all),  # a cache per layer
     }[name]
 
 

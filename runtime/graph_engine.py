@@ -32,8 +32,9 @@ Two ways of observing routing:
   per-layer seam); it is the fast GPU mode.
 
 Not supported (one clear error): ``MissRule.HOST`` (the graph path computes no expert on the
-host) and channel-mix precisions (the fused kernels have no class for them; DynaMo runs in the
-eager runtime).
+host), a staging slab for bypassed experts (``staging_experts`` > 0: not streamed here) and
+channel-mix precisions (the fused kernels have no class for them). The eager runtime
+(:class:`runtime.engine.RuntimeEngine`) serves all three.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
 from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
-from moebits.drive.context import precision_order, prepare_policy
+from moebits.drive.context import policy_name, precision_order, prepare_policy
 from moebits.drive.driver import Driver
 from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
 from moebits.drive.quality import error_table
@@ -108,6 +109,10 @@ class GraphEngine:
         self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile, future=future,
                                      sensitivity=sensitivity, slack_bytes=SLACK_BYTES)
         self.precisions = precision_order(self.ledger.precisions())
+        staging = policy.staging()
+        if staging is not None and staging.count:
+            raise ValueError(f"policy {policy_name(policy)}: the graph path streams no bypassed expert through a "
+                             "staging slab; set its staging_experts to 0 or run it in the eager runtime")
         bad = [p for p in self.precisions if p not in KERNEL_CLASS]
         if bad:
             raise ValueError(f"the graph path's kernels have no class for {bad}; run this policy in the eager runtime")
@@ -196,6 +201,8 @@ class GraphEngine:
         now = self.clock.now()
         self.mover.boundary()                                  # copies done -> READY, table written
         routing = routing_of(ids, weights, self.spec.experts)  # host sync on a GPU
+        ready = self.mech.ready[layer]
+        hits = sum(1 for e in routing[0].tolist() if ready[e])  # before the policy acts
         if not self.driver.static:
             self.driver.observe(LayerObs(self.steps, layer, 0 if p.pass_index == 0 else 1, p.pass_index, *routing, now))
         self.mover.boundary()                                  # demotions written, new copies issued
@@ -208,7 +215,7 @@ class GraphEngine:
             t0 = time.perf_counter()
             self.mover.drain()                                 # STALL: the copies land, the table points at them
             stall = time.perf_counter() - t0
-        self._record(p, T=int(ids.shape[0]), choice=choice, ex=ex, stall=stall)
+        self._record(p, T=int(ids.shape[0]), choice=choice, ex=ex, stall=stall, hits=hits)
 
     def _deliver(self, serving: int, observe: bool = True) -> None:
         """Per-pass seam: observe every due pass's layer steps in order, then the boundary
@@ -225,7 +232,8 @@ class GraphEngine:
                     self.driver.observe(LayerObs(self.steps, layer, 0 if p.pass_index == 0 else 1, p.pass_index,
                                                  *routing, now))
                 ex = (routing[0].tolist(), routing[1].tolist(), np.asarray(routing[2], np.float64).tolist())
-                self._record(p, T=r.rows, choice=self._as_served(pend.codes[layer], ex, layer), ex=ex, stall=0.0)
+                self._record(p, T=r.rows, choice=self._as_served(pend.codes[layer], ex, layer), ex=ex, stall=0.0,
+                             hits=len(ex[0]))  # every expert a pass serves is resident (else no_copy)
         if observe:
             self.mover.boundary()
 
@@ -242,11 +250,14 @@ class GraphEngine:
             cnt[pi] += 1
             err += g * errl[e][pi]
             served.append((e, pi))
-        return Choice(0.0, tok, cnt, err, [], served, [])
+        return Choice(0.0, tok, cnt, err, [], served, [], [])
 
-    def _record(self, p: PassInput, *, T: int, choice: Choice, ex: tuple[list, list, list], stall: float) -> None:
+    def _record(self, p: PassInput, *, T: int, choice: Choice, ex: tuple[list, list, list], stall: float,
+                hits: int) -> None:
         rec = self.rec
         self.index.append(p.batch, p.pass_index, T)
+        rec.hits.append(hits)
+        rec.requests.append(len(ex[0]))
         rec.stall_s.append(stall)
         rec.host_wait_s.append(0.0)
         rec.err.append(choice.err)

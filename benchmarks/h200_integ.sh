@@ -18,7 +18,8 @@ set -u
 out=${1:?usage: bash benchmarks/h200_integ.sh OUTDIR [--smoke]}
 smoke=${2:-}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 MOEBITS_TRITON_AUTOTUNE=0
+# PYTHONSAFEPATH: the checkout root (cwd of `python3 -m pytest`) must not shadow the nstree link tree
+export PYTHONUNBUFFERED=1 MOEBITS_TRITON_AUTOTUNE=0 PYTHONSAFEPATH=1
 log="$out/integ.log"
 say() { echo "[$(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$log"; }
 left() { echo $(( ${1} - SECONDS )); }   # seconds until the stage deadline ${1}

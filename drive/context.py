@@ -47,9 +47,10 @@ def policy_name(policy: Policy) -> str:
 
 def prepare_policy(policy: Policy, spec: ModelSpec, budget_bytes: int, seed: int, *,
                    profile: LayerSteps | None = None, future: LayerSteps | None = None,
-                   sensitivity: SensitivityTable | None = None) -> SlabLedger:
+                   sensitivity: SensitivityTable | None = None, slack_bytes: int = 0) -> SlabLedger:
     """``policy.prepare(ctx)`` and the ledger of its slab plan within ``budget_bytes`` less the
-    policy's staging slab (:meth:`policies.base.Policy.staging`: its bytes are part of the budget)."""
+    policy's staging slab (:meth:`policies.base.Policy.staging`: its bytes are part of the budget);
+    ``slack_bytes`` more for an engine that aligns its slabs (the policy never sees them)."""
     if policy.needs_future and future is None:
         raise ValueError(f"policy {policy_name(policy)} needs the future routing: run it on a trace")
     ctx = PolicyContext(
@@ -63,7 +64,7 @@ def prepare_policy(policy: Policy, spec: ModelSpec, budget_bytes: int, seed: int
     if staging_bytes >= budget_bytes:
         raise InfeasibleError(f"the staging slab of {policy_name(policy)} ({staging_bytes / 1e9:.3f} GB) leaves nothing of "
                          f"budget_gb={budget_bytes / 1e9:g}; raise budget_gb or lower staging_experts")
-    return SlabLedger(policy.slab_plan(), budget_bytes - staging_bytes)
+    return SlabLedger(policy.slab_plan(), budget_bytes - staging_bytes + slack_bytes)
 
 
 def policy_metrics(policy: Policy) -> dict[str, float]:

@@ -18,6 +18,12 @@ at step t + d), and its actions take effect from then on. d = 0 is the synchrono
 routing of the last d steps of a run is never delivered. Both engines go through
 :meth:`Driver.observe`, so the lag is the same rule in the simulator and the runtime.
 
+Which lag applies is the seam's rule too (:func:`applied_lag`): a demand-fetch policy
+(``MissRule.STALL``) fetches what the step it serves needs, so an engine stops before each
+layer's experts to read that layer's routing (the graph runtime splits its step per layer and
+syncs there): such a policy always observes with lag 0, whatever ``observe_lag`` says. Policies
+whose miss rule serves without waiting for the host (SERVE_LOWER, HOST) observe with the lag.
+
 What a step is then served from is the miss rule's (:mod:`drive.missrule`), read from the
 mechanism's residency; when a copy is ready the mechanism says (:meth:`Mechanism.ready_time`).
 """
@@ -33,7 +39,7 @@ from moebits.core.model_spec import ModelSpec
 from moebits.core.slabs import Refusal, SlabLedger
 from moebits.drive.context import PolicyError, policy_name
 from moebits.drive.missrule import Masks
-from moebits.policies.base import Action, ActionKind, LayerObs, Policy
+from moebits.policies.base import Action, ActionKind, LayerObs, MissRule, Policy
 
 COUNTS = ("promotions", "prefetches", "demotions", "refusals", "bypasses")  # bypasses: counted by the engines
 
@@ -79,14 +85,21 @@ class Mechanism(Protocol):
         ...
 
 
+def applied_lag(policy: Policy, observe_lag: int) -> int:
+    """The observation lag ``policy`` runs under when the engine's setting is ``observe_lag``:
+    0 for demand fetch (``MissRule.STALL``: the engine syncs per layer to serve the step it
+    observes), else ``observe_lag``; see the module docstring."""
+    if observe_lag < 0:
+        raise ValueError(f'"observe_lag" must be >= 0 layer steps, got {observe_lag}')
+    return 0 if policy.miss_rule is MissRule.STALL else observe_lag
+
+
 class Driver:
     """One policy over one mechanism; see the module docstring."""
 
     def __init__(self, policy: Policy, ledger: SlabLedger, spec: ModelSpec, observe_lag: int = 0) -> None:
-        if observe_lag < 0:
-            raise ValueError(f'"observe_lag" must be >= 0 layer steps, got {observe_lag}')
         self.policy, self.ledger, self.spec = policy, ledger, spec
-        self.lag = observe_lag
+        self.lag = applied_lag(policy, observe_lag)  # 0 for demand fetch
         self._waiting: deque[LayerObs] = deque()
         self.name = policy_name(policy)
         self.counts = dict.fromkeys(COUNTS, 0)

@@ -52,18 +52,9 @@ from moebits.runtime.moe_layer import ExpertPool, MixedPrecisionMoE
 from moebits.runtime.pool import DevicePool
 from moebits.runtime.promote import Fences, Promoter
 from moebits.runtime.quant import DenseStack
+from moebits.runtime.route_observer import routing_of
 
 __all__ = ["PolicyError", "RuntimeEngine", "routing_of"]
-
-
-def routing_of(ids: torch.Tensor, weights: torch.Tensor, experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct experts ascending, tokens routed to each, their summed gate weight) of ``ids [T, k]``."""
-    e = ids.reshape(-1).to("cpu", torch.int64).numpy()
-    w = weights.reshape(-1).to("cpu", torch.float64).numpy()
-    counts = np.bincount(e, minlength=experts)
-    used = np.flatnonzero(counts)
-    gate = np.bincount(e, weights=w, minlength=experts)[used]
-    return used.astype(np.int16), counts[used].astype(np.int32), gate.astype(np.float32)
 
 
 class Clock:

@@ -86,20 +86,20 @@ class CudaStreams:
 
 @dataclass
 class MoverStats:
-    """Counters for the run summary."""
+    """Traffic and table writes (what a policy asked for, and refusals, are the driver's counts)."""
 
-    promotions: int = 0
-    demotions: int = 0
-    refusals: int = 0
     h2d_bytes: int = 0
     applied: int = 0       # table entries written
 
 
 @dataclass
-class _Copy:
+class Copy:
+    """One promotion's copy: its slab, its place ``seq`` in the copy stream (FIFO), its event."""
+
     key: ExpertKey
     precision: str
     slab: int
+    seq: int
     event: Any = None
     issued: bool = False
 
@@ -113,8 +113,9 @@ class ExpertMover:
     rows: RowFn
     streams: Streams
     stats: MoverStats = field(default_factory=MoverStats)
-    _queued: list[_Copy] = field(default_factory=list)
-    _flying: list[_Copy] = field(default_factory=list)
+    _queued: list[Copy] = field(default_factory=list)
+    _flying: list[Copy] = field(default_factory=list)
+    _seq: int = 0
     _fence_of: dict[int, Any] = field(default_factory=dict)   # slab -> fence its next copy waits for
     _freed: list[int] = field(default_factory=list)
 
@@ -122,25 +123,29 @@ class ExpertMover:
         """Reserve a slab for ``key`` in ``precision``; the copy is issued at the next boundary."""
         slab = self.pool.ledger.begin_load(key, precision)
         if slab.__class__ is not int:
-            self.stats.refusals += 1
             return slab  # type: ignore[return-value]
-        self._queued.append(_Copy(key, precision, slab))  # type: ignore[arg-type]
-        self.stats.promotions += 1
+        self._seq += 1
+        self._queued.append(Copy(key, precision, slab, self._seq))  # type: ignore[arg-type]
         return None
 
     def demote(self, key: ExpertKey, precision: str) -> Refusal | None:
         """Drop ``key``'s copy in ``precision``; the table falls back to its best other READY copy."""
         slab = self.pool.ledger.evict(key, precision)
         if slab.__class__ is not int:
-            self.stats.refusals += 1
             return slab  # type: ignore[return-value]
         self._freed.append(slab)  # type: ignore[arg-type]
-        self._point_at_best(key)
-        self.stats.demotions += 1
+        self.point_at_best(key)
         return None
 
     def in_flight(self) -> int:
         return len(self._queued) + len(self._flying)
+
+    def copy_of(self, key: ExpertKey, precision: str) -> Copy | None:
+        """The copy of ``key`` in ``precision`` queued or in flight, if any."""
+        for c in (*self._flying, *self._queued):
+            if c.key == key and c.precision == precision:
+                return c
+        return None
 
     def boundary(self) -> list[ExpertKey]:
         """Between two steps: finish completed copies, write the table, fence freed slabs, issue copies.
@@ -175,7 +180,7 @@ class ExpertMover:
         for c in self._flying:
             if self.streams.done(c.event):
                 self.pool.ledger.finish_load(c.slab)
-                self._point_at_best(c.key)
+                self.point_at_best(c.key)
                 ready.append(c.key)
             else:
                 left.append(c)
@@ -192,7 +197,7 @@ class ExpertMover:
             self._flying.append(c)
         self._queued.clear()
 
-    def _point_at_best(self, key: ExpertKey) -> None:
+    def point_at_best(self, key: ExpertKey) -> None:
         """Stage the table entry of ``key`` to its highest-precision READY copy (if any)."""
         ledger = self.pool.ledger
         for p in sorted(ledger.precisions(), key=lambda n: -get_precision(n).bits):

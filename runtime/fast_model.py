@@ -13,6 +13,7 @@ Per layer, ten launches and no host synchronisation::
     r  += o @ Wo^T
     xn  = rmsnorm(r, ln2)
     ids, w = route(xn @ Wr^T)                  # [T, k] into the step's routing buffers [L, T, k]
+    (ids, w = forced[layer] when replaying a trace's routing: FastModel.forced)
     r  += experts(xn, ids, w, table[layer])    # the residency table picks each expert's slab
 
 The experts are read through :class:`runtime.residency.ResidencyTable`, so a promotion or
@@ -113,6 +114,13 @@ class StepBuffers:
         self.weights = torch.zeros(spec.layers, t, spec.top_k, dtype=f32, device=device)
         self.h = torch.zeros(t * spec.top_k, spec.expert_intermediate, dtype=f32, device=device)
         self.logits = torch.zeros(t, spec.vocab_size, dtype=bf, device=device)
+        self.forced_ids = torch.zeros_like(self.ids)          # replayed routing (FastModel.forced)
+        self.forced_weights = torch.zeros_like(self.weights)
+
+    def set_routing(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """A replayed step's routing ``ids``/``weights [L, T, k]`` (see :attr:`FastModel.forced`)."""
+        self.forced_ids.copy_(ids, non_blocking=True)
+        self.forced_weights.copy_(weights, non_blocking=True)
 
     def set_rows(self, tokens: torch.Tensor, row_seq: torch.Tensor, row_pos: torch.Tensor) -> None:
         """Load a step's inputs (copies into the fixed buffers; non-blocking from pinned memory)."""
@@ -135,6 +143,10 @@ class FastModel:
         self.k_cache = torch.zeros(kv_shape, dtype=torch.bfloat16, device=self.device)   # [L, B, Lc, V, D]
         self.v_cache = torch.zeros(kv_shape, dtype=torch.bfloat16, device=self.device)
         self.max_len = max_len
+        # forced: each layer's routing is overwritten by the step's replayed routing (a trace's,
+        # StepBuffers.set_routing) after the router ran: the router's cost stays, its choice does not.
+        # Set before capturing graphs.
+        self.forced = False
 
     def buffers(self, rows: int) -> StepBuffers:
         return StepBuffers(rows, self.spec, self.shape, self.device)
@@ -160,6 +172,9 @@ class FastModel:
         self.attn.rmsnorm(b.r, lw.ln2, b.xn, sh.eps)
         torch.mm(b.xn, lw.router.t(), out=b.router_logits)
         self.moe.route(b.router_logits, b.ids[i], b.weights[i], sh.normalize_topk)
+        if self.forced:
+            b.ids[i].copy_(b.forced_ids[i])
+            b.weights[i].copy_(b.forced_weights[i])
 
     def experts(self, i: int, b: StepBuffers) -> None:
         """Layer ``i``'s routed experts, added into the residual stream."""

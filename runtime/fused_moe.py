@@ -38,7 +38,7 @@ from moebits.runtime.residency import KERNEL_CLASS, PoolDescriptor, group_sizes
 class MoeKernelConfig:
     """Launch shape: rows per program of the up and down kernels, warps per program, integer GEMV variant."""
 
-    bn_up: int = 16
+    bn_up: int = 8      # H200, int4, 1 token: 27.8 us at 8 rows vs 33.8 us at 16 (docs/BENCHMARKS.md)
     bn_down: int = 32
     warps: int = 4
     flat: bool = True   # integer classes: dequantize in the tile, one reduction (else one per group)

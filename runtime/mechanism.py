@@ -1,4 +1,9 @@
-"""The runtime's mechanism for the driver: the device slab pool and its copy stream.
+"""The runtime's mechanisms for the driver: the device slab pool and its copy stream.
+
+Two mechanisms share the ledger-backed residency view (:class:`LedgerRows`): the eager
+engine's :class:`DeviceMechanism` (below) and the graph path's :class:`MoverMechanism`, whose
+copies and table writes are :class:`runtime.expert_mover.ExpertMover`'s (issued and applied at
+boundaries, so captured graphs never see a half-copied slab).
 
 :class:`DeviceMechanism` is what :class:`drive.driver.Driver` hands a policy's actions to in
 the runtime (the simulator's counterpart is :class:`sim.pool.SimPool`): DEMOTE evicts at once
@@ -16,12 +21,13 @@ from moebits.core.keys import ExpertKey
 from moebits.core.slabs import Refusal, SlabLedger
 from moebits.drive.driver import Accepted, Refused
 from moebits.policies.base import Action, ActionKind
+from moebits.runtime.expert_mover import ExpertMover
 from moebits.runtime.promote import Promoter
 
 _DEMOTE, _PREFETCH = ActionKind.DEMOTE, ActionKind.PREFETCH
 
 
-class _Row:
+class LedgerRows:
     """One layer's residency bitmasks, read from the ledger on demand (``row[expert]``)."""
 
     def __init__(self, ledger: SlabLedger, keys: list[ExpertKey], precisions: list[str], loading: bool) -> None:
@@ -42,8 +48,8 @@ class DeviceMechanism:
     def __init__(self, ledger: SlabLedger, promoter: Promoter, precisions: list[str],
                  keys: list[list[ExpertKey]]) -> None:
         self.ledger, self.promoter, self.precisions, self.keys = ledger, promoter, precisions, keys
-        self.ready = [_Row(ledger, k, precisions, False) for k in keys]
-        self.loading = [_Row(ledger, k, precisions, True) for k in keys]
+        self.ready = [LedgerRows(ledger, k, precisions, False) for k in keys]
+        self.loading = [LedgerRows(ledger, k, precisions, True) for k in keys]
         self.peak_bytes = ledger.used_bytes
 
     def place(self, key: ExpertKey, precision: str) -> int | Refusal:
@@ -83,5 +89,81 @@ class DeviceMechanism:
     def ready_time(self, layer: int, expert: int, p: int) -> float:
         """The copy's place in the copy stream's FIFO (copies complete in that order)."""
         copy = self.promoter.in_flight(self.keys[layer][expert], self.precisions[p])
+        assert copy is not None, f"L{layer}E{expert}@{self.precisions[p]} is not in flight"
+        return float(copy.seq)
+
+
+class MoverMechanism:
+    """The graph path's mechanism: actions through an :class:`ExpertMover` over a residency table.
+
+    DEMOTE drops the copy at once and re-points the table at the next boundary; PROMOTE /
+    PREFETCH reserve a slab, and the mover issues the copy at the next boundary and points the
+    table at it at the boundary after it completed. Initial loads (:meth:`place`) reserve READY
+    slabs and point the table at them; :meth:`write_placed` then fills them, a layer at a time
+    (quantized on the weights' device, like loading a checkpoint). A copy in flight is ready in
+    copy-stream order (its ``seq``).
+    """
+
+    def __init__(self, mover: ExpertMover, precisions: list[str], keys: list[list[ExpertKey]]) -> None:
+        self.mover, self.precisions, self.keys = mover, precisions, keys
+        ledger = mover.pool.ledger
+        self.ledger = ledger
+        self.ready = [LedgerRows(ledger, k, precisions, False) for k in keys]
+        self.loading = [LedgerRows(ledger, k, precisions, True) for k in keys]
+        self.peak_bytes = ledger.used_bytes
+        self.placed: list[tuple[ExpertKey, str, int]] = []   # (key, precision, slab) to fill
+
+    def place(self, key: ExpertKey, precision: str) -> int | Refusal:
+        """An initial load: a READY slab now (filled by :meth:`write_placed`), uncounted."""
+        slab = self.ledger.begin_load(key, precision)
+        if not isinstance(slab, Refusal):
+            self.ledger.finish_load(slab)
+            self.mover.point_at_best(key)
+            self.placed.append((key, precision, slab))
+            self.peak_bytes = max(self.peak_bytes, self.ledger.used_bytes)
+        return slab
+
+    def evict(self, key: ExpertKey, precision: str) -> int | Refusal:
+        r = self.mover.demote(key, precision)
+        return r if r is not None else 0
+
+    def write_placed(self, write: Callable[[int, str, list[int], list[int]], None]) -> None:
+        """Fill the placed slabs: ``write(layer, precision, experts, slabs)`` per layer and
+        precision, layers in order; then the table write is flushed."""
+        by: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        for key, p, slab in self.placed:
+            if self.ledger.slab_of(key, p) == slab:            # not evicted by a later initial DEMOTE
+                by.setdefault((key.layer, p), []).append((key.expert, slab))
+        for (layer, p), pairs in sorted(by.items()):
+            write(layer, p, [e for e, _ in pairs], [s for _, s in pairs])
+        self.placed.clear()
+        self.mover.table.flush()
+
+    def apply(self, actions: Sequence[Action], now_s: float, counts: dict[str, int], refused: Refused,
+              bad_key: Callable[[ExpertKey], None], accepted: Accepted | None = None) -> None:
+        """Carry out ``actions`` in order (see :class:`drive.driver.Mechanism`)."""
+        mover = self.mover
+        for a in actions:
+            bad_key(a.key)
+            if a.kind is _DEMOTE:
+                r = mover.demote(a.key, a.precision)
+                if r is not None:
+                    refused(a, r)
+                else:
+                    counts["demotions"] += 1
+                continue
+            r = mover.promote(a.key, a.precision)
+            if r is not None:
+                refused(a, r)
+                continue
+            counts["prefetches" if a.kind is _PREFETCH else "promotions"] += 1
+            self.peak_bytes = max(self.peak_bytes, self.ledger.used_bytes)
+            if accepted is not None:
+                copy = mover.copy_of(a.key, a.precision)
+                accepted(a, now_s, float(copy.seq if copy is not None else 0))
+
+    def ready_time(self, layer: int, expert: int, p: int) -> float:
+        """The copy's place in the copy stream's FIFO (copies complete in that order)."""
+        copy = self.mover.copy_of(self.keys[layer][expert], self.precisions[p])
         assert copy is not None, f"L{layer}E{expert}@{self.precisions[p]} is not in flight"
         return float(copy.seq)

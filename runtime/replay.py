@@ -1,4 +1,6 @@
-"""Trace-driven replay on the runtime: a workload's routing drives a :class:`RuntimeEngine`.
+"""Trace-driven replay on the runtime: a workload's routing drives a :class:`RuntimeEngine`
+(:func:`replay`) or the graph path's :class:`GraphEngine` (:func:`graph_replay`, routing forced
+into the fast model's routing buffers).
 
 Dimension legend: T tokens of a layer step, k experts per token, H hidden.
 
@@ -14,6 +16,7 @@ import torch
 from moebits.core.routing import LayerSteps
 from moebits.drive.records import RunResult
 from moebits.runtime.engine import RuntimeEngine
+from moebits.runtime.graph_engine import GraphEngine, PassInput
 from tqdm import tqdm
 
 
@@ -56,4 +59,52 @@ def replay(engine: RuntimeEngine, view: LayerSteps, *, seed: int = 0, dtype: tor
                           torch.from_numpy(w).to(dev), routing=routing)
         if ends[i]:
             engine.end_pass()
+    return engine.finish()
+
+
+def pass_routing(view: LayerSteps, i: int, layers: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The routing ``ids``/``weights [L, T, k]`` of the pass whose first layer step is ``i``, from
+    ``view`` (each layer step dealt by :func:`assignment`)."""
+    T = int(view.ls_tokens[i])
+    ids = np.zeros((layers, T, top_k), np.int32)
+    w = np.zeros((layers, T, top_k), np.float32)
+    for j in range(i, i + layers):
+        a, b = int(view.offsets[j]), int(view.offsets[j + 1])
+        ids[int(view.ls_layer[j])], w[int(view.ls_layer[j])] = assignment(
+            view.ex_expert[a:b], view.ex_tokens[a:b], view.ex_gate[a:b], T, top_k)
+    return ids, w
+
+
+def replay_shape(view: LayerSteps) -> tuple[int, int]:
+    """(most rows of a pass, cache positions) a fast model needs to replay ``view``."""
+    rows = int(np.max(view.ls_tokens, initial=1))
+    return rows, rows + int(np.max(view.ls_pass, initial=0)) + 1
+
+
+def graph_replay(engine: GraphEngine, view: LayerSteps, *, seed: int = 0, progress: bool = False) -> RunResult:
+    """Trace-driven replay on the graph path: every pass of ``view`` with its routing forced
+    (``engine`` built with ``replay=True``) over random tokens; prefill rows are one sequence's
+    positions, decode rows one sequence each."""
+    spec = engine.spec
+    L = spec.layers
+    if view.layer_steps % L or not np.array_equal(view.ls_layer[:L], np.arange(L)):
+        raise ValueError(f"the graph path replays whole passes of {L} layers in order; this trace's layer steps are not")
+    gen = torch.Generator().manual_seed(seed)
+    prompt: dict[int, int] = {}
+    dev = engine.device
+    engine.start()
+    for i in tqdm(range(0, view.layer_steps, L), desc=f"graph replay {engine.name}", disable=not progress,
+                  unit="pass"):
+        batch, pidx, T = int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_tokens[i])
+        if pidx == 0:
+            prompt[batch] = T
+            seq, pos = torch.zeros(T, dtype=torch.int32), torch.arange(T, dtype=torch.int32)
+        else:
+            seq, pos = torch.arange(T, dtype=torch.int32), torch.full((T,), prompt.get(batch, 0) + pidx - 1,
+                                                                       dtype=torch.int32)
+        ids, w = pass_routing(view, i, L, spec.top_k)
+        tokens = torch.randint(0, spec.vocab_size, (T,), generator=gen)
+        t, s, p, i_t, w_t = (x.pin_memory() if dev.type == "cuda" else x  # pinned: copied without a stream sync
+                             for x in (tokens, seq, pos, torch.from_numpy(ids), torch.from_numpy(w)))
+        engine.run_pass(PassInput(batch, pidx, t, s, p, i_t, w_t))
     return engine.finish()

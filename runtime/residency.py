@@ -192,8 +192,15 @@ def load_layer(pool: DevicePool, table: ResidencyTable, layer: int, gate_up: tor
         pool.ledger.finish_load(slab)
         slots.append(pool.slot(slab)[1])
         table.stage(layer, e, precision, slots[-1])
+    write_slots(pool, precision, slots, gate_up, down, chosen)
+
+
+def write_slots(pool: DevicePool, precision: str, slots: list[int], gate_up: torch.Tensor, down: torch.Tensor,
+                experts: list[int]) -> None:
+    """Quantize experts ``experts`` of one layer (``gate_up [E, 2I, H]``, ``down [E, H, I]``) in one
+    go on the weights' device and store them in ``slots`` of ``precision``'s class."""
     idx = torch.tensor(slots, device=pool.device)
-    sel = torch.tensor(chosen, device=gate_up.device)
+    sel = torch.tensor(experts, device=gate_up.device)
     for dst, w in zip(pool.stacks[precision], (gate_up[sel], down[sel]), strict=True):
         src = quantize_stack(w.float() if precision != "bf16" else w, precision)
         for name, t in vars(dst).items():

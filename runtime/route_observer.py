@@ -37,6 +37,7 @@ class RouteObserver:
     """Pinned rings of routing plus their events; see the module docstring."""
 
     def __init__(self, layers: int, rows: int, top_k: int, lag: int, device: torch.device) -> None:
+        """``rows``: the most rows a recorded step has."""
         if lag < 1:
             raise ValueError(f'"lag" must be >= 1 (a policy cannot see a step before it runs), got {lag}')
         self.lag, self.slots = lag, lag + 2
@@ -53,8 +54,8 @@ class RouteObserver:
         if len(self._pending) >= self.slots:
             raise RuntimeError("route ring overrun: observe steps (due) before recording more")
         slot = step % self.slots
-        self.ids[slot].copy_(ids, non_blocking=True)
-        self.weights[slot].copy_(weights, non_blocking=True)
+        self._slot(self.ids, slot, live_rows).copy_(ids[:, :live_rows], non_blocking=True)
+        self._slot(self.weights, slot, live_rows).copy_(weights[:, :live_rows], non_blocking=True)
         ev = None
         if self.cuda:
             ev = torch.cuda.Event()
@@ -71,18 +72,27 @@ class RouteObserver:
                 ev.synchronize()
                 self.wait_s += time.perf_counter() - t0
             slot = step % self.slots
-            out.append(StepRouting(step, self.ids[slot, :, :rows].numpy().copy(),
-                                   self.weights[slot, :, :rows].numpy().copy(), rows))
+            out.append(StepRouting(step, self._slot(self.ids, slot, rows).numpy().copy(),
+                                   self._slot(self.weights, slot, rows).numpy().copy(), rows))
         return out
+
+    @staticmethod
+    def _slot(ring: torch.Tensor, slot: int, rows: int) -> torch.Tensor:
+        """Slot ``slot`` as a contiguous ``[L, rows, k]`` view (a pinned, contiguous copy target:
+        an asynchronous device-to-host copy into a strided view would go through pageable memory)."""
+        L, _, k = ring.shape[1:]
+        return ring[slot].view(-1)[: L * rows * k].view(L, rows, k)
 
     def flush(self) -> list[StepRouting]:
         """Everything recorded (end of a run)."""
         return self.due(1 << 62)
 
 
-def layer_obs_arrays(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct experts ascending, tokens per expert, summed gate per expert) of one layer's ``[T, k]``."""
-    experts, inv = np.unique(ids.reshape(-1), return_inverse=True)
-    tokens = np.bincount(inv, minlength=experts.size)
-    gate = np.bincount(inv, weights=weights.reshape(-1).astype(np.float64), minlength=experts.size)
-    return experts, tokens, gate
+def routing_of(ids: torch.Tensor, weights: torch.Tensor, experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct experts ascending, tokens routed to each, their summed gate weight) of ``ids [T, k]``."""
+    e = ids.reshape(-1).to("cpu", torch.int64).numpy()
+    w = weights.reshape(-1).to("cpu", torch.float64).numpy()
+    counts = np.bincount(e, minlength=experts)
+    used = np.flatnonzero(counts)
+    gate = np.bincount(e, weights=w, minlength=experts)[used]
+    return used.astype(np.int16), counts[used].astype(np.int32), gate.astype(np.float32)

@@ -10,14 +10,16 @@ from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
 from moebits.core.slabs import Refusal, SlabClass, SlabLedger
 from moebits.drive.context import PolicyError
-from moebits.drive.driver import Driver
-from moebits.policies.base import Action, LayerObs, Policy, promote
+from moebits.drive.driver import Driver, applied_lag
+from moebits.policies.base import Action, LayerObs, MissRule, Policy, promote
 
 SPEC = ModelSpec("drive", layers=2, experts=4, top_k=1, hidden=128, expert_intermediate=128, vocab_size=16)
 
 
 class Seen(Policy):
     """Records (step index, now) of every observation; promotes expert 1 of layer 0 when it sees step 1."""
+
+    miss_rule = MissRule.SERVE_LOWER
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, float]] = []
@@ -89,3 +91,17 @@ def test_bad_settings_and_bad_keys_are_one_clear_error() -> None:
     d, _, _ = driver(0)
     with pytest.raises(PolicyError, match=r"outside drive's 2 layers x 4 experts"):
         d.apply([promote(0, 9, "bf16")], 0.0)
+
+
+@pytest.mark.parametrize("rule", list(MissRule))
+def test_demand_fetch_observes_without_lag(rule: MissRule) -> None:
+    """The seam's lag rule: STALL (demand fetch, the engine syncs per layer) sees every step
+    before it is served, whatever observe_lag says; the other miss rules see it ``lag`` late."""
+    policy = Seen()
+    policy.miss_rule = rule
+    d = Driver(policy, SlabLedger([SlabClass("bf16", 100, 1)], 100), SPEC, observe_lag=2)
+    assert d.lag == applied_lag(policy, 2) == (0 if rule is MissRule.STALL else 2)
+    d.attach(Refuses())  # type: ignore[arg-type]
+    for i in range(4):
+        d.observe(obs(i))
+    assert [t for t, _ in policy.seen] == list(range(4 - d.lag))

@@ -57,14 +57,14 @@ def stress(device: str, steps: int) -> float:
     runner = StepRunner(fast, buf, GraphMode.WHOLE if cuda else GraphMode.EAGER)
     runner.capture()
     rng = np.random.default_rng(0)
-    worst, bf16_served = 0.0, 0
+    worst, bf16_served, promoted, demoted = 0.0, 0, 0, 0
     for t in range(steps):
         for _ in range(3):   # 3 bf16 slabs for 16 experts: demotions free slabs that promotions reuse at once
             key = ExpertKey(int(rng.integers(spec.layers)), int(rng.integers(spec.experts)))
             if ledger.is_ready(key, "bf16"):
-                mover.demote(key, "bf16")
+                demoted += mover.demote(key, "bf16") is None
             else:
-                mover.promote(key, "bf16")
+                promoted += mover.promote(key, "bf16") is None
         mover.boundary()
         buf.set_rows(torch.tensor([t * 5 % 256]), torch.zeros(1, dtype=torch.int32), torch.tensor([t], dtype=torch.int32))
         runner.run()
@@ -75,7 +75,7 @@ def stress(device: str, steps: int) -> float:
             got = trace["r1"][i] - trace["r0"][i]
             worst = max(worst, float((got - ref).norm() / ref.norm()))
             bf16_served += int(((table.codes[i][buf.ids[i].long()] & 7) == 0).sum())
-    assert mover.stats.promotions >= steps // 2 and mover.stats.demotions >= steps // 4, mover.stats
+    assert promoted >= steps // 2 and demoted >= steps // 4, (promoted, demoted)
     assert bf16_served > 0, "no step ever served a promoted copy"
     return worst
 

@@ -1,0 +1,285 @@
+"""The graph-captured runtime engine: fast-model steps with the policy run by :class:`drive.driver.Driver`.
+
+Dimension legend: L layers, T rows of a pass, k experts per row, E experts per layer.
+
+:class:`GraphEngine` serves passes of a :class:`runtime.fast_model.FastModel` (static buffers, a
+device residency table) through a :class:`runtime.graph_serve.StepRunner`, and runs the policy
+through the same :class:`~drive.driver.Driver` as the simulator and the eager runtime, with the
+graph path's mechanism (:class:`runtime.mechanism.MoverMechanism`: the
+:class:`~runtime.expert_mover.ExpertMover`'s copies, table writes and fences). The policy is
+built, placed and consulted, its refusals counted, its misses served and the run recorded
+exactly as elsewhere: records and summary are :mod:`drive.records`' (one step table).
+
+Two ways of observing routing:
+
+* **per layer** (``GraphMode.EAGER``, the CPU path; ``GraphMode.LAYER`` graphs; and every
+  ``MissRule.STALL`` policy, whose step is split per layer whatever mode was asked): before each
+  layer's experts the host reads that layer's routing (a sync on a GPU), the mover finishes
+  completed copies and writes the table, the driver observes (with the seam's lag,
+  :func:`drive.driver.applied_lag`: 0 under STALL), the mover issues the new copies, the miss
+  rule (:func:`drive.missrule.choose`) says what the step is served from and, where it waits for
+  a copy, the host drains the copy stream (stall). A copy issued at layer step i is servable
+  from layer step i + 1: this is the simulator's seam, and the parity test checks it decision
+  for decision (CPU).
+* **per pass** (``GraphMode.WHOLE``, non-STALL policies): the pass replays untouched; its routing
+  reaches the host through one asynchronous copy per pass (:class:`runtime.route_observer.
+  RouteObserver`, ``route_lag`` passes later); at the boundary before a pass the driver observes
+  the layer steps of every due pass in order (``observe_lag`` layer steps on top) and the mover
+  writes the table and issues copies. No host sync per layer; a policy's actions take effect at
+  pass boundaries. What each layer step was served from is read from the table as the pass
+  saw it, so the step table is exact. This mode delivers observations later than the per-layer
+  seam, so it is not decision-for-decision comparable with the simulator (which models the
+  per-layer seam); it is the fast GPU mode.
+
+Not supported (one clear error): ``MissRule.HOST`` (the graph path computes no expert on the
+host), a staging slab for bypassed experts (``staging_experts`` > 0: not streamed here) and
+channel-mix precisions (the fused kernels have no class for them). The eager runtime
+(:class:`runtime.engine.RuntimeEngine`) serves all three.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
+from moebits.core.quality import SensitivityTable
+from moebits.core.routing import LayerSteps
+from moebits.drive.context import policy_name, precision_order, prepare_policy
+from moebits.drive.driver import Driver
+from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
+from moebits.drive.quality import error_table
+from moebits.drive.records import Recorder, RunResult, StepIndex, snapshot
+from moebits.policies.base import LayerObs, MissRule, Policy
+from moebits.runtime.engine import Clock
+from moebits.runtime.expert_mover import CudaStreams, ExpertMover, RowFn, SyncStreams
+from moebits.runtime.fast_model import FastModel
+from moebits.runtime.graph_serve import GraphMode, StepRunner
+from moebits.runtime.mechanism import MoverMechanism
+from moebits.runtime.pool import DevicePool
+from moebits.runtime.residency import KERNEL_CLASS, ResidencyTable, decode, write_slots
+from moebits.runtime.route_observer import RouteObserver, routing_of
+
+WeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> (gate_up [E, 2I, H], down [E, H, I])
+ModelFn = Callable[[DevicePool, ResidencyTable], FastModel]
+SLACK_BYTES = 64 << 20  # alignment room beyond the policy's budget (the fused kernels need 16-byte slabs)
+
+
+@dataclass(frozen=True)
+class PassInput:
+    """One pass: ``tokens``, ``row_seq``, ``row_pos [T]`` and, when replaying, ``ids``/``weights [L, T, k]``.
+
+    ``ends_pass``: False for every chunk of a chunked prefill but its last (one pass in the records)."""
+
+    batch: int
+    pass_index: int
+    tokens: torch.Tensor
+    row_seq: torch.Tensor
+    row_pos: torch.Tensor
+    ids: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    ends_pass: bool = True
+
+
+@dataclass
+class _Pending:
+    """A WHOLE-mode pass whose routing the host has not read yet, and the table it was served from."""
+
+    batch: int
+    pass_index: int
+    codes: np.ndarray  # [L, E] table codes during the pass
+
+
+class GraphEngine:
+    """One policy over the graph path; see the module docstring."""
+
+    def __init__(self, spec: ModelSpec, policy: Policy, budget_bytes: int, make_model: ModelFn, weights: WeightsFn,
+                 rows: RowFn, *, device: torch.device | str = "cpu", mode: GraphMode = GraphMode.EAGER,
+                 seed: int = 0, sensitivity: SensitivityTable | None = None, profile: LayerSteps | None = None,
+                 future: LayerSteps | None = None, observe_lag: int = 0, route_lag: int = 1, replay: bool = False,
+                 served: bool = False, max_rows: int = 1, per_pass: bool | None = None) -> None:
+        if policy.miss_rule is MissRule.HOST:
+            raise ValueError("the graph path computes no expert on the host: MissRule.HOST runs in the eager runtime")
+        self.spec, self.policy, self.device = spec, policy, torch.device(device)
+        self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile, future=future,
+                                     sensitivity=sensitivity, slack_bytes=SLACK_BYTES)
+        self.precisions = precision_order(self.ledger.precisions())
+        staging = policy.staging()
+        if staging is not None and staging.count:
+            raise ValueError(f"policy {policy_name(policy)}: the graph path streams no bypassed expert through a "
+                             "staging slab; set its staging_experts to 0 or run it in the eager runtime")
+        bad = [p for p in self.precisions if p not in KERNEL_CLASS]
+        if bad:
+            raise ValueError(f"the graph path's kernels have no class for {bad}; run this policy in the eager runtime")
+        self.driver = Driver(policy, self.ledger, spec, observe_lag)
+        self.name, self.counts = self.driver.name, self.driver.counts
+        self.pool = DevicePool(self.ledger, spec, self.device)
+        self.table = ResidencyTable(spec.layers, spec.experts, self.device)
+        self.model = make_model(self.pool, self.table)
+        self.model.forced = replay
+        cuda = self.device.type == "cuda"
+        self.mover = ExpertMover(self.pool, self.table, rows, CudaStreams(self.device) if cuda else SyncStreams())
+        keys = [[ExpertKey(layer, e) for e in range(spec.experts)] for layer in range(spec.layers)]
+        self.mech = MoverMechanism(self.mover, self.precisions, keys)
+        self.driver.attach(self.mech)
+        self.mech.write_placed(self._writer(weights))
+        per_pass = mode is GraphMode.WHOLE if per_pass is None else per_pass  # the CPU tests the per-pass seam eagerly
+        self.per_layer = not per_pass or policy.miss_rule is MissRule.STALL
+        self.mode = GraphMode.LAYER if mode is GraphMode.WHOLE and self.per_layer else mode
+        # a static policy's routing is read for the records only: late enough never to wait for it
+        read_lag = max(route_lag, 8) if self.driver.static else route_lag
+        self.observer = None if self.per_layer else RouteObserver(spec.layers, max_rows, spec.top_k, read_lag,
+                                                                 self.device)
+        self.errors = error_table(spec, self.precisions, sensitivity)
+        self.res = [Residency(self.mech.ready[i], self.mech.loading[i], self._ready_time(i)) for i in range(spec.layers)]
+        self._low = lowest_bits(len(self.precisions))
+        self.rec, self.index = Recorder(list(self.precisions), served=[] if served else None), StepIndex()
+        self.runners: dict[int, StepRunner] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._marks: list[Any] = []
+        self.steps = self.passes = 0
+        self.clock = Clock(self.device)
+
+    # ---- set-up ----
+    def _writer(self, weights: WeightsFn) -> Callable[[int, str, list[int], list[int]], None]:
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def write(layer: int, precision: str, experts: list[int], slabs: list[int]) -> None:
+            if layer not in cache:
+                cache.clear()
+                cache[layer] = weights(layer)
+            write_slots(self.pool, precision, [self.pool.slot(s)[1] for s in slabs], *cache[layer], experts)
+        return write
+
+    def _ready_time(self, layer: int) -> Callable[[int, int], float]:
+        ready_time = self.mech.ready_time
+        return lambda e, p: ready_time(layer, e, p)
+
+    def runner(self, rows: int) -> StepRunner:
+        """The step runner of ``rows``-row passes (buffers, graphs captured on first use)."""
+        if rows not in self.runners:
+            r = StepRunner(self.model, self.model.buffers(rows), self.mode)
+            r.capture()
+            self.runners[rows] = r
+        return self.runners[rows]
+
+    def start(self) -> None:
+        """Start the run's clock (after capture and warm-up)."""
+        self.clock.start()
+
+    # ---- passes ----
+    def run_pass(self, p: PassInput) -> torch.Tensor:
+        """Serve one pass; its logits buffer ``[T, N]`` (valid until the next pass of that size)."""
+        T = int(p.tokens.shape[0])
+        runner = self.runner(T)
+        buf = runner.buf
+        if not self.per_layer:
+            self._deliver(self.passes)
+            self._pending[self.passes] = _Pending(p.batch, p.pass_index, self.table.host.copy())
+        buf.set_rows(p.tokens, p.row_seq, p.row_pos)
+        if p.ids is not None and p.weights is not None:
+            buf.set_routing(p.ids, p.weights)
+        if self.per_layer:
+            runner.run(lambda layer: self._layer_step(p, buf.ids[layer, :T], buf.weights[layer, :T], layer))
+        else:
+            runner.run()
+            assert self.observer is not None
+            self.observer.record(self.passes, buf.ids, buf.weights, T)
+        self._marks.append(self.clock.mark())
+        if p.ends_pass:
+            self.rec.snaps.append(self.snapshot())
+        self.passes += 1
+        return buf.logits
+
+    def _layer_step(self, p: PassInput, ids: torch.Tensor, weights: torch.Tensor, layer: int) -> None:
+        """Per-layer seam: observe, act, serve per the miss rule (see the module docstring)."""
+        now = self.clock.now()
+        self.mover.boundary()                                  # copies done -> READY, table written
+        routing = routing_of(ids, weights, self.spec.experts)  # host sync on a GPU
+        ready = self.mech.ready[layer]
+        hits = sum(1 for e in routing[0].tolist() if ready[e])  # before the policy acts
+        if not self.driver.static:
+            self.driver.observe(LayerObs(self.steps, layer, 0 if p.pass_index == 0 else 1, p.pass_index, *routing, now))
+        self.mover.boundary()                                  # demotions written, new copies issued
+        ex = (routing[0].tolist(), routing[1].tolist(), np.asarray(routing[2], np.float64).tolist())
+        choice = choose(self.policy.miss_rule, self.res[layer], self._low, len(self.precisions),
+                        self.errors.of[layer], self.errors.host[layer], ex, 0, len(ex[0]), track=True,
+                        layer=layer, policy=self.name)
+        stall = 0.0
+        if choice.waited:
+            t0 = time.perf_counter()
+            self.mover.drain()                                 # STALL: the copies land, the table points at them
+            stall = time.perf_counter() - t0
+        self._record(p, T=int(ids.shape[0]), choice=choice, ex=ex, stall=stall, hits=hits)
+
+    def _deliver(self, serving: int, observe: bool = True) -> None:
+        """Per-pass seam: observe every due pass's layer steps in order, then the boundary
+        (``observe=False`` at the end of a run: records only, like the routing a lag never delivers)."""
+        assert self.observer is not None
+        now = self.clock.now()
+        for r in self.observer.due(serving):
+            pend = self._pending.pop(r.step)
+            p = PassInput(pend.batch, pend.pass_index, torch.empty(r.rows), torch.empty(0), torch.empty(0))
+            for layer in range(self.spec.layers):
+                routing = routing_of(torch.from_numpy(r.ids[layer]), torch.from_numpy(r.weights[layer]),
+                                     self.spec.experts)
+                if observe and not self.driver.static:
+                    self.driver.observe(LayerObs(self.steps, layer, 0 if p.pass_index == 0 else 1, p.pass_index,
+                                                 *routing, now))
+                ex = (routing[0].tolist(), routing[1].tolist(), np.asarray(routing[2], np.float64).tolist())
+                self._record(p, T=r.rows, choice=self._as_served(pend.codes[layer], ex, layer), ex=ex, stall=0.0,
+                             hits=len(ex[0]))  # every expert a pass serves is resident (else no_copy)
+        if observe:
+            self.mover.boundary()
+
+    def _as_served(self, codes: np.ndarray, ex: tuple[list, list, list], layer: int) -> Choice:
+        """What a WHOLE-mode layer step was served from: the table codes the pass read."""
+        P = len(self.precisions)
+        tok, cnt, served, err = [0] * P, [0] * P, [], 0.0
+        errl = self.errors.of[layer]
+        for e, t, g in zip(*ex, strict=True):
+            if codes[e] < 0:
+                raise no_copy(self.name, self.policy.miss_rule, layer, e)
+            pi = self.precisions.index(decode(int(codes[e]))[0])
+            tok[pi] += t
+            cnt[pi] += 1
+            err += g * errl[e][pi]
+            served.append((e, pi))
+        return Choice(0.0, tok, cnt, err, [], served, [], [])
+
+    def _record(self, p: PassInput, *, T: int, choice: Choice, ex: tuple[list, list, list], stall: float,
+                hits: int) -> None:
+        rec = self.rec
+        self.index.append(p.batch, p.pass_index, T)
+        rec.hits.append(hits)
+        rec.requests.append(len(ex[0]))
+        rec.stall_s.append(stall)
+        rec.host_wait_s.append(0.0)
+        rec.err.append(choice.err)
+        rec.act.extend(choice.tok)
+        rec.act.append(0)
+        if rec.served is not None:
+            rec.served.append(served_row(choice, ex[1], 0, self.precisions))
+        self.steps += 1
+
+    # ---- end ----
+    def snapshot(self) -> tuple[int, ...]:
+        """Counters in :data:`drive.records.COUNTERS` order."""
+        w = self.mover.stats.h2d_bytes
+        return snapshot((w, 0, w), self.counts, (self.ledger.used_bytes, self.mech.peak_bytes))
+
+    def finish(self, info: dict[str, Any] | None = None) -> RunResult:
+        """Read the routing still in flight, complete every copy; the run's arrays."""
+        if self.observer is not None:
+            self._deliver(1 << 62, observe=False)
+        self.mover.drain()
+        ends = self.clock.resolve(self._marks)
+        self.rec.end_s = np.repeat(np.asarray(ends, np.float64), self.spec.layers)
+        extra = {"graph": self.mode.value, "observe": "per-layer" if self.per_layer else "per-pass",
+                 "route_wait_s": self.observer.wait_s if self.observer is not None else 0.0}
+        return RunResult.from_recorder(self.rec, self.index, self.clock.now(), {**extra, **(info or {})})

@@ -1,0 +1,183 @@
+"""Parity of the graph path: one trace through the simulator and the graph-captured runtime (CPU).
+
+The graph path (:class:`runtime.graph_engine.GraphEngine`: the fast model over a residency table,
+the expert mover, graphs off and torch reference kernels on the CPU) replays the trace with its
+routing forced into the fast model's routing buffers. Parity means what ``test_parity`` means:
+the same policy calls with the same answers, and per layer step the same tokens, phase and
+precision served (``_compare``), with observation lag 0 and > 0.
+
+Not covered, and why: ``MissRule.HOST`` (the graph path computes no expert on the host),
+``dynamo`` (channel-mix copies: the fused kernels have no class for them) and staging slabs for
+bypassed experts (caching policies run here with ``staging_experts=0``, in both engines). The
+eager runtime serves all three; the graph path refuses them with one clear error, tested below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from moebits.core.slabs import InfeasibleError  # noqa: E402
+from moebits.drive.context import PolicyError  # noqa: E402
+from moebits.policies.base import MissRule, build_policy  # noqa: E402
+from moebits.runtime import hf  # noqa: E402
+from moebits.runtime.fast_model import AttnShape, FastModel, FastWeights  # noqa: E402
+from moebits.runtime.graph_engine import GraphEngine  # noqa: E402
+from moebits.runtime.host_store import HostStore  # noqa: E402
+from moebits.runtime.replay import graph_replay, replay_shape  # noqa: E402
+from moebits.traces.replay import load_view  # noqa: E402
+from test_parity import (  # noqa: E402
+    BUDGET,
+    BUDGETS,
+    SPEC,
+    Recording,
+    _compare,
+    _sim_run,
+    policy_cases,
+    policy_config,
+    trace_path,  # noqa: F401  (fixture)
+)
+
+UNSUPPORTED = {"dynamo"}  # channel-mix precisions: no fused-kernel class
+
+
+def graph_cases() -> list[Any]:
+    return [c for c in policy_cases() if c.values[1] is not MissRule.HOST and c.values[0] not in UNSUPPORTED]
+
+
+def no_staging(cfg: Any) -> Any:
+    """The config without a staging slab (the graph path streams no bypassed expert), same in both engines."""
+    return dataclasses.replace(cfg, staging_experts=0) if hasattr(cfg, "staging_experts") else cfg
+
+
+@pytest.fixture(scope="module")
+def model_parts() -> tuple[Any, Any, HostStore]:
+    """Non-expert weights of a tiny Qwen3-MoE of the parity spec, its expert weights, a host store."""
+    model, weights = hf.build_random_model(dataclasses.replace(SPEC, name="Qwen3-30B-A3B"), arch="qwen3_moe",
+                                           dtype=torch.bfloat16, full_hidden=2048, std=0.05)
+    store = HostStore(SPEC, pin=False, quant_device="cpu").fill_bf16(weights)
+    return model, weights, store.require(["int8", "int4", "int3", "int2", "fp8"])
+
+
+def graph_engine(policy: Any, budget: tuple[str, float], view: Any, parts: tuple, lag: int) -> GraphEngine:
+    model, weights, store = parts
+    rows, max_len = replay_shape(view)
+    fw, shape = FastWeights.from_hf(model), AttnShape.from_hf_config(model.config)
+
+    def make(pool: Any, table: Any) -> FastModel:
+        return FastModel(fw, SPEC, shape, pool, table, use_triton=False, max_seqs=rows, max_len=max_len)
+
+    budget_bytes = int(budget[1] * SPEC.all_experts_bytes(budget[0]))
+    return GraphEngine(SPEC, policy, budget_bytes, make, weights, store.row, seed=5,
+                       profile=view if policy.needs_profile else None, future=view, observe_lag=lag, replay=True,
+                       served=True, max_rows=rows)
+
+
+def _graph_run(cfg: Any, budget: tuple[str, float], path: Path, parts: tuple, lag: int) -> tuple:
+    policy = Recording(build_policy(cfg))
+    view = load_view(path, 1, cache=False)
+    engine = graph_engine(policy, budget, view, parts, lag)
+    return policy.log, graph_replay(engine, view), engine
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+@pytest.mark.parametrize(("name", "rule"), graph_cases())
+def test_graph_path_decides_as_the_simulator(name: str, rule: MissRule, lag: int, monkeypatch: pytest.MonkeyPatch,
+                                             trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
+    torch.set_num_threads(1)
+    cfg, budget = no_staging(policy_config(name, rule)), BUDGETS.get(name, BUDGET)
+    try:
+        sim = _sim_run(monkeypatch, cfg, budget, trace_path, lag)
+    except (PolicyError, InfeasibleError) as exc:  # the same contract error in both engines: a demand-fetch
+        with pytest.raises(type(exc)) as rt_exc:    # cache with lag, or a step that needs more than a cache holds
+            _graph_run(cfg, budget, trace_path, model_parts, lag)
+        assert str(rt_exc.value) == str(exc)
+        return
+    _compare(sim, _graph_run(cfg, budget, trace_path, model_parts, lag))
+
+
+def test_forced_routing_is_what_the_policy_observed(trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
+    """The replayed trace's routing reaches the policy unchanged: experts, tokens and gate of every layer step."""
+    policy = Recording(build_policy(policy_config("dynaexq", MissRule.SERVE_LOWER)))
+    view = load_view(trace_path, 1, cache=False)
+    graph_replay(graph_engine(policy, BUDGET, view, model_parts, 0), view)
+    assert len(policy.observed) == view.layer_steps
+    for i, o in enumerate(policy.observed):
+        a, b = int(view.offsets[i]), int(view.offsets[i + 1])
+        assert (o.index, o.layer, o.pass_index) == (i, int(view.ls_layer[i]), int(view.ls_pass[i]))
+        assert o.experts.tolist() == view.ex_expert[a:b].tolist()
+        assert o.tokens.tolist() == view.ex_tokens[a:b].tolist()
+        np.testing.assert_allclose(o.gate, view.ex_gate[a:b], rtol=1e-3)
+
+
+def test_unsupported_policies_are_one_clear_error(trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
+    view = load_view(trace_path, 1, cache=False)
+    with pytest.raises(ValueError, match="MissRule.HOST runs in the eager runtime"):
+        graph_engine(build_policy(policy_config("lru_offload", MissRule.HOST)), BUDGET, view, model_parts, 0)
+    with pytest.raises(ValueError, match="staging slab"):
+        graph_engine(build_policy(policy_config("lru_offload", MissRule.STALL)), BUDGET, view, model_parts, 0)
+    with pytest.raises(ValueError, match="no class for"):
+        graph_engine(build_policy(policy_config("dynamo", MissRule.SERVE_LOWER)), BUDGETS["dynamo"], view,
+                     model_parts, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("name", "rule"), [("dynaexq", MissRule.SERVE_LOWER), ("lru_offload", MissRule.STALL)])
+def test_graph_path_on_cuda(name: str, rule: MissRule, tmp_path: Path) -> None:
+    """CUDA, Triton kernels, WHOLE graphs: dynaexq observes per pass (route lag 1), lru (STALL) is split
+    into per-layer graphs; every layer step is recorded and the policy observed the trace's routing."""
+    per_pass_run(name, rule, tmp_path, "cuda")
+
+
+@pytest.mark.parametrize(("name", "rule"), [("dynaexq", MissRule.SERVE_LOWER), ("lru_offload", MissRule.STALL)])
+def test_graph_path_per_pass_cpu(name: str, rule: MissRule, tmp_path: Path) -> None:
+    """The same per-pass seam on the CPU (eager steps, torch kernels)."""
+    per_pass_run(name, rule, tmp_path, "cpu")
+
+
+def per_pass_run(name: str, rule: MissRule, tmp_path: Path, device: str) -> None:
+    from moebits.runtime.graph_serve import GraphMode
+    from moebits.traces.format import write_trace
+    from moebits.traces.zipf import synth_trace
+
+    cuda = device == "cuda"
+
+    spec = dataclasses.replace(SPEC, hidden=256)
+    trace = synth_trace(spec, np.random.default_rng(3), seqs=2, prompt_tokens=4, decode_tokens=12, skew=1.2, reuse=0.4)
+    view = load_view(write_trace(trace, tmp_path / "t.parquet"), 1, cache=False)
+    model, weights = hf.build_random_model(dataclasses.replace(spec, name="Qwen3-30B-A3B"), arch="qwen3_moe",
+                                           device=device, dtype=torch.bfloat16, full_hidden=2048, std=0.05)
+    store = HostStore(spec, pin=cuda, quant_device=device).fill_bf16(weights)
+    rows, max_len = replay_shape(view)
+    fw, shape = FastWeights.from_hf(model), AttnShape.from_hf_config(model.config)
+
+    def make(pool: Any, table: Any) -> FastModel:
+        return FastModel(fw, spec, shape, pool, table, use_triton=cuda, max_seqs=rows, max_len=max_len)
+
+    policy = Recording(build_policy(no_staging(policy_config(name, rule))))
+    budget = int(0.9 * spec.all_experts_bytes("bf16"))  # every prefill step's experts fit a layer's cache
+    mode = GraphMode.WHOLE if cuda else GraphMode.EAGER
+    eng = GraphEngine(spec, policy, budget, make, weights, store.row, device=device, mode=mode, route_lag=1,
+                      replay=True, served=True, max_rows=rows, per_pass=True)
+    if cuda:
+        assert eng.mode is (GraphMode.LAYER if rule is MissRule.STALL else GraphMode.WHOLE)
+    result = graph_replay(eng, view)
+    assert result.layer_steps == view.layer_steps
+    unobserved = 0 if rule is MissRule.STALL else spec.layers  # per pass: the last pass is recorded, not observed
+    assert len(policy.observed) == view.layer_steps - unobserved
+    for i, o in enumerate(policy.observed):
+        a, b = int(view.offsets[i]), int(view.offsets[i + 1])
+        assert o.experts.tolist() == view.ex_expert[a:b].tolist() and o.tokens.tolist() == view.ex_tokens[a:b].tolist()
+    for i, row in enumerate(result.served):
+        a, b = int(view.offsets[i]), int(view.offsets[i + 1])
+        assert [(e, t) for e, t, _ in row] == list(zip(view.ex_expert[a:b].tolist(), view.ex_tokens[a:b].tolist(),
+                                                       strict=True))
+    assert torch.isfinite(eng.runner(1).buf.logits.float()).all()

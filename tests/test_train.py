@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from moebits.train.fit import FitRequest, fit  # noqa: E402
 from moebits.train.loop import SMOKE_TRAIN, TrainConfig, Windows, lr_at, train  # noqa: E402
+from moebits.runtime.hf import set_experts_implementation  # noqa: E402
 from moebits.train.model import SMOKE, build, moe_config  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def test_training_is_deterministic_from_the_seed() -> None:
 
     def run() -> list:
         model = build(moe_config(SMOKE, cfg.aux_loss_coef), seed=3)
-        model.set_experts_implementation("eager")
+        set_experts_implementation(model, "eager")
         train(model, data, cfg, torch.device("cpu"), "moe", steps=3, progress=False)
         return [p.detach().clone() for p in model.parameters()]
 

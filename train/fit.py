@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from moebits.runtime.hf import set_experts_implementation
 from moebits.train import card, corpus
 from moebits.train.loop import TrainConfig, TrainRecord, bits_per_byte, pick_experts_impl, train
 from moebits.train.model import build, dense_config, moe_config, param_count
@@ -68,7 +69,7 @@ def fit(req: FitRequest) -> dict[str, Any]:
         impl, timings = pick_experts_impl(lambda: build(moe_config(cfg.size, cfg.aux_loss_coef), cfg.seed),
                                           data, cfg, device)
     moe = build(moe_config(cfg.size, cfg.aux_loss_coef), cfg.seed)
-    moe.set_experts_implementation(impl)
+    set_experts_implementation(moe, impl)
     rec = train(moe, data, cfg, device, "moe", progress=req.progress)
     rec.eval_bpb = evaluate(moe, evals, cfg, device)
     records = {"moe": rec}

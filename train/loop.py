@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from moebits.runtime.hf import set_experts_implementation
 from moebits.train.model import DEFAULT, SMOKE, ModelSize
 from tqdm import tqdm
 
@@ -260,7 +261,7 @@ def pick_experts_impl(make: Callable[[], Any], data: np.ndarray, cfg: TrainConfi
     timings: dict[str, float] = {}
     for name in candidates:
         model = make()
-        model.set_experts_implementation(name)
+        set_experts_implementation(model, name)
         small = TrainConfig(**{**cfg.__dict__, "steps": 4, "record_every": 10**6})
         try:
             train(model, data, small, device, "moe", steps=1, progress=False)  # warm-up

@@ -12,9 +12,9 @@ from moebits.train import corpus
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from moebits.runtime.hf import set_experts_implementation  # noqa: E402
 from moebits.train.fit import FitRequest, fit  # noqa: E402
 from moebits.train.loop import SMOKE_TRAIN, TrainConfig, Windows, lr_at, train  # noqa: E402
-from moebits.runtime.hf import set_experts_implementation  # noqa: E402
 from moebits.train.model import SMOKE, build, moe_config  # noqa: E402
 
 

@@ -122,3 +122,19 @@ def test_smoke_fit_writes_checkpoint_record_and_card(built: tuple[Path, Path], t
 
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert loaded.config.num_experts == SMOKE.experts and loaded.config.vocab_size == 256
+
+
+def test_the_embedded_default_model_fits_the_caps_and_is_trained(built: tuple[Path, Path]) -> None:
+    from moebits.train.loop import bits_per_byte
+    from moebits.train.model import DEFAULT_DIR
+    from transformers import AutoModelForCausalLM
+
+    files = [p for p in DEFAULT_DIR.iterdir() if p.name not in ("README.md", "training.json")]
+    assert all(p.stat().st_size <= 16 * 10**6 for p in DEFAULT_DIR.iterdir())
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_DIR, local_files_only=True, dtype=torch.float32)
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok) == (8, 32, 4)
+    data_dir, manifest = built
+    prose = corpus.load(data_dir, "evaluation_prose", manifest)
+    assert bits_per_byte(model, prose, 256, 8, torch.device("cpu"), max_bytes=4096) < 2.0  # random init: ~8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ def _files(out: Path) -> list[str]:
 
 def _bpb(records: dict[str, Any]) -> list[str]:
     splits = sorted({s for r in records.values() for s in r["eval_bpb"]})
-    rows = ["| model | params | steps | tokens | train s | " + " | ".join(f"{s} bpb" for s in splits) + " |",
-            "|---|---:|---:|---:|---:|" + "---:|" * len(splits)]
+    rows = ["| model | params | steps | tokens | train s | TRAIN bpb (last record interval) | "
+            + " | ".join(f"{s} bpb" for s in splits) + " |",
+            "|---|---:|---:|---:|---:|---:|" + "---:|" * len(splits)]
     for kind, r in records.items():
         vals = " | ".join(f"{r['eval_bpb'].get(s, float('nan')):.4f}" for s in splits)
-        rows.append(f"| {kind} | {r.get('params', '')} | {r['steps']} | {r['tokens']:,} | {r['wall_s']:.0f} | {vals} |")
+        last = r["train_bpb"][-1] if r["train_bpb"] else float("nan")
+        rows.append(f"| {kind} | {r.get('params', '')} | {r['steps']} | {r['tokens']:,} | {r['wall_s']:.0f} | "
+                    f"{last:.4f} | {vals} |")
     return rows
 
 
@@ -46,6 +50,14 @@ def _routing(moe: dict[str, Any]) -> list[str]:
                      f"{share.max(axis=1).mean():.3f} of routed tokens on average (uniform: {1 / share.shape[1]:.3f}); "
                      f"the least busy {share.min(axis=1).mean():.4f}")
     return lines
+
+
+def rewrite(out: Path) -> Path:
+    """Re-render ``out/README.md`` from ``out/training.json`` (e.g. after the card's layout changed)."""
+    summary = json.loads((out / "training.json").read_text())
+    path = out / "README.md"
+    path.write_text(render(summary, out))
+    return path
 
 
 def render(summary: dict[str, Any], out: Path) -> str:
@@ -68,7 +80,9 @@ def render(summary: dict[str, Any], out: Path) -> str:
         f"{size['head_dim']}, tied embeddings; load-balancing loss coefficient {cfg['aux_loss_coef']}",
         "- tokenizer: none: tokens are UTF-8 bytes (vocab 256), so bits per token are bits per byte; "
         "`moebits traces capture --model-dir` and the runtime use bytes when a directory has no tokenizer",
-        "- weights: bf16 safetensors",
+        "- weights: bf16 safetensors. Size cap: 25 MiB in files of at most 16 MB. 128 is the smallest hidden and "
+        "expert intermediate size the runtime's int8/4/3 quantizers accept (groups of 128 along the input "
+        "dimension), so 8 layers x 32 experts hold 25.2 MB (24.0 MiB) of expert weights alone",
         "",
         *_files(out),
         "",
@@ -91,7 +105,11 @@ def render(summary: dict[str, Any], out: Path) -> str:
         f"{moe['steps']} run; batch {cfg['batch']} x {cfg['seq_len']} bytes; AdamW lr {cfg['lr']} "
         f"(warmup {cfg['warmup_steps']}, linear decay over the last {cfg['decay_frac']:.0%} to "
         f"{cfg['min_lr_frac']} x), weight decay {cfg['weight_decay']}, clip {cfg['grad_clip']}",
-        "- to repeat: the same command with `--steps` set to the steps run",
+        f"- to repeat: `moebits train corpus --out data/corpus` with Python {c['python']} (another Python has "
+        f"other sources: build where the manifest's version is and copy the files; their hashes are checked), then "
+        f"`moebits train fit --data data/corpus --out DIR --steps {moe['steps']} --seed {summary['seed']}`. The "
+        "default model's corpus was built on the CPU machine (Python 3.11.7) and carried to the GPU machine "
+        "(Python 3.12), which only read the built files after checking their sha256",
         "",
         "## Held-out bits per byte (EVALUATION split, bf16)",
         "",
@@ -99,6 +117,9 @@ def render(summary: dict[str, Any], out: Path) -> str:
         "top_k x expert intermediate) and trained the same way (same seed, data, schedule and steps).",
         "",
         *_bpb(records),
+        "",
+        "TRAIN bpb is the mean over the last record interval of training (random windows, training mode); the "
+        "gap to the EVALUATION figures is the models' overfit to TRAIN (several epochs of a 13 MB split).",
         "",
         "## Routing recorded in training (`training.json`)",
         *_routing(moe),

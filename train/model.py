@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 VOCAB = 256  # bytes
+DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "model"  # the embedded default model (package data)
 
 
 @dataclass(frozen=True)

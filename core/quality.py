@@ -36,7 +36,8 @@ from moebits.core.precision import Precision, get_precision
 
 REFERENCE = "bf16"
 REQUIRED_COLUMNS = ("layer", "expert", "precision", "error")
-OPTIONAL_COLUMNS = ("router_norm", "router_norm_change", "max_intra_neuron_variance", "frequency", "dataset")
+OPTIONAL_COLUMNS = ("router_norm", "router_norm_change", "max_intra_neuron_variance", "frequency", "dataset",
+                    "output_error", "kl_estimate", "kl_measured")
 FLOAT_MANTISSA_BITS = {"bf16": 7, "fp8": 3}  # fp8 is e4m3
 
 

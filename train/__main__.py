@@ -1,7 +1,8 @@
 """``moebits train``: the project's own trained MoE, from text to measured quality.
 
 Sub-commands (each in ``train/cli_<name>.py`` with ``register(subparsers)``): ``corpus`` builds
-the standard-library text splits, ``fit`` trains the MoE and its dense twin. Bad input prints
+the standard-library text splits, ``fit`` trains the MoE and its dense twin, ``sensitivity``
+measures a sensitivity table on one split, ``traces`` captures workload and profile traces. Bad input prints
 one ``error:`` line and exits 2.
 """
 
@@ -10,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moebits.train import cli_corpus, cli_fit
+from moebits.train import cli_corpus, cli_fit, cli_sensitivity, cli_traces
 from moebits.train.corpus import CorpusError
 
-COMMANDS = (cli_corpus, cli_fit)
+COMMANDS = (cli_corpus, cli_fit, cli_sensitivity, cli_traces)
 
 
 def build_parser() -> argparse.ArgumentParser:

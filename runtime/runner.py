@@ -139,7 +139,7 @@ def build_engine(cfg: RuntimeRunConfig, spec: ModelSpec, budget: int, store: Hos
         raise ValueError(f"policy {cfg.policy.name} needs a profiling trace: set workload.profile_path "
                          "(a trace of this model), or use runtime.mode=REPLAY")
     engine = RuntimeEngine(spec, policy, budget, store, device=device, seed=cfg.seed, sensitivity=table,
-                           profile=profile, future=future, observe_lag=cfg.observe_lag)
+                           profile=profile, future=future, observe_lag=cfg.observe_lag, hardware=cfg.hardware)
     return engine, policy, table_src
 
 

@@ -160,12 +160,12 @@ def graded_proxy(view: LayerSteps, served: dict[tuple[int, int, int], dict[int, 
     plain = sorted({n for n in names if n != "host" and get_channel_mix(n) is None}
                    | {x for n in names if (m := get_channel_mix(n)) for x in (m.low, m.high)})
     arr = table.error_array(spec.layers, spec.experts, plain, spec.hidden)
-    col = {p: arr[:, :, i] for i, p in enumerate(plain)}
+    col: dict[str, Any] = {p: arr[:, :, i] for i, p in enumerate(plain)}
     col["host"] = col["bf16"]
     for n in names:
         m = get_channel_mix(n)
         if m is not None:
-            col[n] = m.error(col[m.low], col[m.high])  # type: ignore[arg-type]
+            col[n] = m.error(col[m.low], col[m.high])  # elementwise on [L, E] arrays
     err = 0.0
     for i in range(view.layer_steps):
         by = served[(int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_layer[i]))]
@@ -300,7 +300,8 @@ def _calibration_significance(model: Any, paths: StudyPaths) -> Any:
         serve.install(model, ctx)
         serve.logits(model, wl.tokens, ctx)
         parts.append(ctx.captured)
-    captured = [tuple(torch.cat([p[la][i] for p in parts]) for i in range(3)) for la in range(len(parts[0]))]
+    captured = [(torch.cat([p[la][0] for p in parts]), torch.cat([p[la][1] for p in parts]),
+                 torch.cat([p[la][2] for p in parts])) for la in range(len(parts[0]))]
     return serve.channel_significance(captured, plain)
 
 

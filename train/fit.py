@@ -64,7 +64,7 @@ def fit(req: FitRequest) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     data = corpus.load(req.data_dir, "train", req.manifest)
     evals = {s: corpus.load(req.data_dir, s, req.manifest) for s in EVAL_SPLITS}
-    impl, timings = cfg.experts_impl, {}
+    impl, timings = cfg.experts_impl, dict[str, float]()
     if impl == "auto":
         impl, timings = pick_experts_impl(lambda: build(moe_config(cfg.size, cfg.aux_loss_coef), cfg.seed),
                                           data, cfg, device)

@@ -60,6 +60,8 @@ def workload(trace: Trace, data_dir: Path, manifest: Path = corpus.MANIFEST) -> 
     tokens = tokens_of(trace, data_dir, manifest)
     s, t = tokens.shape
     layers, k = trace.meta.spec.layers, trace.meta.spec.top_k
+    if trace.gate is None:
+        raise ValueError("the workload trace has no gates; capture it with 'moebits train traces'")
     ids = torch.from_numpy(trace.expert.astype(np.int64)).reshape(s, t, layers, k)
     gates = torch.from_numpy(trace.gate.astype(np.float32)).reshape(s, t, layers, k)
     routing = [(ids[:, :, la].reshape(s * t, k), gates[:, :, la].reshape(s * t, k)) for la in range(layers)]

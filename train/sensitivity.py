@@ -239,11 +239,11 @@ def _table(model: Any, names: list[str], rel: np.ndarray, kl_est: np.ndarray, ma
         for e in range(E):
             for i, p in enumerate(precs):
                 for d, kind in enumerate(KINDS):
-                    vals = (la, e, p, float(err[la, e, i]), kind, float(freq[d][la, e]), float(rel[la, e, i]),
+                    vals: tuple[Any, ...] = (la, e, p, float(err[la, e, i]), kind, float(freq[d][la, e]), float(rel[la, e, i]),
                             float(kl_est[la, e, i]), _blank(measured[la, e, i]), float(norm[la, e]),
                             None if change is None else float(change[la, e]), float(var[la, e]))
-                    for k, v in zip(cols, vals, strict=True):
-                        cols[k].append(v)
+                    for name, v in zip(cols, vals, strict=True):
+                        cols[name].append(v)
     return SensitivityTable(layer=np.asarray(cols.pop("layer")), expert=np.asarray(cols.pop("expert")),
                             precision=cols.pop("precision"), error=np.asarray(cols.pop("error")), extra=cols)
 

@@ -122,12 +122,15 @@ def level_overrides(policy: str, budget: str, spec: ModelSpec) -> list[str]:
     return [f"policy.low_precision={low}"]
 
 
-def compose_run(policy: str, budget: str, trace: Path, profile: Path, table: Path, extra: Sequence[str]) -> RunConfig:
-    """The simulator's run config (composed as ``moebits sim`` composes it)."""
+def compose_run(policy: str, budget: str, trace: Path, profile: Path | None, table: Path,
+                extra: Sequence[str]) -> RunConfig:
+    """The simulator's run config (composed as ``moebits sim`` composes it; ``profile`` None: the
+    simulator's default, the trace's CALIBRATION profile)."""
     register_configs()
     overrides = [f"policy={policy}", f"budget={budget}", "workload=file", f"workload.path={trace}",
-                 f"workload.profile_path={profile}", "model=trace", f"quality_table={table}", "progress=false",
-                 "figure=false", *extra]
+                 "model=trace", f"quality_table={table}", "progress=false", "figure=false", *extra]
+    if profile is not None:
+        overrides.append(f"workload.profile_path={profile}")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=overrides))
     assert isinstance(cfg, RunConfig)

@@ -68,3 +68,13 @@ def test_one_measured_run_end_to_end(tmp_path: Path) -> None:
     assert su.kl_mean > 0 and su.proxy > 0 and lru.kl_mean == pytest.approx(0.0, abs=1e-9)
     assert 0.5 < su.proxy * 8 / su.kl_mean < 2.0        # the measured table's unit: proxy x layers ~ KL
     assert facts["bf16_bpb"]["evaluation_prose"] < su.bpb
+
+
+def test_offline_policies_default_to_the_traces_calibration_profile() -> None:
+    from moebits.sim.runner import build_engine
+
+    cfg = q.compose_run("static_frequency", "bf16_50pct", TRACE, None, CAL, [])
+    _, info = build_engine(cfg)
+    assert info["profile"].startswith(str(PROFILE)) and "CALIBRATION" in info["profile"]
+    cfg = q.compose_run("static_frequency", "bf16_50pct", PROFILE, None, CAL, [])  # names no profile itself
+    assert build_engine(cfg)[1]["profile"].startswith("in-sample")

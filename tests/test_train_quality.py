@@ -179,3 +179,36 @@ def test_proxy_label_says_where_the_table_came_from() -> None:
     assert table_kind("synthetic(seed=3)") == "synthetic" and table_kind(None) == "synthetic"
     assert table_kind("analytic") == "analytic" and table_kind("train/data/sensitivity/calibration.parquet") == "measured"
     assert proxy_label("synthetic(seed=0)") == "quality proxy (synthetic table)"
+
+
+@pytest.mark.parametrize("precision", ["int4", "int2"])
+def test_measurement_path_matches_the_runtimes_experts_on_the_embedded_model(precision: str) -> None:
+    """The runtime's HF integration (host store, quantizers, CPU expert kernels) and the
+    measurement forwards (dequantized variants) serve the trained model alike."""
+    from moebits.policies.base import build_policy
+    from moebits.policies.static_uniform import StaticUniformConfig
+    from moebits.runtime import hf
+    from moebits.runtime.engine import RuntimeEngine
+    from moebits.traces.capture import load_model_dir, model_spec
+    from moebits.train.model import DEFAULT_DIR
+
+    ids = torch.from_numpy(_text(400, 5)[:96].astype(np.int64)).reshape(2, 48)
+    ours_model, _ = load_model_dir(DEFAULT_DIR, torch.float32, "cpu")
+    served = serve.Served(serve.build_variants(ours_model, [precision]))
+    serve.install(ours_model, served)
+    ref = serve.logits(ours_model, ids, served)
+    served.assign = [torch.ones((ids.numel(), 4), dtype=torch.long)] * 8
+    ours = serve.logits(ours_model, ids, served)
+
+    model, _ = load_model_dir(DEFAULT_DIR, torch.float32, "cpu")
+    spec = model_spec(model)
+    store = hf.store_from_model(model, spec, pin=False)
+    engine = RuntimeEngine(spec, build_policy(StaticUniformConfig(precision=precision)),
+                           spec.all_experts_bytes(precision), store)
+    hf.install(model, hf.HFRuntime(spec, store, engine, "cpu"))
+    engine.begin_pass(0, 0)
+    theirs, _ = hf.forward_logits(model, ids, False, keep=ids.shape[1])
+    engine.end_pass()
+    kl_ours = float(hf.kl_divergence(ref, ours).mean())
+    assert kl_ours > 1e-4                                           # quantization visibly moves the model
+    assert float(hf.kl_divergence(ours, theirs.float()).mean()) < 0.05 * kl_ours

@@ -9,7 +9,9 @@ reads the text's next byte, not a generated one, so that bits per byte and KL ca
 on the same positions later. In a causal model a decode step with a KV cache computes what the
 full forward computes at that position, so the routing is the decode routing (up to float
 rounding). The window offsets go into the trace's provenance; :func:`tokens_of` recovers the
-exact bytes from the corpus.
+exact bytes from the corpus. An EVALUATION trace names its CALIBRATION twin (provenance
+``calibration_profile``), which the simulator and the runtime then take as the default profile
+of offline policies.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from moebits.traces.capture import RoutingRecorder, find_routers, model_spec, routing_to_trace
 from moebits.traces.format import Trace
+from moebits.traces.replay import PROFILE_KEY
 from moebits.train import corpus
 
 
@@ -80,6 +83,8 @@ def capture(model: Any, data: np.ndarray, req: WorkloadRequest, name: str = "moe
         "window_offsets": json.dumps(starts.tolist()), "split": req.split, "kind": req.kind,
         "prompt_tokens": str(req.prompt_tokens), "decode_tokens": str(req.decode_tokens),
     }
+    if req.split == "evaluation":  # offline policies learn from this, never from the replay graded
+        provenance[PROFILE_KEY] = f"calibration_{req.kind}.parquet"
     return routing_to_trace(ids.reshape(s, t, *ids.shape[1:]), gates.reshape(s, t, *gates.shape[1:]),
                             req.prompt_tokens, spec, provenance)
 

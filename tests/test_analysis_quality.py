@@ -52,6 +52,7 @@ def test_gap_recovered_and_spearman() -> None:
     assert qr.spearman_of(df) == (pytest.approx(1.0), 3)
 
 
+@pytest.mark.slow
 def test_one_measured_run_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--figure", type=Path, default=Path("docs/figures/quality_proxy_vs_kl.png"))
     p.add_argument("--markdown", type=Path, default=Path("docs/QUALITY.md"),
                    help="the generated tables go between its markers (the whole file if it has none)")
+    p.add_argument("--profile-kind", choices=("same", "other"), default="same",
+                   help="offline policies' CALIBRATION profile: of the workload's kind, or of the other kind")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -44,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     paths = q.StudyPaths(args.data, args.model_dir, args.traces, args.tables / "calibration.parquet",
                          args.tables / "evaluation.parquet")
-    rows, facts = q.run_study(paths, args.policies, args.budgets, args.workloads, progress=not args.no_progress)
+    rows, facts = q.run_study(paths, args.policies, args.budgets, args.workloads, progress=not args.no_progress,
+                              profile_kind=args.profile_kind)
     df = qr.frame(rows)
     gaps = qr.gap_rows(df)
     qr.to_json(df, gaps, facts, args.json)

@@ -220,8 +220,19 @@ def trace_spec(path: Path) -> ModelSpec:
 
 
 # ---------------------------------------------------------------- the study
+def profile_for(workload: str, traces_dir: Path, kind: str = "same") -> Path:
+    """The CALIBRATION trace an offline policy learns from: of the workload's own kind (``same``)
+    or of the other kind (``other``: a profile taken under distribution shift)."""
+    split, own = workload.split("_", 1)
+    if kind not in ("same", "other"):
+        raise ValueError(f"profile kind must be 'same' or 'other', got {kind!r}")
+    other = {"code": "prose", "prose": "code"}[own] if kind == "other" else own
+    return traces_dir / f"calibration_{other}.parquet"
+
+
 def run_study(paths: StudyPaths, policies: Sequence[str] = POLICIES, budgets: Sequence[str] = BUDGETS,
-              workloads: Sequence[str] = WORKLOADS, progress: bool = True) -> tuple[list[RunRow], dict[str, Any]]:
+              workloads: Sequence[str] = WORKLOADS, progress: bool = True,
+              profile_kind: str = "same") -> tuple[list[RunRow], dict[str, Any]]:
     """Every policy x budget x workload (see the module docstring); (rows, the study's facts)."""
     import json
 
@@ -244,7 +255,7 @@ def run_study(paths: StudyPaths, policies: Sequence[str] = POLICIES, budgets: Se
     bar = tqdm(total=len(jobs), desc="quality runs", disable=not progress)
     for w in workloads:
         trace = paths.traces_dir / f"{w}.parquet"
-        profile = paths.traces_dir / f"{w.replace('evaluation', 'calibration')}.parquet"
+        profile = profile_for(w, paths.traces_dir, profile_kind)
         spec = trace_spec(trace)
         wl = tq.workload(read_trace(trace), paths.data_dir)
         ctx, ref = tq.reference(model, wl, variants)
@@ -254,7 +265,7 @@ def run_study(paths: StudyPaths, policies: Sequence[str] = POLICIES, budgets: Se
                 rows.append(_one(p, b, w, trace, profile, paths, over, model, wl, ctx, ref, variants, spec, eval_table))
                 bar.update(1)
     bar.close()
-    facts = {"dynamo_overrides": extra["dynamo"], "variants": variants.names,
+    facts = {"dynamo_overrides": extra["dynamo"], "variants": variants.names, "profile_kind": profile_kind,
              "calibration_table": _rel(paths.calibration_table), "evaluation_table": _rel(paths.evaluation_table),
              "model": _rel(paths.model_dir), "traces": _rel(paths.traces_dir), "hardware": "h100_pcie5 (simulated time)",
              "bf16_bpb": {w: _bf16_bpb(model, paths, w, variants) for w in workloads}}

@@ -79,3 +79,11 @@ def test_offline_policies_default_to_the_traces_calibration_profile() -> None:
     assert info["profile"].startswith(str(PROFILE)) and "CALIBRATION" in info["profile"]
     cfg = q.compose_run("static_frequency", "bf16_50pct", PROFILE, None, CAL, [])  # names no profile itself
     assert build_engine(cfg)[1]["profile"].startswith("in-sample")
+
+
+def test_profiles_come_from_calibration_of_the_same_or_the_other_kind() -> None:
+    d = Path("t")
+    assert q.profile_for("evaluation_code", d) == d / "calibration_code.parquet"
+    assert q.profile_for("evaluation_code", d, "other") == d / "calibration_prose.parquet"
+    with pytest.raises(ValueError, match="same' or 'other"):
+        q.profile_for("evaluation_code", d, "mixed")

@@ -25,7 +25,6 @@ prediction is the same ratio of proxies.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +34,16 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from moebits.core.config import BudgetConfig, budget_bytes
 from moebits.core.model_spec import ModelSpec
-from moebits.core.precision import ChannelMix, get_channel_mix, get_precision, register_channel_mix
+from moebits.core.precision import ChannelMix, get_precision, register_channel_mix
 from moebits.core.quality import SensitivityTable, read_sensitivity
 from moebits.core.routing import LayerSteps
-from moebits.sim.app import CONF_DIR
+from moebits.drive.app import CONF_DIR
+from moebits.drive.context import policy_metrics
+from moebits.drive.quality import error_table
+from moebits.drive.records import RunResult, summarize
 from moebits.sim.config import RunConfig, register_configs
 from moebits.sim.engine import Engine, EngineOptions
-from moebits.sim.metrics import summarize
-from moebits.sim.runner import build_engine, policy_metrics
+from moebits.sim.runner import build_engine
 from moebits.traces.format import read_trace
 from omegaconf import OmegaConf
 
@@ -51,7 +52,6 @@ POLICIES = ("static_uniform", "static_frequency", "mxmoe", "routernorm", "dynaex
 BUDGETS = ("all_int2", "all_int3", "all_int4", "bf16_25pct", "bf16_50pct")
 WORKLOADS = ("evaluation_code", "evaluation_prose")
 UNIFORM_ORDER = ("bf16", "fp8", "int8", "int4", "int3", "int2")
-_SERVED = re.compile(r"L(\d+)E(\d+)@(.+)")
 
 
 @dataclass(frozen=True)
@@ -137,38 +137,22 @@ def compose_run(policy: str, budget: str, trace: Path, profile: Path | None, tab
     return cfg
 
 
-def served_log(engine: Engine) -> dict[tuple[int, int, int], dict[int, str]]:
-    """``(batch, pass, layer) -> {expert: precision}`` from the engine's serve log."""
-    v = engine.view
-    out: dict[tuple[int, int, int], dict[int, str]] = {}
-    for entry in engine.log or []:
-        if entry[0] != "serve":
-            continue
-        i = int(entry[1])
-        key = (int(v.ls_batch[i]), int(v.ls_pass[i]), int(v.ls_layer[i]))
-        by: dict[int, str] = {}
-        for item in entry[5]:
-            m = _SERVED.fullmatch(item)
-            if m is None:
-                raise ValueError(f"unreadable serve-log entry {item!r}")
-            by[int(m.group(2))] = m.group(3)
-        out[key] = by
-    return out
+def served_log(view: LayerSteps, result: RunResult) -> dict[tuple[int, int, int], dict[int, str]]:
+    """``(batch, pass, layer) -> {expert: precision}`` from a replay's per-step served records."""
+    if result.served is None:
+        raise ValueError("the replay kept no served records; run it with EngineOptions(served=True)")
+    return {(int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_layer[i])): {e: p for e, _, p in row}
+            for i, row in enumerate(result.served)}
 
 
 def graded_proxy(view: LayerSteps, served: dict[tuple[int, int, int], dict[int, str]], table: SensitivityTable,
                  spec: ModelSpec) -> float:
-    """The quality proxy of the decisions in ``served``, graded with ``table`` (see :mod:`core.quality`)."""
-    names = sorted({p for by in served.values() for p in by.values()} | {"bf16"})
-    plain = sorted({n for n in names if n != "host" and get_channel_mix(n) is None}
-                   | {x for n in names if (m := get_channel_mix(n)) for x in (m.low, m.high)})
-    arr = table.error_array(spec.layers, spec.experts, plain, spec.hidden)
-    col: dict[str, Any] = {p: arr[:, :, i] for i, p in enumerate(plain)}
-    col["host"] = col["bf16"]
-    for n in names:
-        m = get_channel_mix(n)
-        if m is not None:
-            col[n] = m.error(col[m.low], col[m.high])  # elementwise on [L, E] arrays
+    """The quality proxy of the decisions in ``served``, graded with ``table``: the driver's error
+    table (:func:`drive.quality.error_table`) summed as the miss rule sums it (see :mod:`core.quality`)."""
+    names = sorted({p for by in served.values() for p in by.values()} - {"host"})
+    errors = error_table(spec, names, table)
+    col = {n: errors.table[:, :, i] for i, n in enumerate(names)}
+    col["host"] = np.asarray(errors.host)
     err = 0.0
     for i in range(view.layer_steps):
         by = served[(int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_layer[i]))]
@@ -183,8 +167,9 @@ def decide(policy: str, budget: str, trace: Path, profile: Path, paths: StudyPat
            extra: Sequence[str]) -> tuple[Engine, dict[str, Any]]:
     """Replay the workload under the policy with the serve log on; (engine, its summary info)."""
     cfg = compose_run(policy, budget, trace, profile, paths.calibration_table, extra)
-    engine, info = build_engine(cfg, EngineOptions(log=True, fast_static=False))
+    engine, info = build_engine(cfg, EngineOptions(served=True, fast=False))
     result = engine.run()
+    info["served"] = served_log(engine.view, result)
     result.info.update(info)
     info["tpot_ms"] = summarize(result)["tpot_ms_mean"]
     info["policy_metrics"] = policy_metrics(engine.policy)
@@ -282,7 +267,7 @@ def _one(policy: str, budget: str, workload: str, trace: Path, profile: Path, pa
     except ValueError as exc:
         row.status = f"infeasible: {str(exc).splitlines()[0][:160]}"
         return row
-    served = served_log(engine)
+    served = info["served"]
     row.proxy = graded_proxy(engine.view, served, eval_table, spec)
     row.proxy_policy_table = info["proxy_policy_table"]
     row.precision_mix = info["precision_mix"]

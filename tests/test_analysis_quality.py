@@ -23,7 +23,7 @@ def _paths(data_dir: Path = ROOT / "data" / "corpus") -> q.StudyPaths:
 def test_graded_proxy_with_the_policys_table_reproduces_the_simulators(policy: str, budget: str) -> None:
     spec = q.trace_spec(TRACE)
     engine, info = q.decide(policy, budget, TRACE, PROFILE, _paths(), q.level_overrides(policy, budget, spec))
-    served = q.served_log(engine)
+    served = info["served"]
     assert len(served) == engine.view.layer_steps
     assert q.graded_proxy(engine.view, served, q.read_table(CAL), spec) == pytest.approx(info["proxy_policy_table"])
     assert q.graded_proxy(engine.view, served, q.read_table(EVAL), spec) != pytest.approx(info["proxy_policy_table"])

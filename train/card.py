@@ -101,6 +101,7 @@ def render(summary: dict[str, Any], out: Path) -> str:
         f"- command: `{summary['command']}`",
         f"- commit: `{summary['commit']}`; seed {summary['seed']}; {summary['device']}, torch {summary['torch']}, "
         f"transformers {summary['transformers']}; experts implementation `{moe['experts_impl']}`",
+        *([f"- {summary['commit_note']}"] if summary.get("commit_note") else []),
         f"- {cfg['steps'] or 'auto'} steps requested (time budget {cfg['time_budget_s']} s when auto), "
         f"{moe['steps']} run; batch {cfg['batch']} x {cfg['seq_len']} bytes; AdamW lr {cfg['lr']} "
         f"(warmup {cfg['warmup_steps']}, linear decay over the last {cfg['decay_frac']:.0%} to "

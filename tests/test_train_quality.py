@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from moebits.core.hardware import HardwareProfile, KernelTable, LinkCurve, expert_time_s
 from moebits.core.model_spec import ModelSpec
-from moebits.core.quality import SensitivityTable, proxy_label, table_kind
+from moebits.core.quality import SensitivityTable, table_kind
 from moebits.policies.base import PolicyContext
 from moebits.policies.mxmoe import MxMoE, MxMoEConfig
 from moebits.policies.routernorm import RouterNorm, RouterNormConfig
@@ -175,10 +175,9 @@ def test_routernorm_reads_the_recorded_router_norm_change() -> None:
     assert _routernorm_levels([0.9, 0.5, 0.7, 0.1]) == ["int2", "int2", "int2", "int4"]
 
 
-def test_proxy_label_says_where_the_table_came_from() -> None:
+def test_table_kind_says_where_the_table_came_from() -> None:
     assert table_kind("synthetic(seed=3)") == "synthetic" and table_kind(None) == "synthetic"
     assert table_kind("analytic") == "analytic" and table_kind("train/data/sensitivity/calibration.parquet") == "measured"
-    assert proxy_label("synthetic(seed=0)") == "quality proxy (synthetic table)"
 
 
 @pytest.mark.parametrize("precision", ["int4", "int2"])

@@ -137,12 +137,22 @@ def compose_run(policy: str, budget: str, trace: Path, profile: Path | None, tab
     return cfg
 
 
-def served_log(view: LayerSteps, result: RunResult) -> dict[tuple[int, int, int], dict[int, str]]:
-    """``(batch, pass, layer) -> {expert: precision}`` from a replay's per-step served records."""
+def served_log(view: LayerSteps, result: RunResult, staging: str | None = None) -> dict[tuple[int, int, int], dict[int, str]]:
+    """``(batch, pass, layer) -> {expert: precision}`` from a replay's per-step served records;
+    an expert a step needed but did not list was bypassed: streamed through the policy's staging
+    slab and served at its precision ``staging`` (:mod:`drive.missrule`)."""
     if result.served is None:
         raise ValueError("the replay kept no served records; run it with EngineOptions(served=True)")
-    return {(int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_layer[i])): {e: p for e, _, p in row}
-            for i, row in enumerate(result.served)}
+    out: dict[tuple[int, int, int], dict[int, str]] = {}
+    for i, row in enumerate(result.served):
+        by = {e: p for e, _, p in row}
+        for e in view.experts(i).tolist():
+            if e not in by:
+                if staging is None:
+                    raise ValueError(f"layer step {i} served no copy of expert {e} and the policy has no staging slab")
+                by[e] = staging
+        out[(int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_layer[i]))] = by
+    return out
 
 
 def graded_proxy(view: LayerSteps, served: dict[tuple[int, int, int], dict[int, str]], table: SensitivityTable,
@@ -169,7 +179,8 @@ def decide(policy: str, budget: str, trace: Path, profile: Path, paths: StudyPat
     cfg = compose_run(policy, budget, trace, profile, paths.calibration_table, extra)
     engine, info = build_engine(cfg, EngineOptions(served=True, fast=False))
     result = engine.run()
-    info["served"] = served_log(engine.view, result)
+    stage = engine.policy.staging()
+    info["served"] = served_log(engine.view, result, None if stage is None else stage.precision)
     result.info.update(info)
     info["tpot_ms"] = summarize(result)["tpot_ms_mean"]
     info["policy_metrics"] = policy_metrics(engine.policy)

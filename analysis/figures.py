@@ -29,6 +29,7 @@ from moebits.core.plotstyle import (
     policy_style,
     save,
 )
+from moebits.core.quality import table_kind
 
 ONLINE = ("lru_offload", "lfu_offload", "dynaexq", "dynamo", "dymoe", "hobbit")
 MAX_COLS = 3
@@ -124,6 +125,13 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _proxy_name(part: pd.DataFrame) -> str:
+    """``quality proxy (synthetic table)``: the proxy named with the kind(s) of table its runs used."""
+    tables = part["quality_table"] if "quality_table" in part else pd.Series(dtype=str)
+    kinds = sorted({table_kind(t) for t in tables.fillna("").astype(str)}) or ["synthetic"]
+    return f"quality proxy ({'/'.join(kinds)} table)"
+
+
 def _quality_budget(ax: Any, part: pd.DataFrame, styles: Styles) -> None:
     order = budget_order(part)
     pos = {b: i for i, b in enumerate(order)}
@@ -137,7 +145,7 @@ def _quality_budget(ax: Any, part: pd.DataFrame, styles: Styles) -> None:
         front = pareto_mask(runs["budget_gb"].to_numpy(), q)
         ax.plot(x[front], q[front], **s)
         ax.plot(x[~front], q[~front], ls="", mfc="none", marker=s["marker"], color=s["color"])
-    ax.set_ylabel("quality proxy (lower is better)")
+    ax.set_ylabel(f"{_proxy_name(part)} (lower is better)")
     _budget_ticks(ax, order)
 
 
@@ -156,7 +164,7 @@ def _pareto(ax: Any, part: pd.DataFrame, styles: Styles) -> None:
     log_axis(ax, "x", part["latency_ms"])
     kind = "/".join(k.upper() for k in part["latency_kind"].unique() if k) or "latency"
     ax.set_xlabel(f"{kind} (ms)")
-    ax.set_ylabel("quality proxy")
+    ax.set_ylabel(_proxy_name(part))
 
 
 def _precision_mix(steps: pd.DataFrame, cols: list[str], title: str, path: Path) -> Path:

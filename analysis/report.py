@@ -22,6 +22,7 @@ from moebits.analysis.figures import (
     ordered,
     primary_hardware,
 )
+from moebits.core.quality import table_kind
 
 
 def _cell(value: Any, digits: int = 3) -> str:
@@ -94,7 +95,9 @@ def _section_trace(ok: pd.DataFrame, trace: str) -> list[str]:
     kind = "/".join(k.upper() for k in part["latency_kind"].unique() if k) or "latency"
     model = part["model"].iloc[0] if "model" in part and len(part) else "?"
     out = [f"### {trace} ({model})", ""]
-    for value, label in (("latency_ms", f"{kind} (ms, mean)"), ("quality_proxy", "quality proxy"),
+    tables = sorted({table_kind(t) for t in part.get("quality_table", pd.Series(dtype=str)).fillna("").astype(str)})
+    proxy = f"quality proxy ({'/'.join(tables)} table)"
+    for value, label in (("latency_ms", f"{kind} (ms, mean)"), ("quality_proxy", proxy),
                          ("stall_share", "stall share"), ("bf16_share", "share of activations served in bf16")):
         out += [f"{label}:", "", markdown_table(pivot(part, value)), ""]
     return out

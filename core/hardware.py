@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from moebits.core.model_spec import ModelSpec
 
 
 @dataclass
@@ -176,3 +177,18 @@ def _check_keys(cls: type, body: dict[str, Any], what: str) -> None:
     unknown = sorted(set(body) - names)
     if unknown:
         raise ValueError(f"unknown {what} field(s) {unknown}; known: {sorted(names)}")
+
+
+def expert_time_s(hw: HardwareProfile, spec: ModelSpec, precision: str, tokens_per_expert: Any) -> np.ndarray:
+    """Seconds one ``spec`` expert in ``precision`` adds to a grouped launch at ``tokens_per_expert``
+    (array): the profile's measured kernel table for this shape, else the roofline
+    ``expert_overhead_s + max(bytes / hbm, flops / peak)``. The simulator's kernel model
+    (:mod:`sim.kernels`) times with it, and so do policies that weigh kernel cost (mxmoe)."""
+    m = np.asarray(tokens_per_expert, dtype=np.float64)
+    table = hw.kernel_table(precision, spec.hidden, spec.expert_intermediate)
+    if table is not None:
+        return table.per_expert_s(m)
+    mem = spec.expert_bytes(precision) / (hw.hbm_gbps * 1e9)
+    comp = m * float(spec.expert_flops_per_token()) / hw.peak_flops(precision)
+    return hw.expert_overhead_s + np.maximum(mem, comp)
+

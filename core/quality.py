@@ -18,8 +18,20 @@ the reference (error 0), weights are modelled as Gaussian:
 
 A *sensitivity table* replaces these per expert: a Parquet or CSV file with one row per
 (layer, expert, precision) and columns ``layer, expert, precision, error`` plus optional
-``router_norm, router_norm_change, max_intra_neuron_variance, frequency, dataset``. Rows
-missing from a table fall back to the analytic default. Helpers fill such tables from real weights.
+``router_norm, router_norm_change, max_intra_neuron_variance, frequency, dataset,
+output_error, kl_estimate, kl_measured``. Rows missing from a table fall back to the analytic
+default. Where tables come from:
+
+- *measured*: ``moebits train sensitivity`` measures one on a text split of the project's own
+  trained MoE (:mod:`train.sensitivity`); its ``error`` is in other units than the analytic
+  default: an estimated next-token KL (nats) per unit of gate weight routed to the expert, so
+  that the proxy times the layers estimates a run's KL. The embedded tables
+  ``train/data/sensitivity/{calibration,evaluation}.parquet`` are measured on the CALIBRATION
+  split (for policies) and the EVALUATION split (for grading);
+- *synthetic*: ``policies._tables.synthetic_table`` draws a plausible table from a seed (the
+  default of ``moebits sim`` / ``moebits runtime`` without ``quality_table``); it is a guess,
+  and a run with it says so beside its proxy (:func:`table_kind`; ``drive.report.quality_source``);
+- *analytic*: no table, the per-precision errors above.
 """
 
 from __future__ import annotations
@@ -36,8 +48,16 @@ from moebits.core.precision import Precision, get_precision
 
 REFERENCE = "bf16"
 REQUIRED_COLUMNS = ("layer", "expert", "precision", "error")
-OPTIONAL_COLUMNS = ("router_norm", "router_norm_change", "max_intra_neuron_variance", "frequency", "dataset")
+OPTIONAL_COLUMNS = ("router_norm", "router_norm_change", "max_intra_neuron_variance", "frequency", "dataset",
+                    "output_error", "kl_estimate", "kl_measured")
 FLOAT_MANTISSA_BITS = {"bf16": 7, "fp8": 3}  # fp8 is e4m3
+
+
+def table_kind(source: str | None) -> str:
+    """``synthetic``, ``analytic`` or ``measured``: what a run's ``quality_table`` source names."""
+    if not source or str(source).startswith("synthetic"):
+        return "synthetic"
+    return "analytic" if source == "analytic" else "measured"
 
 
 def expected_range_sigma(group: int) -> float:

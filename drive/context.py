@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 from moebits.core.config import BaseRunConfig, BudgetConfig
+from moebits.core.hardware import HardwareProfile
 from moebits.core.model_spec import ModelSpec
 from moebits.core.precision import PRECISIONS, get_channel_mix, get_precision
-from moebits.core.quality import SensitivityTable
+from moebits.core.quality import SensitivityTable, table_kind
 from moebits.core.routing import LayerSteps
 from moebits.core.slabs import InfeasibleError, SlabLedger
 from moebits.policies.base import Policy, PolicyContext
@@ -47,7 +48,8 @@ def policy_name(policy: Policy) -> str:
 
 def prepare_policy(policy: Policy, spec: ModelSpec, budget_bytes: int, seed: int, *,
                    profile: LayerSteps | None = None, future: LayerSteps | None = None,
-                   sensitivity: SensitivityTable | None = None, slack_bytes: int = 0) -> SlabLedger:
+                   sensitivity: SensitivityTable | None = None, slack_bytes: int = 0,
+                   hardware: HardwareProfile | None = None) -> SlabLedger:
     """``policy.prepare(ctx)`` and the ledger of its slab plan within ``budget_bytes`` less the
     policy's staging slab (:meth:`policies.base.Policy.staging`: its bytes are part of the budget);
     ``slack_bytes`` more for an engine that aligns its slabs (the policy never sees them)."""
@@ -57,6 +59,7 @@ def prepare_policy(policy: Policy, spec: ModelSpec, budget_bytes: int, seed: int
         spec=spec, budget_bytes=budget_bytes, rng=np.random.default_rng(seed),
         precision_bytes={p: spec.expert_bytes(p) for p in PRECISIONS},
         profile=profile, future=future if policy.needs_future else None, sensitivity=sensitivity,
+        hardware=hardware,
     )
     policy.prepare(ctx)
     staging = policy.staging()
@@ -112,5 +115,6 @@ def run_info(cfg: BaseRunConfig, model: str, budget: int, workload: str, profile
         "workload": workload,
         "profile": profile,
         "quality_table": table_src,
+        "quality_proxy_kind": table_kind(table_src),
         "policy_config": plain(cfg.policy),
     }

@@ -1,7 +1,8 @@
 """``moebits SUB [args]``: one console entry point whose sub-commands mirror the packages.
 
 ``moebits sim [hydra overrides]``, ``moebits runtime [hydra overrides]``,
-``moebits traces import|stats|synth|capture|info ...``, ``moebits analysis report|study ...``.
+``moebits traces import|stats|synth|capture|info ...``, ``moebits train corpus|fit ...``,
+``moebits analysis report|study ...``.
 Each is the same as ``python -m moebits.SUB ...``.
 
 Two failures are answered in one line instead of a traceback: a missing optional dependency
@@ -20,6 +21,7 @@ COMMANDS = {
     "sim": ("moebits.sim.app", "replay a workload under a policy in the simulator (hydra overrides)"),
     "runtime": ("moebits.runtime.app", "run a policy live on real tensors, GPU or CPU (hydra overrides; needs the gpu extra)"),
     "traces": ("moebits.traces.__main__", "import, inspect, synthesize and capture routing traces"),
+    "train": ("moebits.train.__main__", "build the stdlib corpus, train the project's own MoE, measure its quality"),
     "analysis": ("moebits.analysis.__main__", "prepare the study's traces, report sweeps, run the study"),
 }
 

@@ -30,6 +30,7 @@ from enum import Enum, IntEnum
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
+from moebits.core.hardware import HardwareProfile
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
 from moebits.core.quality import SensitivityTable
@@ -113,8 +114,11 @@ class PolicyContext:
     ``profile`` is a profiling trace's routing (offline policies learn from it); ``future`` is
     the replay's own routing, given only to policies whose ``needs_future`` is true (the
     oracle, as an upper bound). ``precision_bytes`` maps each precision to one expert's bytes.
-    ``sensitivity`` is the per-expert sensitivity table the run's quality proxy uses, if any
+    ``sensitivity`` is the per-expert sensitivity table the run's policy reads, if any
     (policies that rank experts by measured error, router norms or variance read it).
+    ``hardware`` is the machine's cost model (:class:`core.hardware.HardwareProfile`), for
+    policies that weigh kernel time (:func:`core.hardware.expert_time_s`); None where the
+    engine has none.
     """
 
     spec: ModelSpec
@@ -124,6 +128,7 @@ class PolicyContext:
     profile: LayerSteps | None = None
     future: LayerSteps | None = None
     sensitivity: SensitivityTable | None = None
+    hardware: HardwareProfile | None = None
 
 
 class Policy:

@@ -10,10 +10,13 @@ every expert ``e`` gets one precision ``p_e`` of ``precisions`` minimizing
 subject to ``sum_e bytes(p_e) <= budget`` (everything resident, nothing moves), where
 ``w_e`` is the expert's activation frequency (the profiling trace's share of its layer's
 routed tokens, else the sensitivity table's mean frequency; each layer weighs the same),
-``err`` the table's quantization error and ``time`` a relative kernel time per token and
-precision (``relative_time``: policies cannot see the simulator's HardwareProfile, so the
-speed table is a knob; the defaults are guesses for memory-bound decode with dequantizing
-kernels). ``r`` is ``accuracy_weight``.
+``err`` the table's quantization error and ``time`` the expert's kernel time per decode
+token in that precision relative to bf16, from the hardware profile's kernel model
+(:func:`core.hardware.expert_time_s` at one token per expert: the measured kernel table where
+the profile has one for this expert shape, else the roofline the simulator times with), so
+the policy and the simulator agree on what is fast. Without a hardware profile in the context
+the time is the precision's bytes relative to bf16 (memory-bound decode); a non-empty
+``relative_time`` overrides both. ``r`` is ``accuracy_weight``.
 
 Solvers: EXACT enumerates every assignment (``len(precisions) ** experts`` of them, for
 small cases only); GREEDY starts from the smallest precision everywhere and repeatedly
@@ -26,7 +29,7 @@ experts, gains computed once per round), which is faster and slightly less exact
 greedy's optimality gap against EXACT on small random cases.
 
 Assumptions (knobs): per-expert rather than per-linear-block granularity (MxMoE allocates
-per linear block; an expert's three matrices share one precision here), the time table,
+per linear block; an expert's three matrices share one precision here), decode-time costs,
 the frequency weighting, and a loss floor (1e-9 of the all-lowest loss) so that log stays
 finite when an error is 0.
 """
@@ -38,6 +41,7 @@ from enum import Enum
 from typing import ClassVar
 
 import numpy as np
+from moebits.core.hardware import expert_time_s
 from moebits.core.keys import ExpertKey
 from moebits.core.precision import get_precision
 from moebits.core.slabs import InfeasibleError, SlabClass
@@ -62,10 +66,6 @@ class Solver(Enum):
     GREEDY = "greedy"
 
 
-def _default_time() -> dict[str, float]:
-    return {"bf16": 1.0, "fp8": 0.8, "int8": 0.8, "int4": 0.7, "int3": 0.75, "int2": 0.75}
-
-
 @dataclass
 class MxMoEConfig(PolicyConfig):
     """Knobs of :class:`MxMoE`; see the module docstring. ``greedy_batch`` 0 means
@@ -74,7 +74,7 @@ class MxMoEConfig(PolicyConfig):
     name: ClassVar[str] = "mxmoe"
     precisions: list[str] = field(default_factory=lambda: ["bf16", "int8", "int4", "int3", "int2"])
     accuracy_weight: float = 0.75
-    relative_time: dict[str, float] = field(default_factory=_default_time)
+    relative_time: dict[str, float] = field(default_factory=dict)  # empty: from the hardware profile
     solver: Solver = Solver.AUTO
     max_exact_combinations: int = 1 << 16
     greedy_batch: int = 0
@@ -161,8 +161,8 @@ class MxMoE(Policy):
             raise ValueError("mxmoe: \"precisions\" is empty")
         for p in cfg.precisions:
             get_precision(p)
-            if p not in cfg.relative_time or cfg.relative_time[p] <= 0:
-                raise ValueError(f"mxmoe: relative_time needs a positive entry for {p!r}")
+            if cfg.relative_time and (p not in cfg.relative_time or cfg.relative_time[p] <= 0):
+                raise ValueError(f"mxmoe: relative_time needs a positive entry for {p!r} (or leave it empty)")
         if not 0.0 <= cfg.accuracy_weight <= 1.0:
             raise ValueError(f'mxmoe: "accuracy_weight" must be in [0, 1], got {cfg.accuracy_weight}')
         self.cfg = cfg
@@ -200,9 +200,19 @@ class MxMoE(Policy):
         loss = w[:, None] * err
         lowest = int(np.argmin(self._bytes))
         loss += 1e-9 * max(float(loss[:, lowest].sum()), 1e-30) / loss.shape[0]
-        speed = np.array([self.cfg.relative_time[p] for p in self.precisions])
+        speed = self.speed()
         time = w[:, None] * speed[None, :] + 1e-12
         return loss, time
+
+    def speed(self) -> np.ndarray:
+        """Kernel time per decode token of each precision relative to bf16 (module docstring)."""
+        ctx, spec = self.ctx, self.ctx.spec
+        if self.cfg.relative_time:
+            return np.array([self.cfg.relative_time[p] for p in self.precisions])
+        if ctx.hardware is None:
+            return np.array([spec.expert_bytes(p) / spec.expert_bytes("bf16") for p in self.precisions])
+        ref = float(expert_time_s(ctx.hardware, spec, "bf16", 1.0))
+        return np.array([float(expert_time_s(ctx.hardware, spec, p, 1.0)) / ref for p in self.precisions])
 
     def slab_plan(self) -> list[SlabClass]:
         counts = np.bincount(self.choice.ravel(), minlength=len(self.precisions))

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from moebits.core.hardware import HardwareProfile
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
 from moebits.core.quality import SensitivityTable
@@ -94,14 +95,14 @@ class RuntimeEngine:
     def __init__(self, spec: ModelSpec, policy: Policy, budget_bytes: int, store: HostStore, *,
                  device: torch.device | str = "cpu", seed: int = 0, sensitivity: SensitivityTable | None = None,
                  profile: LayerSteps | None = None, future: LayerSteps | None = None, served: bool = False,
-                 observe_lag: int = 0) -> None:
+                 observe_lag: int = 0, hardware: HardwareProfile | None = None) -> None:
         if budget_bytes <= 0:
             raise ValueError(f'"budget_gb" must be > 0, got {budget_bytes / 1e9:g}.')
         self.spec, self.policy, self.store = spec, policy, store
         self.device = torch.device(device)
         self.budget_bytes = budget_bytes
         self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile, future=future,
-                                     sensitivity=sensitivity)
+                                     sensitivity=sensitivity, hardware=hardware)
         self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.name, self.counts = self.driver.name, self.driver.counts
         self.precisions = precision_order(self.ledger.precisions())

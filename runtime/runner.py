@@ -43,7 +43,7 @@ from moebits.runtime.engine import RuntimeEngine
 from moebits.runtime.host_store import HostStore, random_weights
 from moebits.runtime.quant import QuantMethod
 from moebits.runtime.replay import replay
-from moebits.traces.replay import ReplayView, load_view
+from moebits.traces.replay import ReplayView, calibration_profile, load_view
 from moebits.traces.workload import load_workload
 from tqdm import tqdm
 
@@ -139,7 +139,7 @@ def build_engine(cfg: RuntimeRunConfig, spec: ModelSpec, budget: int, store: Hos
         raise ValueError(f"policy {cfg.policy.name} needs a profiling trace: set workload.profile_path "
                          "(a trace of this model), or use runtime.mode=REPLAY")
     engine = RuntimeEngine(spec, policy, budget, store, device=device, seed=cfg.seed, sensitivity=table,
-                           profile=profile, future=future, observe_lag=cfg.observe_lag)
+                           profile=profile, future=future, observe_lag=cfg.observe_lag, hardware=cfg.hardware)
     return engine, policy, table_src
 
 
@@ -150,7 +150,10 @@ def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, 
     store.fill_bf16(random_weights(spec, cfg.seed, device))
     profile = load_view(cfg.workload.profile_path, 1) if cfg.workload.profile_path else None
     profile_src = cfg.workload.profile_path
-    if profile is None and build_policy(cfg.policy).needs_profile:
+    cal = calibration_profile(view, src) if profile is None else None
+    if cal is not None and build_policy(cfg.policy).needs_profile:
+        profile, profile_src = load_view(cal, 1), f"{cal} (the trace's CALIBRATION profile)"
+    elif profile is None and build_policy(cfg.policy).needs_profile:
         profile, profile_src = view, "in-sample (the replayed trace)"
     engine, policy, table_src = build_engine(cfg, spec, budget, store, device, profile, view)
     engine.warmup(sorted({int(t) for t in np.unique(view.ls_tokens)})[:4])

@@ -128,7 +128,8 @@ class Engine:
         self.opt = options or EngineOptions()
         self.budget_bytes = budget_bytes
         self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile,
-                                     future=view if policy.needs_future else None, sensitivity=sensitivity)
+                                     future=view if policy.needs_future else None, sensitivity=sensitivity,
+                                     hardware=hw)
         self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.h2d, self.d2h = Link(hw.h2d, "h2d"), Link(hw.d2h, "d2h")
         self.pool = SimPool(self.ledger, spec, self.h2d)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import numpy as np
-from moebits.core.hardware import HardwareProfile, KernelTable
+from moebits.core.hardware import HardwareProfile, KernelTable, expert_time_s
 from moebits.core.model_spec import ModelSpec
 from moebits.core.precision import ChannelMix, get_channel_mix
 
@@ -57,12 +57,7 @@ class KernelModel:
         return "+".join("table" if self._table(n) is not None else "roofline" for n in names)
 
     def _base_per_expert_s(self, name: str, m: np.ndarray) -> np.ndarray:
-        table = self._table(name)
-        if table is not None:
-            return table.per_expert_s(m)
-        mem = self.spec.expert_bytes(name) / (self.hw.hbm_gbps * 1e9)
-        comp = m * self._flops_per_token / self.hw.peak_flops(name)
-        return self.hw.expert_overhead_s + np.maximum(mem, comp)
+        return expert_time_s(self.hw, self.spec, name, m)
 
     def per_expert_s(self, p: int, tokens_per_expert: np.ndarray) -> np.ndarray:
         """Seconds one expert adds to a grouped launch at ``tokens_per_expert`` (array)."""

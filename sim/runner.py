@@ -28,6 +28,7 @@ from moebits.policies._tables import run_table
 from moebits.policies.base import Policy, build_policy
 from moebits.sim.config import RunConfig
 from moebits.sim.engine import Engine, EngineOptions, InfeasibleError
+from moebits.traces.replay import calibration_profile
 from moebits.traces.workload import check_settings_used, load_profile, load_workload
 
 
@@ -78,6 +79,8 @@ def build_engine(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[
     profile, profile_src = None, None
     if cfg.workload.profile_path:
         profile, profile_src = load_profile(cfg.workload.profile_path, spec), cfg.workload.profile_path
+    elif policy.needs_profile and (cal := calibration_profile(work.view, work.source)) is not None:
+        profile, profile_src = load_profile(str(cal), spec), f"{cal} (the trace's CALIBRATION profile)"
     elif policy.needs_profile:
         profile, profile_src = work.view, "in-sample (the replayed trace)"
     table, table_src = sensitivity_table(cfg, spec)

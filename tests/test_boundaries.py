@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "traces", "policies", "drive", "sim", "runtime", "analysis")
+PACKAGES = ("core", "traces", "policies", "drive", "sim", "runtime", "train", "analysis")
 # who may import whom (besides itself and third-party packages)
 ALLOWED = {
     "core": set(),
@@ -19,7 +19,8 @@ ALLOWED = {
     "drive": {"core", "traces", "policies"},
     "sim": {"core", "traces", "policies", "drive"},
     "runtime": {"core", "traces", "policies", "drive"},
-    "analysis": {"core", "traces", "policies", "drive", "sim", "runtime"},
+    "train": {"core", "traces", "policies", "runtime"},
+    "analysis": {"core", "traces", "policies", "drive", "sim", "runtime", "train"},
 }
 
 
@@ -133,7 +134,7 @@ def test_simulator_side_imports_without_torch() -> None:
         "            importlib.import_module(info.name)\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
-        "bare = sorted(m for m in ('core', 'traces', 'policies', 'drive', 'sim', 'runtime', 'analysis') if m in sys.modules)\n"
+        "bare = sorted(m for m in ('core', 'traces', 'policies', 'drive', 'sim', 'runtime', 'train', 'analysis') if m in sys.modules)\n"
         "assert not bare, bare\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -142,5 +143,5 @@ def test_simulator_side_imports_without_torch() -> None:
 def test_console_entry_point_lists_every_package() -> None:
     proc = subprocess.run([sys.executable, "-m", "moebits", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    for sub in ("sim", "runtime", "traces", "analysis"):
+    for sub in ("sim", "runtime", "traces", "train", "analysis"):
         assert f"  {sub} " in proc.stdout

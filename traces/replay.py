@@ -213,3 +213,19 @@ def load_view(path: str | os.PathLike[str], batch: int = 1, cache: bool = True) 
         except OSError:
             return view  # an unwritable cache only costs speed
     return view
+
+
+PROFILE_KEY = "calibration_profile"  # provenance key: a profiling trace beside this one
+
+
+def calibration_profile(view: ReplayView, trace_path: str | os.PathLike[str]) -> Path | None:
+    """The CALIBRATION profile a trace names for offline policies (provenance
+    ``calibration_profile``: a file in the trace's folder), or None where it names none or the
+    file is missing. Engines take it as the default profile, so that a policy never learns from
+    the replay it is graded on."""
+    name = view.meta.provenance.get(PROFILE_KEY) if view.meta is not None else None
+    if not name:
+        return None
+    path = Path(trace_path).parent / name
+    return path if path.is_file() else None
+

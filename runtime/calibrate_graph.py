@@ -36,6 +36,7 @@ from moebits.policies.static_uniform import StaticUniformConfig
 from moebits.runtime.fast_model import AttnShape, FastModel, FastWeights, LayerWeights, StepBuffers
 from moebits.runtime.fused_ops import triton_usable
 from moebits.runtime.graph_serve import initial_loads
+from moebits.runtime.host_store import random_weights as random_expert_weights
 from moebits.runtime.pool import DevicePool
 from moebits.runtime.replay import assignment
 from moebits.runtime.residency import ResidencyTable
@@ -64,11 +65,11 @@ def attn_shape(spec: ModelSpec) -> AttnShape:
 
 def random_weights(spec: ModelSpec, shape: AttnShape, device: torch.device, seed: int = 0) -> FastWeights:
     """Random bf16 non-expert weights of ``spec`` (timing only)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     h, q, v, d = spec.hidden, shape.heads, shape.kv_heads, shape.head_dim
 
     def rnd(*shape_: int) -> torch.Tensor:
-        return (0.02 * torch.randn(*shape_, generator=gen)).to(device, torch.bfloat16)
+        return 0.02 * torch.randn(*shape_, generator=gen, device=device, dtype=torch.bfloat16)
 
     def ones(*shape_: int) -> torch.Tensor:
         return torch.ones(*shape_, dtype=torch.bfloat16, device=device)
@@ -87,14 +88,7 @@ def static_model(spec: ModelSpec, precision: str, weights: FastWeights, shape: A
     pool = DevicePool(SlabLedger(policy.slab_plan(), budget + SLACK_BYTES), spec, device)
     table = ResidencyTable(spec.layers, spec.experts, device)
     model = FastModel(weights, spec, shape, pool, table, triton_usable(device), max_seqs=rows, max_len=context + 2)
-    gen = torch.Generator().manual_seed(1)
-    e, i, h = spec.experts, spec.expert_intermediate, spec.hidden
-
-    def expert_weights(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return ((0.02 * torch.randn(e, 2 * i, h, generator=gen)).to(device),    # [E, 2I, H]
-                (0.02 * torch.randn(e, h, i, generator=gen)).to(device))        # [E, H, I]
-
-    initial_loads(model, policy.initial_loads(), expert_weights)
+    initial_loads(model, policy.initial_loads(), random_expert_weights(spec, 1, device, torch.bfloat16))
     return model
 
 

@@ -11,7 +11,7 @@
 set -u
 out=${1:?usage: bash benchmarks/h200_fidelity.sh OUTDIR}; mkdir -p "$out"
 log=$out/fidelity.log
-export PYTHONUNBUFFERED=1 MOEBITS_TRITON_AUTOTUNE=0
+export PYTHONUNBUFFERED=1 MOEBITS_TRITON_AUTOTUNE=0 PYTHONSAFEPATH=1  # SAFEPATH: the repo root's moebits/ must not shadow the namespace tree
 layers=${FID_LAYERS:-4}; budget_s=${FID_BUDGET_S:-225}; start=$(date +%s)
 left() { echo $(( budget_s - ($(date +%s) - start) )); }
 py=${PYTHON:-python3}
@@ -19,7 +19,7 @@ py=${PYTHON:-python3}
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$log"
 cal() {  # cal RUNTIME OUTFILE SECONDS
   timeout "$3" $py -m moebits runtime calibrate --runtime "$1" --quick --precisions bf16,int4 --reps 5 --out "$2" \
-    2>&1 | grep -v Warning | tee -a "$log"
+    2>&1 | grep --line-buffered -v Warning | tee -a "$log"
 }
 cal graph "$out/calibrated_h200.yaml" 75
 cal eager "$out/calibrated_h200_eager.yaml" 55
@@ -30,7 +30,7 @@ if [ -n "${FID_SMOKE:-}" ]; then sed -E 's/workload.batch=16/workload.batch=2/' 
 else cp benchmarks/fidelity_cases.txt "$cases"; fi
 t=$(left); echo "validating against $hw with ${t}s left" | tee -a "$log"
 timeout $(( t > 10 ? t : 10 )) $py -m moebits analysis validate --hardware "$hw" --out "$out" --cases-file "$cases" \
-  -- runtime.layers="$layers" progress=false ${FID_RUNTIME:-} 2>&1 | grep -v Warning | tee -a "$log"
+  -- runtime.layers="$layers" progress=false ${FID_RUNTIME:-} 2>&1 | grep --line-buffered -v Warning | tee -a "$log"
 [ -f "$out/fidelity.json" ] && $py -m moebits analysis fidelity "$out" -o "$out/fidelity.md" | tee -a "$log"
 echo "done in $(( $(date +%s) - start ))s" | tee -a "$log"
 ls "$out" | tee -a "$log"

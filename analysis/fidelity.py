@@ -99,6 +99,7 @@ def compare(meas: RunResult, sim: RunResult, labels: dict[str, Any]) -> Comparis
         "h2d_bytes_measured": sm["h2d_bytes"], "h2d_bytes_simulated": ss["h2d_bytes"],
         "promotions_measured": sm["promotions"], "promotions_simulated": ss["promotions"],
         "refusals_measured": sm["refusals"], "refusals_simulated": ss["refusals"],
+        "hit_rate_measured": sm.get("hit_rate"), "hit_rate_simulated": ss.get("hit_rate"),
         "passes": n, "layer_steps": meas.layer_steps,
         "decisions_match": div is None, "first_divergence": div,
     }

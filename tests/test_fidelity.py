@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from moebits.analysis.fidelity import compare, first_divergence, moe_only, summary_md, validate  # noqa: E402
 from moebits.core.hardware import HardwareProfile  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
-from moebits.drive.records import RunResult  # noqa: E402
+from moebits.drive.records import COUNTERS, RunResult  # noqa: E402
 from moebits.runtime.calibrate import CalibrateOptions, calibrate, read_profile, write_profile  # noqa: E402
 
 SPEC = ModelSpec("cal", layers=1, experts=16, top_k=4, hidden=128, expert_intermediate=128, attention_params=65536,
@@ -43,11 +43,15 @@ def test_graph_calibration_writes_the_graph_fields(graph_profile: HardwareProfil
 
 
 def _result(ends: list[float], act: list[list[int]], promotions: list[int]) -> RunResult:
+    """One batch of len(ends) one-layer passes (pass 0 the prefill) of one token each."""
     n = len(ends)
-    snaps = np.zeros((n, 9), np.int64)
-    snaps[:, 3] = promotions  # COUNTERS: h2d, d2h, h2d_weight, promotions, ...
-    return RunResult(["bf16"], np.zeros(n, np.int32), np.arange(n), np.ones(n, np.int32), np.asarray(ends),
-                     np.zeros(n), np.zeros(n), np.zeros(n), np.asarray(act), snaps)
+    snaps = np.zeros((n, len(COUNTERS)), np.int64)
+    snaps[:, COUNTERS.index("promotions")] = promotions
+    zeros = np.zeros(n)
+    return RunResult(precisions=["bf16"], ls_batch=np.zeros(n, np.int32), ls_pass=np.arange(n),
+                     ls_tokens=np.ones(n, np.int32), end_s=np.asarray(ends), stall_s=zeros, host_wait_s=zeros,
+                     err=zeros, act=np.asarray(act), snaps=snaps, hits=np.zeros(n, np.int64),
+                     requests=np.ones(n, np.int64))
 
 
 def test_compare_is_exact_on_a_hand_built_pair() -> None:

@@ -57,10 +57,13 @@ class GraphCalibration:
 
 
 def attn_shape(spec: ModelSpec) -> AttnShape:
-    """Qwen3-style attention for ``spec``: 128-wide heads, 8 query heads per KV head (4 KV heads min)."""
+    """Qwen3-style attention for ``spec``: 128-wide heads (64 below hidden 1024), 8 query heads
+    per KV head, the query heads from the spec's attention parameters
+    (``2 H D (Q + V)`` with ``V = Q / 8``: Qwen3-30B-A3B gives 32 query and 4 KV heads)."""
     head_dim = 128 if spec.hidden >= 1024 else 64
-    heads = max(spec.hidden // head_dim, 2)
-    return AttnShape(heads=heads, kv_heads=max(heads // 8, 1), head_dim=head_dim)
+    heads = max(round(spec.attention_params / (2 * spec.hidden * head_dim * 1.125)), 1)
+    kv = max(heads // 8, 1)
+    return AttnShape(heads=kv * max(heads // kv, 1), kv_heads=kv, head_dim=head_dim)
 
 
 def random_weights(spec: ModelSpec, shape: AttnShape, device: torch.device, seed: int = 0) -> FastWeights:

@@ -102,3 +102,11 @@ def test_fidelity_on_the_gpu_loose_bounds(tmp_path: Path) -> None:
                   "progress=false"], read_profile(path), tmp_path)
     assert c.row["decisions_match"]
     assert abs(c.row["tpot_err"]) < 0.25
+
+
+def test_attention_shape_follows_the_spec() -> None:
+    from moebits.core.model_spec import get_model_spec
+    from moebits.runtime.calibrate_graph import attn_shape
+
+    s = attn_shape(get_model_spec("Qwen3-30B-A3B"))
+    assert (s.heads, s.kv_heads, s.head_dim) == (32, 4, 128)   # the model's own config

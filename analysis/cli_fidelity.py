@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moebits.analysis.fidelity import summary_md
+from moebits.analysis.fidelity import collect_passes, scatter, summary_md
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the aggregate errors against the targets and every decision divergence.")
     p.add_argument("dir", type=Path, help="a folder holding fidelity.json, or the JSON file itself")
     p.add_argument("-o", "--out", type=Path, default=None, help="also write the Markdown here")
+    p.add_argument("--plot", type=Path, default=None, help="one scatter of every case's passes (simulated vs measured)")
+    p.add_argument("--passes", type=Path, default=None, help="every case's passes in one CSV (with a case column)")
     p.set_defaults(func=run)
 
 
@@ -26,4 +28,10 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         args.out.write_text(text)
+    if args.plot or args.passes:
+        passes = collect_passes(path.parent)
+        if args.plot:
+            scatter(passes, args.plot, title="simulated vs measured step latency, every case")
+        if args.passes:
+            passes.to_csv(args.passes, index=False)
     return 0

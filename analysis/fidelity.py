@@ -191,9 +191,12 @@ def scatter(passes: pd.DataFrame, path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for phase, marker in (("prefill", "s"), ("decode", ".")):
-        d = passes[passes["phase"] == phase]
-        ax.scatter(d["measured_s"] * 1e3, d["simulated_s"] * 1e3, s=12, marker=marker, label=phase, alpha=0.7)
+    cases = sorted(passes["case"].unique()) if "case" in passes else [None]
+    for case in cases:
+        for phase, marker in (("prefill", "s"), ("decode", ".")):
+            d = passes[(passes["phase"] == phase) & ((passes["case"] == case) if case is not None else True)]
+            name = phase if case is None else f"{case} {phase}"
+            ax.scatter(d["measured_s"] * 1e3, d["simulated_s"] * 1e3, s=12, marker=marker, label=name, alpha=0.7)
     vals = np.r_[passes["measured_s"], passes["simulated_s"]] * 1e3
     vals = vals[vals > 0]
     if vals.size:
@@ -211,6 +214,14 @@ def scatter(passes: pd.DataFrame, path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def collect_passes(folder: Path) -> pd.DataFrame:
+    """Every ``CASE.passes.csv`` of ``folder`` in one table with a ``case`` column."""
+    frames = [pd.read_csv(p).assign(case=p.name.removesuffix(".passes.csv")) for p in sorted(folder.glob("*.passes.csv"))]
+    if not frames:
+        raise ValueError(f"no *.passes.csv in {folder} (run moebits analysis validate first)")
+    return pd.concat(frames, ignore_index=True)
 
 
 def _pct(x: Any) -> str:

@@ -35,11 +35,10 @@ from moebits.policies.base import PolicyContext, build_policy
 from moebits.policies.static_uniform import StaticUniformConfig
 from moebits.runtime.fast_model import AttnShape, FastModel, FastWeights, LayerWeights, StepBuffers
 from moebits.runtime.fused_ops import triton_usable
-from moebits.runtime.graph_serve import initial_loads
 from moebits.runtime.host_store import random_weights as random_expert_weights
 from moebits.runtime.pool import DevicePool
 from moebits.runtime.replay import assignment
-from moebits.runtime.residency import ResidencyTable
+from moebits.runtime.residency import ResidencyTable, load_layer
 
 SLACK_BYTES = 64 << 20  # alignment room beyond the static policy's budget (slabs align to 16 B)
 Timer = Callable[[Callable[[], Any]], float]
@@ -91,7 +90,10 @@ def static_model(spec: ModelSpec, precision: str, weights: FastWeights, shape: A
     pool = DevicePool(SlabLedger(policy.slab_plan(), budget + SLACK_BYTES), spec, device)
     table = ResidencyTable(spec.layers, spec.experts, device)
     model = FastModel(weights, spec, shape, pool, table, triton_usable(device), max_seqs=rows, max_len=context + 2)
-    initial_loads(model, policy.initial_loads(), random_expert_weights(spec, 1, device, torch.bfloat16))
+    weights_of = random_expert_weights(spec, 1, device, torch.bfloat16)
+    for layer in range(spec.layers):
+        load_layer(pool, table, layer, *weights_of(layer), precision)   # every expert, quantized into its slab
+    table.flush()
     return model
 
 

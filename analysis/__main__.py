@@ -7,6 +7,8 @@ Subcommands (each a module ``analysis/cli_<name>.py`` with ``register(subparsers
 - ``report``: a multirun directory -> runs.parquet/csv, figures and report.md;
 - ``study``: all three of prepare, the experiment's sweep and its report, in one command;
 - ``quality``: measured KL / bits per byte of every policy x budget on the trained MoE.
+- ``validate``: one trace through the runtime and the simulator, compared (:mod:`analysis.fidelity`);
+- ``fidelity``: the table of those comparisons.
 
 A ``ValueError`` (bad input: a missing directory, no runs, an unreadable trace) prints one
 line ``error: ...`` and exits 2, never a traceback.
@@ -17,10 +19,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moebits.analysis import cli_prepare, cli_quality, cli_report, cli_study, cli_trace_stats
+from moebits.analysis import (
+    cli_fidelity,
+    cli_prepare,
+    cli_quality,
+    cli_report,
+    cli_study,
+    cli_trace_stats,
+    cli_validate,
+)
 from moebits.traces.format import TraceError
 
-COMMANDS = (cli_prepare, cli_trace_stats, cli_report, cli_study, cli_quality)
+COMMANDS = (cli_prepare, cli_trace_stats, cli_report, cli_study, cli_quality, cli_validate, cli_fidelity)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,14 @@ the optional measured kernel tables (keyed by the expert shape they were measure
   the non-MoE part of a layer (attention, norms, router, shared experts) ``non_moe_launches``;
 - ``kernel_tables``: measured per-expert time of a grouped launch, by precision and tokens per
   expert, at one expert shape (hidden, intermediate); where none matches, a roofline stands in;
-- a host (CPU) model for experts computed on the host (``MissRule.HOST``).
+- a host (CPU) model for experts computed on the host (``MissRule.HOST``);
+- optional, written by calibration against a graph-captured runtime (absent = the model above,
+  unchanged): ``non_moe_table`` (measured seconds of a layer's non-MoE block by tokens of the
+  pass, replacing launches + roofline), ``fused_moe`` (all precision classes of a layer step in
+  one launch: the expert launch cost is paid once per layer step, not once per class) and
+  ``step_overhead_s`` (fixed cost of every forward pass: embedding and head, graph launch,
+  residency-table updates, the routing read-back);
+- ``calibration``: provenance of a measured profile (gpu, driver, torch, date, runtime path).
 
 Presets are YAML files of this schema under ``conf/hardware/``; runtime calibration writes
 more of them. ``from_dict``/``to_dict`` are the file edge. Units are in the names: ``_s``
@@ -101,6 +108,34 @@ class KernelTable:
 
 
 @dataclass
+class NonMoeTable:
+    """Measured seconds of one layer's non-MoE block (attention, norms, router) by tokens of the pass.
+
+    Interpolated inside the table, continued along the last segment's slope above it (like
+    :class:`KernelTable`); ``context`` is the KV-cache length it was measured at.
+    """
+
+    tokens: list[float]
+    seconds: list[float]
+    context: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tokens or len(self.tokens) != len(self.seconds):
+            raise ValueError('non-MoE table: "tokens" and "seconds" must be non-empty and of equal length.')
+        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:], strict=False)) or self.tokens[0] <= 0:
+            raise ValueError('non-MoE table: "tokens" must be positive and strictly ascending.')
+        if min(self.seconds) < 0:
+            raise ValueError('non-MoE table: "seconds" must be >= 0.')
+
+    def layer_s(self, tokens: np.ndarray) -> np.ndarray:
+        """Seconds per layer at passes of ``tokens`` tokens (array)."""
+        xs, ys = np.asarray(self.tokens, float), np.asarray(self.seconds, float)
+        t = np.asarray(tokens, float)
+        slope = 0.0 if xs.size == 1 else max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+        return np.where(t > xs[-1], ys[-1] + (t - xs[-1]) * slope, np.interp(t, xs, ys))
+
+
+@dataclass
 class HardwareProfile:
     """A machine's cost model; see the module docstring for every field's meaning."""
 
@@ -119,12 +154,17 @@ class HardwareProfile:
     host_gbps: float = 80.0
     host_overhead_s: float = 10e-6
     source: str = ""
+    non_moe_table: NonMoeTable | None = None
+    fused_moe: bool = False
+    step_overhead_s: float = 0.0
+    calibration: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("hbm_capacity_gb", "hbm_gbps", "host_gflops", "host_gbps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f'"{name}" must be > 0 in hardware profile {self.name!r}.')
-        for name in ("launch_s", "expert_overhead_s", "host_overhead_s", "expert_launch_ops", "non_moe_launches"):
+        for name in ("launch_s", "expert_overhead_s", "host_overhead_s", "expert_launch_ops", "non_moe_launches",
+                     "step_overhead_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f'"{name}" must be >= 0 in hardware profile {self.name!r}.')
         if self.peak_tflops.get("bf16", 0) <= 0:
@@ -166,6 +206,9 @@ class HardwareProfile:
             _check_keys(KernelTable, t, "kernel table")
             tables.append(KernelTable(**t))
         body["kernel_tables"] = tables
+        if isinstance(body.get("non_moe_table"), dict):
+            _check_keys(NonMoeTable, body["non_moe_table"], "non-MoE table")
+            body["non_moe_table"] = NonMoeTable(**body["non_moe_table"])
         try:
             return cls(**body)
         except TypeError as exc:

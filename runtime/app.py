@@ -6,9 +6,12 @@ and writes to the hydra run directory ``summary.json`` and ``steps.parquet`` in 
 simulator's format (:mod:`drive.records`; plus ``kl`` / ``kl_mean`` / ``kl_p99`` where it
 measures KL, and the device), so that analysis reads simulated and measured runs alike. Bad
 settings, sweeps and resuming behave as :mod:`drive.app` says (shared with ``moebits sim``).
+``moebits runtime calibrate [--help]`` writes a hardware profile (:mod:`runtime.calibrate`).
 """
 
 from __future__ import annotations
+
+import sys
 
 from moebits.core.config import register_schemas
 from moebits.drive.app import CONF_DIR, App, check_compose, presets
@@ -29,5 +32,11 @@ APP = App(CONFIG_NAME, RuntimeRunConfig, register_configs, execute)
 
 
 def main() -> None:
-    """Entry point of ``moebits runtime``."""
+    """Entry point of ``moebits runtime``; ``moebits runtime calibrate ...`` measures this machine
+    (:mod:`runtime.calibrate`)."""
+    if sys.argv[1:2] == ["calibrate"]:
+        from moebits.runtime import calibrate
+
+        calibrate.main(sys.argv[2:])
+        return
     APP.main()

@@ -1,8 +1,18 @@
 """Calibration: measure this machine and write a :class:`core.hardware.HardwareProfile` YAML.
 
-``python -m moebits.runtime.calibrate [--model qwen3_30b_a3b] [--out conf/hardware/calibrated_<device>.yaml]``
+``moebits runtime calibrate [--runtime graph|eager] [--quick] [--name NAME | --out FILE]``
+(the same as ``python -m moebits.runtime.calibrate``): writes ``conf/hardware/NAME.yaml``, which
+``moebits sim hardware=NAME`` uses directly; its ``calibration`` field says on which GPU, driver,
+torch, date and runtime path it was measured.
 
-Measured on the current device (the GPU when there is one, else the CPU, with small sizes):
+``--runtime graph`` (the default on a GPU) measures the kernels the graph-captured runtime
+replays (:mod:`runtime.calibrate_graph`: the fused experts read through the residency table, the
+attention block, the per-step fixed part) and writes ``fused_moe``, ``non_moe_table`` and
+``step_overhead_s``. ``--runtime eager`` measures the eager runtime as below. Both measure the
+PCIe curves, HBM, peak and host the same way, and on a GPU the copy/compute interference
+(recorded in ``calibration``; the simulator assumes copies fully hidden).
+
+Eager runtime, measured on the current device (the GPU when there is one, else the CPU, with small sizes):
 
 - ``h2d`` / ``d2h``: pinned copies of 64 KiB .. 256 MiB (CPU: memcpy of 4 KiB .. 4 MiB); the
   latency is the intercept of a least-squares line through (bytes, seconds), and the bandwidth
@@ -23,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import math
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +47,7 @@ import numpy as np
 import torch
 from moebits.core.hardware import HardwareProfile, KernelTable, LinkCurve
 from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
+from moebits.runtime.calibrate_graph import calibrate_graph
 from moebits.runtime.moe_layer import MixedPrecisionMoE, build_mixed_experts
 
 CONF_HW = Path(__file__).resolve().parents[1] / "conf" / "hardware"
@@ -172,6 +185,7 @@ def measure_non_moe(spec: ModelSpec, device: torch.device, launch_s: float, reps
 
     ExpertsInterface.register("moebits_null", lambda module, x, ids, w: torch.zeros_like(x))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    spec = dataclasses.replace(spec, layers=min(spec.layers, 2))  # the time per layer is what is measured
     model, _ = hf.build_random_model(spec, device=device, dtype=dtype)
     hf.set_experts_implementation(model, "moebits_null")
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -202,35 +216,132 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def calibrate(spec: ModelSpec, device: torch.device, *, small: bool = False,
-              precisions: tuple[str, ...] = ("bf16", "fp8", "int8", "int4", "int3", "int2"),
-              tokens: tuple[int, ...] = (1, 16, 128), reps: int = 20, log: Callable[[str], None] = print) -> HardwareProfile:
-    """Measure ``device`` (see the module docstring) and return the profile."""
+PRECISIONS = ("bf16", "fp8", "int8", "int4", "int3", "int2")
+
+
+@dataclasses.dataclass
+class CalibrateOptions:
+    """What to measure: the runtime path, precisions, tokens per expert, rows, context, repetitions."""
+
+    runtime: str = "graph"
+    small: bool = False
+    precisions: tuple[str, ...] = PRECISIONS
+    tokens: tuple[int, ...] = (1, 16, 128)
+    rows: tuple[int, ...] = (1, 16, 128)
+    context: int = 512
+    reps: int = 20
+
+
+def calibrate(spec: ModelSpec, device: torch.device, opt: CalibrateOptions | None = None,
+              log: Callable[[str], None] = print) -> HardwareProfile:
+    """Measure ``device`` for the runtime path ``opt.runtime`` (see the module docstring)."""
+    opt = opt or CalibrateOptions()
     cuda = device.type == "cuda"
-    sizes = [2**k for k in ((12, 14, 16, 18, 20, 22) if small else (16, 18, 20, 22, 24, 26, 28))]
-    h2d = measure_link(device, sizes, reps, to_device=True)
-    d2h = measure_link(device, sizes, reps, to_device=False)
-    log(f"h2d latency {h2d.latency_s * 1e6:.1f} us, {h2d.gbps[-1]:.1f} GB/s at {sizes[-1] >> 20} MiB")
+    sizes = [2**k for k in ((12, 14, 16, 18, 20, 22) if opt.small else (16, 18, 20, 22, 24, 26, 28))]
+    h2d = measure_link(device, sizes, opt.reps, to_device=True)
+    d2h = measure_link(device, sizes, opt.reps, to_device=False)
+    log(f"h2d latency {h2d.latency_s * 1e6:.1f} us, {h2d.gbps[-1]:.1f} GB/s at {sizes[-1] >> 20} MiB; "
+        f"d2h {d2h.gbps[-1]:.1f} GB/s")
     launch = measure_launch(device)
-    log(f"launch {launch * 1e6:.1f} us")
-    if not cuda:
-        precisions = tuple(p for p in precisions if p != "fp8")  # no fp8 matmul on CPU
-    tables, ops = measure_kernels(spec, list(precisions), list(tokens), device, launch, reps)
-    bf16 = next((t for t in tables if t.precision == "bf16"), None)
-    hbm = spec.expert_bytes("bf16") / bf16.seconds[0] / 1e9 if bf16 and bf16.seconds[0] > 0 else 1000.0
-    non_moe = measure_non_moe(spec, device, launch, max(3, reps // 4))
-    peak = measure_peak_tflops(device, 256 if small else 8192)
-    host_gflops, host_gbps = measure_host(256 if small else 2048, 2**22 if small else 2**28)
+    log(f"eager launch {launch * 1e6:.1f} us")
+    precisions = tuple(p for p in opt.precisions if cuda or p != "fp8")  # no fp8 matmul on CPU
+    peak = measure_peak_tflops(device, 256 if opt.small else 8192)
+    host_gflops, host_gbps = measure_host(256 if opt.small else 2048, 2**22 if opt.small else 2**28)
     total = torch.cuda.get_device_properties(device).total_memory if cuda else _host_ram_bytes()
-    name = f"calibrated_{device_slug(device)}"
-    return HardwareProfile(
-        name=name, hbm_capacity_gb=_sig(total / 1e9 * 0.98), hbm_gbps=_sig(hbm), h2d=h2d, d2h=d2h,
-        peak_tflops={"bf16": _sig(peak)}, launch_s=launch, expert_launch_ops=max(1, round(ops)),
-        non_moe_launches=max(1, round(non_moe)), kernel_tables=tables,
-        host_gflops=_sig(host_gflops), host_gbps=_sig(host_gbps), host_overhead_s=launch,
-        source=f"python -m moebits.runtime.calibrate on {device_slug(device)} (model shape {spec.name}: "
-               f"{spec.hidden}x{spec.expert_intermediate})",
-    )
+    meta = provenance(device, opt.runtime)
+    if cuda:
+        meta.update(measure_interference(device, opt.small))
+        log(f"copy/compute interference: {meta}")
+    common = dict(name=f"calibrated_{device_slug(device)}", hbm_capacity_gb=_sig(total / 1e9 * 0.98), h2d=h2d,
+                  d2h=d2h, peak_tflops={"bf16": _sig(peak)}, host_gflops=_sig(host_gflops),
+                  host_gbps=_sig(host_gbps), calibration=meta,
+                  source=f"moebits runtime calibrate --runtime {opt.runtime} on {device_slug(device)} "
+                         f"(model shape {spec.name}: {spec.hidden}x{spec.expert_intermediate})")
+    if opt.runtime == "graph":
+        return _graph_profile(spec, device, precisions, opt, h2d, d2h, common, log)
+    tables, ops = measure_kernels(spec, list(precisions), list(opt.tokens), device, launch, opt.reps)
+    non_moe = measure_non_moe(spec, device, launch, max(3, opt.reps // 4))
+    return HardwareProfile(hbm_gbps=_sig(_hbm_from(spec, tables, device)), launch_s=launch,
+                           expert_launch_ops=max(1, round(ops)), non_moe_launches=max(1, round(non_moe)),
+                           kernel_tables=tables, host_overhead_s=launch, **common)  # type: ignore[arg-type]
+
+
+def _graph_profile(spec: ModelSpec, device: torch.device, precisions: tuple[str, ...], opt: CalibrateOptions,
+                   h2d: LinkCurve, d2h: LinkCurve, common: dict[str, Any], log: Callable[[str], None]) -> HardwareProfile:
+    cuda = device.type == "cuda"
+    reps = opt.reps
+
+    def time_fn(fn: Callable[[], Any]) -> float:
+        return graph_time(fn, reps) if cuda else timer(device)(fn, reps)
+
+    def copy_s(nbytes: int, to_device: bool) -> float:
+        return (h2d if to_device else d2h).time_s(nbytes)
+
+    g = calibrate_graph(spec, device, list(precisions), list(opt.tokens), list(opt.rows), opt.context,
+                        time_fn, copy_s, log)
+    common["calibration"].update({k: f"{v:.4g}" for k, v in g.parts_s.items()})
+    return HardwareProfile(hbm_gbps=_sig(_hbm_from(spec, g.tables, device)), launch_s=g.launch_s,
+                           expert_launch_ops=2, non_moe_launches=0, kernel_tables=g.tables,
+                           host_overhead_s=20e-6, non_moe_table=g.non_moe, fused_moe=True,
+                           step_overhead_s=g.step_overhead_s, **common)
+
+
+def _hbm_from(spec: ModelSpec, tables: list[KernelTable], device: torch.device) -> float:
+    """Streaming read: bf16 expert bytes over its per-expert time at one token (else a d2d copy)."""
+    bf16 = next((t for t in tables if t.precision == "bf16"), None)
+    if bf16 and bf16.seconds[0] > 0:
+        return spec.expert_bytes("bf16") / bf16.seconds[0] / 1e9
+    return measure_d2d_gbps(device)
+
+
+def measure_d2d_gbps(device: torch.device, nbytes: int = 2**26) -> float:
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    return 2 * nbytes / timer(device)(lambda: b.copy_(a), 5) / 1e9
+
+
+def measure_interference(device: torch.device, small: bool) -> dict[str, str]:
+    """A pinned host->device copy on a side stream during a loop of bf16 GEMMs: the share of the
+    copy hidden and the GEMMs' slowdown (strings, for the profile's ``calibration`` record)."""
+    n, nbytes = (1024, 2**24) if small else (4096, 2**28)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream(device)
+    t = timer(device)
+    copy_s = t(lambda: dev.copy_(host, non_blocking=True), 3)
+    reps = max(1, int(copy_s / max(t(lambda: a @ a, 3), 1e-9)))
+
+    def gemms() -> None:
+        for _ in range(reps):
+            a @ a
+
+    alone = t(gemms, 3)
+
+    def both() -> None:
+        with torch.cuda.stream(side):
+            dev.copy_(host, non_blocking=True)
+        gemms()
+        torch.cuda.current_stream().wait_stream(side)
+
+    together = t(both, 3)
+    hidden = 1.0 - max(together - alone, 0.0) / copy_s
+    return {"copy_hidden_fraction": f"{min(max(hidden, 0.0), 1.0):.3f}",
+            "gemm_slowdown_fraction": f"{max(together / alone - 1.0, 0.0):.3f}"}
+
+
+def provenance(device: torch.device, runtime: str) -> dict[str, str]:
+    """GPU, driver, torch, date and runtime path of a calibration."""
+    driver = "none"
+    if device.type == "cuda":
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            driver = "unknown"
+    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "driver": driver,
+            "torch": str(torch.__version__), "cuda": str(torch.version.cuda), "runtime": runtime,
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ")}
 
 
 def _sig(x: float) -> float:
@@ -269,25 +380,43 @@ def read_profile(path: Path) -> HardwareProfile:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen3_30b_a3b", help="ModelSpec preset (file stem) whose expert shape to time")
+    ap = argparse.ArgumentParser(prog="moebits runtime calibrate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3_30b_a3b", help="ModelSpec preset (file stem) whose shapes to time")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--small", action="store_true", help="small sizes (CPU smoke runs); default on CPU")
+    ap.add_argument("--runtime", default="auto", choices=("auto", "graph", "eager"),
+                    help="runtime path to calibrate (auto: graph on a GPU, eager on a CPU)")
+    ap.add_argument("--small", action="store_true", help="small sizes and a small model (CPU smoke runs); default on CPU")
+    ap.add_argument("--quick", action="store_true", help="fewer points (tokens 1,16; rows 1,16; 5 reps): about a minute on a GPU")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated precisions to time")
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per point (median)")
-    ap.add_argument("--out", default=None, help="output YAML (default conf/hardware/calibrated_<device>.yaml)")
+    ap.add_argument("--name", default=None, help="profile name: writes conf/hardware/NAME.yaml")
+    ap.add_argument("--out", default=None, help="output YAML path (overrides --name; the stem is the profile name)")
     args = ap.parse_args(argv)
     stems = {n.lower().replace(".", "").replace("-", "_"): s for n, s in MODEL_PRESETS.items()}
     if args.model not in stems:
         raise SystemExit(f"error: unknown --model {args.model!r}; known: {', '.join(sorted(stems))}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     spec = stems[args.model]
     small = args.small or device.type == "cpu"
     if small:
-        spec = ModelSpec(spec.name, layers=2, experts=8, top_k=4, hidden=256, expert_intermediate=128,
+        spec = ModelSpec(spec.name, layers=2, experts=16, top_k=4, hidden=256, expert_intermediate=128,
                          attention_params=4 * 256 * 256, vocab_size=1024)
-    hw = calibrate(spec, device, small=small, reps=args.reps)
-    out = Path(args.out) if args.out else CONF_HW / f"{hw.name}.yaml"
+    runtime = args.runtime if args.runtime != "auto" else ("graph" if device.type == "cuda" else "eager")
+    opt = CalibrateOptions(runtime=runtime, small=small, precisions=tuple(args.precisions.split(",")),
+                           reps=5 if args.quick else args.reps)
+    if args.quick:
+        opt = dataclasses.replace(opt, tokens=(1, 16), rows=(1, 16))
+    if small:
+        opt = dataclasses.replace(opt, context=32)
+    bad = sorted(set(opt.precisions) - set(PRECISIONS))
+    if bad:
+        raise SystemExit(f"error: unknown precision(s) {bad}; known: {', '.join(PRECISIONS)}")
+    hw = calibrate(spec, device, opt)
+    out = Path(args.out) if args.out else CONF_HW / f"{args.name or hw.name}.yaml"
     hw = dataclasses.replace(hw, name=out.stem)  # hydra presets are named after their file
     print(f"wrote {write_profile(hw, out)}")
 

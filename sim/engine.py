@@ -225,7 +225,8 @@ class Engine:
     def _replay(self, env: simpy.Environment, rec: Recorder, bar: tqdm) -> Generator[simpy.Event, Any, None]:
         """The event loop: per layer step, finish due copies, consult the policy, serve."""
         v, pool = self.view, self.pool
-        non_moe, ends = self.kernels.non_moe_s(np.asarray(v.ls_tokens)), self.pass_ends()
+        ends = self.pass_ends()
+        non_moe = self.kernels.non_moe_s(np.asarray(v.ls_tokens), np.r_[True, ends[:-1]] if ends.size else ends)
         observe = None if self.driver.static else self.driver.observe
         single = self.P == 1 and self.opt.fast and not self._track
         ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate

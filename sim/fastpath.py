@@ -59,7 +59,8 @@ class StaticPlan:
 
     def replay(self, env: simpy.Environment, rec: Recorder, bar: tqdm) -> Generator[simpy.Event, Any, None]:
         eng = self.engine
-        non_moe = eng.kernels.non_moe_s(np.asarray(eng.view.ls_tokens)).tolist()
+        last = eng.pass_ends()
+        non_moe = eng.kernels.non_moe_s(np.asarray(eng.view.ls_tokens), np.r_[True, last[:-1]] if last.size else last).tolist()
         gpu = self.gpu_s.tolist()
         ends: list[float] = []
         t = 0.0

@@ -14,6 +14,14 @@ costs ``launch_s * non_moe_launches + max(bytes / hbm, tokens * flops / peak_bf1
 weights are read once per pass, its FLOPs scale with the pass's tokens. KV-cache reads are
 not modelled.
 
+A profile calibrated against a graph-captured runtime may replace parts of this (all absent in
+the datasheet presets, which then cost exactly as above): ``non_moe_table`` gives the non-MoE
+seconds per layer measured by tokens (instead of launches + roofline); ``fused_moe`` makes all
+precision classes of a layer step one launch, so the expert launch cost is charged once per
+layer step (with the non-MoE part) and not per class; ``step_overhead_s`` is charged once per
+forward pass, at its first layer step (embedding and head, graph launch, table updates,
+routing read-back).
+
 Host experts (``MissRule.HOST``) run from the bf16 host copy: per expert
 ``host_overhead_s + max(bytes_bf16 / host_bw, flops(m) / host_flops)``.
 
@@ -44,7 +52,8 @@ class KernelModel:
         self.launch_group_s = hw.launch_s * hw.expert_launch_ops
         self._flops_per_token = float(spec.expert_flops_per_token())
         self._mixes: list[ChannelMix | None] = [get_channel_mix(p) for p in precisions]
-        self._launches = [self.launch_group_s * (1 if m is None else 2) for m in self._mixes]
+        per_class = 0.0 if hw.fused_moe else self.launch_group_s
+        self._launches = [per_class * (1 if m is None else 2) for m in self._mixes]
         self._memo: dict[tuple[int, int, int], float] = {}
 
     def _table(self, name: str) -> KernelTable | None:
@@ -84,12 +93,22 @@ class KernelModel:
             t = self._memo[key] = float(self.group_s_vec(p, np.array([tokens]), np.array([n]))[0])
         return t
 
-    def non_moe_s(self, tokens: np.ndarray) -> np.ndarray:
-        """Seconds of the non-MoE part of one layer for passes of ``tokens`` tokens."""
+    def non_moe_s(self, tokens: np.ndarray, pass_first: np.ndarray | None = None) -> np.ndarray:
+        """Seconds of the non-MoE part of one layer for passes of ``tokens`` tokens; where
+        ``pass_first`` (bool per step) is true, plus the profile's per-pass ``step_overhead_s``."""
         spec, hw = self.spec, self.hw
-        mem = spec.non_expert_bytes_per_layer / (hw.hbm_gbps * 1e9)
-        comp = np.asarray(tokens, dtype=np.float64) * spec.non_expert_flops_per_token_per_layer / hw.peak_flops("bf16")
-        return hw.launch_s * hw.non_moe_launches + np.maximum(mem, comp)
+        tokens = np.asarray(tokens, dtype=np.float64)
+        if hw.non_moe_table is not None:
+            out = hw.non_moe_table.layer_s(tokens)
+        else:
+            mem = spec.non_expert_bytes_per_layer / (hw.hbm_gbps * 1e9)
+            comp = tokens * spec.non_expert_flops_per_token_per_layer / hw.peak_flops("bf16")
+            out = hw.launch_s * hw.non_moe_launches + np.maximum(mem, comp)
+        if hw.fused_moe:
+            out = out + self.launch_group_s  # the one expert launch of every layer step
+        if pass_first is not None and hw.step_overhead_s > 0:
+            out = out + np.where(np.asarray(pass_first, bool), hw.step_overhead_s, 0.0)
+        return out
 
     def host_expert_s(self, tokens_per_expert: int) -> float:
         """Seconds the host takes for one expert (bf16 weights) at ``tokens_per_expert``."""

@@ -1,0 +1,37 @@
+"""``moebits analysis fidelity DIR``: the fidelity table of ``DIR/fidelity.json`` as Markdown."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from moebits.analysis.fidelity import collect_passes, scatter, summary_md
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fidelity", help="render DIR/fidelity.json (moebits analysis validate) as a Markdown table",
+                       description="Print the fidelity table of the rows `moebits analysis validate` wrote, with "
+                       "the aggregate errors against the targets and every decision divergence.")
+    p.add_argument("dir", type=Path, help="a folder holding fidelity.json, or the JSON file itself")
+    p.add_argument("-o", "--out", type=Path, default=None, help="also write the Markdown here")
+    p.add_argument("--plot", type=Path, default=None, help="one scatter of every case's passes (simulated vs measured)")
+    p.add_argument("--passes", type=Path, default=None, help="every case's passes in one CSV (with a case column)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = args.dir / "fidelity.json" if args.dir.is_dir() else args.dir
+    if not path.exists():
+        raise ValueError(f"{path} does not exist (run moebits analysis validate first)")
+    text = summary_md(json.loads(path.read_text()))
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.plot or args.passes:
+        passes = collect_passes(path.parent)
+        if args.plot:
+            scatter(passes, args.plot, title="simulated vs measured step latency, every case")
+        if args.passes:
+            passes.to_csv(args.passes, index=False)
+    return 0

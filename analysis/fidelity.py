@@ -1,0 +1,262 @@
+"""Fidelity: one trace, one policy and budget through the runtime and the simulator, compared.
+
+:func:`validate` runs a live replay (:func:`runtime.runner.execute`, ``runtime.mode=REPLAY``:
+whatever runtime path the config selects) and then the simulator on exactly what the runtime
+replayed: the same (layer-truncated, size-scaled) model, the same view of the trace, the same
+budget in bytes, policy, sensitivity table, seed and observation lag, priced by the given
+hardware profile. The eager replay runs the MoE layers only (no attention, no head): for it the
+simulator's non-MoE block and per-step fixed part are set to zero (:func:`moe_only`); a graph
+path that runs whole steps names itself in the summary's ``runtime_path``. Both give a :class:`drive.records.RunResult`; :func:`compare` turns the two
+into per-pass rows (the rows of ``steps.parquet``: a pass is one forward step, prefill or
+decode) and one fidelity row:
+
+- ``tpot_err``, ``ttft_err``: relative error of the run's mean TPOT / TTFT, ``(sim - meas) / meas``;
+- ``step_err_p95`` / ``step_err_max``: 95th percentile / max of the per-pass relative latency error;
+- ``stall_s``, ``h2d_bytes``, ``promotions``: both sides, measured and simulated;
+- ``decisions_match``: the served precision mix of every layer step and the driver's counters
+  (promotions, prefetches, demotions, refusals) at every pass end are identical. When they are
+  not, ``first_divergence`` names the first pass and what differs: measured timing (a copy that
+  landed later or earlier than modelled) made the runtime serve, refuse or delay something the
+  simulator did not.
+
+:func:`scatter` plots simulated against measured pass latency; :func:`table_md` renders rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from moebits.core.hardware import HardwareProfile, NonMoeTable
+from moebits.drive.driver import COUNTS
+from moebits.drive.records import COUNTERS, RunResult, pass_table, summarize
+
+
+@dataclass
+class Comparison:
+    """Per-pass rows of both engines side by side, and the run's fidelity row."""
+
+    passes: pd.DataFrame
+    row: dict[str, Any]
+
+
+def _rel(sim: float | None, meas: float | None) -> float | None:
+    if sim is None or meas is None or meas == 0 or not math.isfinite(meas):
+        return None
+    return (sim - meas) / meas
+
+
+def first_divergence(meas: RunResult, sim: RunResult) -> str | None:
+    """Where the two runs' decisions first differ (None: identical)."""
+    if meas.layer_steps != sim.layer_steps:
+        return f"layer steps differ: measured {meas.layer_steps}, simulated {sim.layer_steps}"
+    if meas.precisions != sim.precisions:
+        return f"precisions differ: {meas.precisions} vs {sim.precisions}"
+    diff = np.flatnonzero((meas.act != sim.act).any(axis=1))
+    if diff.size:
+        i = int(diff[0])
+        return (f"layer step {i} (batch {int(meas.ls_batch[i])}, pass {int(meas.ls_pass[i])}): served tokens per "
+                f"precision {meas.act[i].tolist()} measured vs {sim.act[i].tolist()} simulated")
+    cols = [COUNTERS.index(c) for c in COUNTS]
+    bad = np.flatnonzero((meas.snaps[:, cols] != sim.snaps[:, cols]).any(axis=1))
+    if bad.size:
+        j = int(bad[0])
+        m, s = meas.snaps[j, cols].tolist(), sim.snaps[j, cols].tolist()
+        return f"pass {j}: counters {dict(zip(COUNTS, m, strict=True))} measured vs {dict(zip(COUNTS, s, strict=True))} simulated"
+    return None
+
+
+def compare(meas: RunResult, sim: RunResult, labels: dict[str, Any]) -> Comparison:
+    """Per-pass and per-run errors of ``sim`` against ``meas`` (see the module docstring)."""
+    pm, ps = pass_table(meas), pass_table(sim)
+    n = min(len(pm), len(ps))
+    passes = pd.DataFrame({
+        "batch": pm["batch"][:n], "pass": pm["pass"][:n], "phase": pm["phase"][:n], "tokens": pm["tokens"][:n],
+        "measured_s": pm["latency_s"][:n].to_numpy(), "simulated_s": ps["latency_s"][:n].to_numpy(),
+        "measured_stall_s": pm["stall_s"][:n].to_numpy(), "simulated_stall_s": ps["stall_s"][:n].to_numpy(),
+    })
+    passes["rel_err"] = (passes["simulated_s"] - passes["measured_s"]) / passes["measured_s"].where(passes["measured_s"] > 0)
+    sm, ss = summarize(meas), summarize(sim)
+    err = passes["rel_err"].abs().dropna().to_numpy()
+    dec = passes[passes["phase"] == "decode"]["rel_err"].abs().dropna().to_numpy()
+    div = first_divergence(meas, sim)
+    row = {
+        **labels,
+        "tpot_ms_measured": sm["tpot_ms_mean"], "tpot_ms_simulated": ss["tpot_ms_mean"],
+        "tpot_err": _rel(ss["tpot_ms_mean"], sm["tpot_ms_mean"]),
+        "ttft_ms_measured": sm["ttft_ms"], "ttft_ms_simulated": ss["ttft_ms"],
+        "ttft_err": _rel(ss["ttft_ms"], sm["ttft_ms"]),
+        "step_err_p95": float(np.percentile(err, 95)) if err.size else None,
+        "step_err_max": float(err.max()) if err.size else None,
+        "decode_step_err_p95": float(np.percentile(dec, 95)) if dec.size else None,
+        "stall_s_measured": sm["stall_s"], "stall_s_simulated": ss["stall_s"],
+        "h2d_bytes_measured": sm["h2d_bytes"], "h2d_bytes_simulated": ss["h2d_bytes"],
+        "promotions_measured": sm["promotions"], "promotions_simulated": ss["promotions"],
+        "refusals_measured": sm["refusals"], "refusals_simulated": ss["refusals"],
+        "hit_rate_measured": sm.get("hit_rate"), "hit_rate_simulated": ss.get("hit_rate"),
+        "passes": n, "layer_steps": meas.layer_steps,
+        "decisions_match": div is None, "first_divergence": div,
+    }
+    return Comparison(passes, row)
+
+
+def runs_full_step(summary: dict[str, Any]) -> bool:
+    """Whether the live replay ran whole steps (attention, head: the graph path) or the MoE layers
+    only (the eager replay, :func:`runtime.replay.replay`). The runtime's summary names its path
+    in ``runtime_path``; without it, the eager replay."""
+    return "graph" in str(summary.get("runtime_path", "")).lower()
+
+
+def moe_only(hw: HardwareProfile) -> HardwareProfile:
+    """``hw`` for a replay that runs the MoE layers only: no non-MoE block, no per-step fixed part
+    (the MoE launch cost stays)."""
+    return dataclasses.replace(hw, non_moe_table=NonMoeTable([1.0], [0.0]), non_moe_launches=0, step_overhead_s=0.0)
+
+
+def run_both(overrides: list[str], hw: HardwareProfile) -> tuple[RunResult, RunResult, dict[str, Any]]:
+    """The live replay of ``overrides`` (``moebits runtime`` keys; ``workload=default`` unless
+    they pick a workload) and the simulator on what it replayed (with :func:`moe_only` ``hw`` when the replay ran the MoE layers only)."""
+    from hydra import compose, initialize_config_dir
+    from moebits.drive.app import CONF_DIR
+    from moebits.policies._tables import run_table
+    from moebits.policies.base import build_policy
+    from moebits.runtime.app import register_configs
+    from moebits.runtime.runner import RuntimeRunConfig, execute, load_replay, pick_device, resolve_budget
+    from moebits.sim.engine import Engine
+    from moebits.traces.replay import load_view
+    from omegaconf import OmegaConf
+
+    register_configs()
+    if not any(o.lstrip("+~").startswith("workload=") for o in overrides):
+        overrides = ["workload=default", *overrides]  # the embedded default trace (moebits runtime defaults to synth)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("runtime", overrides=[*overrides, "runtime.mode=REPLAY", "runtime.kl=false"]))
+    assert isinstance(cfg, RuntimeRunConfig)
+    meas, summary = execute(cfg)
+    view, full, spec, _ = load_replay(cfg, pick_device(cfg.runtime.device))
+    budget = resolve_budget(cfg, full, spec)
+    policy = build_policy(cfg.policy)
+    table, _ = run_table(cfg.quality_table, spec, cfg.seed)
+    profile = load_view(cfg.workload.profile_path, 1) if cfg.workload.profile_path else None  # as the runtime
+    if profile is None and policy.needs_profile:
+        profile = view
+    full_step = runs_full_step(summary)
+    engine = Engine(view, spec, hw if full_step else moe_only(hw), policy, budget, seed=cfg.seed, sensitivity=table, profile=profile,
+                    observe_lag=cfg.observe_lag)
+    sim = engine.run()
+    labels = {"policy": summary["policy"], "batch": cfg.workload.batch, "trace": summary["workload"],
+              "budget_gb": budget / 1e9, "observe_lag": cfg.observe_lag, "layers": spec.layers,
+              "model": f"{spec.name} {spec.hidden}x{spec.expert_intermediate}", "device": summary.get("device"),
+              "runtime_path": summary.get("runtime_path", "eager replay, MoE layers only (runtime/replay.py)"),
+              "sim_non_moe": "modelled" if full_step else "zero (the replay ran MoE layers only)",
+              "hardware": hw.name, "overrides": " ".join(overrides)}
+    return meas, sim, labels
+
+
+def validate(overrides: list[str], hw: HardwareProfile, out_dir: Path, label: str = "") -> Comparison:
+    """Run both engines, compare, and write ``out_dir``: ``LABEL.passes.csv``, ``LABEL.png`` and
+    the row appended to ``fidelity.json``."""
+    meas, sim, labels = run_both(overrides, hw)
+    cmp = compare(meas, sim, {"case": label or labels["policy"], **labels})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _slug(cmp.row["case"])
+    cmp.passes.to_csv(out_dir / f"{stem}.passes.csv", index=False)
+    scatter(cmp.passes, out_dir / f"{stem}.png", title=f"{cmp.row['case']} on {hw.name}")
+    append_rows(out_dir / "fidelity.json", [cmp.row])
+    return cmp
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Add ``rows`` to the JSON list at ``path`` (a row with the same ``case`` is replaced)."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    cases = {r["case"] for r in rows}
+    path.write_text(json.dumps([r for r in old if r.get("case") not in cases] + rows, indent=1) + "\n")
+
+
+def scatter(passes: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Simulated vs measured latency per pass (ms, log-log), the diagonal and +-5%."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    cases = sorted(passes["case"].unique()) if "case" in passes else [None]
+    for case in cases:
+        for phase, marker in (("prefill", "s"), ("decode", ".")):
+            d = passes[(passes["phase"] == phase) & ((passes["case"] == case) if case is not None else True)]
+            name = phase if case is None else f"{case} {phase}"
+            ax.scatter(d["measured_s"] * 1e3, d["simulated_s"] * 1e3, s=12, marker=marker, label=name, alpha=0.7)
+    vals = np.r_[passes["measured_s"], passes["simulated_s"]] * 1e3
+    vals = vals[vals > 0]
+    if vals.size:
+        lo, hi = vals.min() * 0.9, vals.max() * 1.1
+        xs = np.array([lo, hi])
+        ax.plot(xs, xs, "k-", lw=0.8)
+        ax.plot(xs, xs * 1.05, "k:", lw=0.6)
+        ax.plot(xs, xs * 0.95, "k:", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("measured step latency (ms)")
+    ax.set_ylabel("simulated step latency (ms)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def collect_passes(folder: Path) -> pd.DataFrame:
+    """Every ``CASE.passes.csv`` of ``folder`` in one table with a ``case`` column."""
+    frames = [pd.read_csv(p).assign(case=p.name.removesuffix(".passes.csv")) for p in sorted(folder.glob("*.passes.csv"))]
+    if not frames:
+        raise ValueError(f"no *.passes.csv in {folder} (run moebits analysis validate first)")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:+.1f}%"
+
+
+def _num(x: Any, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def table_md(rows: list[dict[str, Any]]) -> str:
+    """The fidelity table (Markdown), one line per run."""
+    head = ("| case | policy | batch | trace | hardware | TPOT meas / sim (ms) | TPOT err | TTFT meas / sim (ms) | "
+            "TTFT err | step err p95 | stall meas / sim (s) | promotions meas / sim | decisions |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r.get('case')} | {r.get('policy')} | {r.get('batch')} | {r.get('trace')} | {r.get('hardware')} | "
+            f"{_num(r.get('tpot_ms_measured'))} / {_num(r.get('tpot_ms_simulated'))} | {_pct(r.get('tpot_err'))} | "
+            f"{_num(r.get('ttft_ms_measured'))} / {_num(r.get('ttft_ms_simulated'))} | {_pct(r.get('ttft_err'))} | "
+            f"{_pct(r.get('step_err_p95'))} | {_num(r.get('stall_s_measured'), '{:.4f}')} / "
+            f"{_num(r.get('stall_s_simulated'), '{:.4f}')} | {r.get('promotions_measured')} / "
+            f"{r.get('promotions_simulated')} | {'match' if r.get('decisions_match') else 'DIFFER'} |")
+    return "\n".join(lines)
+
+
+def summary_md(rows: list[dict[str, Any]]) -> str:
+    """The table plus the aggregate errors against the issue's targets, and each divergence."""
+    tp = np.array([abs(r["tpot_err"]) for r in rows if r.get("tpot_err") is not None])
+    st = np.array([r["step_err_p95"] for r in rows if r.get("step_err_p95") is not None])
+    out = [table_md(rows), ""]
+    if tp.size:
+        out.append(f"Mean |TPOT error| {100 * tp.mean():.2f}% (target <= 1%), max {100 * tp.max():.2f}% (target <= 3%); "
+                   f"per-step p95 error worst {100 * st.max():.1f}% (target <= 5%)." if st.size else "")
+    for r in rows:
+        if not r.get("decisions_match"):
+            out.append(f"- {r.get('case')}: decisions differ: {r.get('first_divergence')}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,112 @@
+"""Fidelity on the CPU: calibrate (both runtime paths, tiny sizes), then one trace through the
+runtime and the simulator; the comparison's bookkeeping is exact, decisions match, and the
+outputs (fidelity.json, plot, table) are written. Timing bounds only on a GPU (``gpu``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from moebits.analysis.fidelity import compare, first_divergence, moe_only, summary_md, validate  # noqa: E402
+from moebits.core.hardware import HardwareProfile  # noqa: E402
+from moebits.core.model_spec import ModelSpec  # noqa: E402
+from moebits.drive.records import COUNTERS, RunResult  # noqa: E402
+from moebits.runtime.calibrate import CalibrateOptions, calibrate, read_profile, write_profile  # noqa: E402
+
+SPEC = ModelSpec("cal", layers=1, experts=16, top_k=4, hidden=128, expert_intermediate=128, attention_params=65536,
+                 vocab_size=64)
+CASE = ["workload.max_seqs=1", "progress=false", "runtime.layers=1"]
+
+
+@pytest.fixture(scope="module")
+def graph_profile(tmp_path_factory: pytest.TempPathFactory) -> HardwareProfile:
+    torch.set_num_threads(1)
+    opt = CalibrateOptions(runtime="graph", small=True, precisions=("bf16", "int4"), tokens=(1, 2), rows=(1, 4),
+                           context=8, reps=2)
+    hw = calibrate(SPEC, torch.device("cpu"), opt, log=lambda s: None)
+    path = write_profile(hw, tmp_path_factory.mktemp("hw") / "cal_graph.yaml")
+    return read_profile(path)
+
+
+def test_graph_calibration_writes_the_graph_fields(graph_profile: HardwareProfile) -> None:
+    hw = graph_profile
+    assert hw.fused_moe and hw.expert_launch_ops == 2 and hw.step_overhead_s > 0
+    assert hw.non_moe_table is not None and hw.non_moe_table.tokens == [1.0, 4.0] and hw.non_moe_table.context == 8
+    assert {t.precision for t in hw.kernel_tables} == {"bf16", "int4"}
+    assert hw.calibration["runtime"] == "graph" and hw.calibration["gpu"] == "cpu" and "torch" in hw.calibration
+    assert {"embed_head_s", "routing_readback_s", "table_upload_s"} <= set(hw.calibration)
+
+
+def _result(ends: list[float], act: list[list[int]], promotions: list[int]) -> RunResult:
+    """One batch of len(ends) one-layer passes (pass 0 the prefill) of one token each."""
+    n = len(ends)
+    snaps = np.zeros((n, len(COUNTERS)), np.int64)
+    snaps[:, COUNTERS.index("promotions")] = promotions
+    zeros = np.zeros(n)
+    return RunResult(precisions=["bf16"], ls_batch=np.zeros(n, np.int32), ls_pass=np.arange(n),
+                     ls_tokens=np.ones(n, np.int32), end_s=np.asarray(ends), stall_s=zeros, host_wait_s=zeros,
+                     err=zeros, act=np.asarray(act), snaps=snaps, hits=np.zeros(n, np.int64),
+                     requests=np.ones(n, np.int64))
+
+
+def test_compare_is_exact_on_a_hand_built_pair() -> None:
+    meas = _result([1.0, 2.0, 4.0], [[1, 0], [1, 0], [1, 0]], [0, 1, 1])   # passes: 1 (prefill), 1, 2 s
+    sim = _result([1.1, 2.0, 4.2], [[1, 0], [1, 0], [1, 0]], [0, 1, 1])    # passes: 1.1, 0.9, 2.2 s
+    c = compare(meas, sim, {"case": "x"})
+    assert c.passes["rel_err"].round(6).tolist() == [0.1, -0.1, 0.1]
+    assert c.row["tpot_ms_measured"] == pytest.approx(1500) and c.row["tpot_ms_simulated"] == pytest.approx(1550)
+    assert c.row["tpot_err"] == pytest.approx(50 / 1500) and c.row["ttft_err"] == pytest.approx(0.1)
+    assert c.row["decisions_match"] and c.row["step_err_max"] == pytest.approx(0.1)
+    other = _result([1.1, 2.0, 4.2], [[1, 0], [0, 1], [1, 0]], [0, 1, 1])
+    assert "layer step 1" in str(first_divergence(meas, other))
+    late = _result([1.1, 2.0, 4.2], [[1, 0], [1, 0], [1, 0]], [0, 0, 1])
+    assert "pass 1" in str(first_divergence(meas, late))
+    assert "DIFFER" not in summary_md([c.row]) and "target" in summary_md([c.row])
+
+
+def test_moe_only_zeroes_the_non_moe_part(graph_profile: HardwareProfile) -> None:
+    from moebits.sim.kernels import KernelModel
+
+    km = KernelModel(moe_only(graph_profile), SPEC, ["int4"])
+    assert km.non_moe_s(np.array([1, 4]), np.array([True, False])).tolist() == [km.launch_group_s] * 2
+
+
+@pytest.mark.parametrize("policy", [["policy=static_uniform", "budget=all_int4"], ["policy=dynaexq"]])
+def test_validate_end_to_end_on_cpu(tmp_path: Path, graph_profile: HardwareProfile, policy: list[str]) -> None:
+    torch.set_num_threads(1)
+    c = validate([*policy, *CASE], graph_profile, tmp_path, label=policy[0])
+    assert c.row["decisions_match"], c.row["first_divergence"]
+    assert c.row["trace"].endswith("default.parquet") and c.row["layers"] == 1
+    assert c.row["tpot_ms_measured"] > 0 and c.row["tpot_ms_simulated"] > 0
+    assert c.row["promotions_measured"] == c.row["promotions_simulated"]
+    rows = json.loads((tmp_path / "fidelity.json").read_text())
+    assert [r["case"] for r in rows] == [policy[0]]
+    assert (tmp_path / f"{policy[0].replace('=', '_')}.png").stat().st_size > 0
+    assert len(c.passes) == c.row["passes"] == 129  # one sequence: prefill + 128 decode passes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fidelity_on_the_gpu_loose_bounds(tmp_path: Path) -> None:
+    """Calibrate the GPU quickly and validate static int4: decisions match, TPOT within 25%."""
+    path = tmp_path / "cal.yaml"
+    from moebits.runtime.calibrate import main
+
+    main(["--runtime", "eager", "--quick", "--precisions", "bf16,int4", "--out", str(path)])
+    c = validate(["policy=static_uniform", "budget=all_int4", "runtime.layers=4", "workload.max_seqs=1",
+                  "progress=false"], read_profile(path), tmp_path)
+    assert c.row["decisions_match"]
+    assert abs(c.row["tpot_err"]) < 0.25
+
+
+def test_attention_shape_follows_the_spec() -> None:
+    from moebits.core.model_spec import get_model_spec
+    from moebits.runtime.calibrate_graph import attn_shape
+
+    s = attn_shape(get_model_spec("Qwen3-30B-A3B"))
+    assert (s.heads, s.kv_heads, s.head_dim) == (32, 4, 128)   # the model's own config

@@ -31,7 +31,7 @@ if [ "$smoke" = --smoke ]; then
   total=900
 else
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt" | tee -a "$log"
-  dec_args=(--layers 48 --decode 32 --batch 8 32 --lags 1 2 --stress 4)
+  dec_args=(--layers 48 --decode 32 --batch 8 --lags 1 2 --stress 4)
   grouped_args=(--tokens 16 128 --reps 8 --rotations 4 --no-accuracy --old-impls int4 --impls int4 mixed
                 --fused-configs 16,32,4,1,1 --grouped-all)
   total=230

@@ -143,9 +143,10 @@ class LayerTopN:
             out = [e for e in experts if e not in members]
         else:
             out = [e for e in experts if e not in members and eligible(e)]
-        if limit is not None and limit < len(out) > 32:  # a partial selection pays off on long lists only
-            return heapq.nsmallest(limit, out, key=lambda e: (-row[e], e))
-        out.sort(key=lambda e: (-row[e], e))
+        # key (-score, id) as two stable C-level sorts (no per-element Python key): ids ascending,
+        # then by score descending (reverse=True keeps equal scores in id order)
+        out.sort()
+        out.sort(key=row.__getitem__, reverse=True)
         return out if limit is None else out[:limit]
 
     def has_free_slot(self, layer: int) -> bool:

@@ -60,8 +60,9 @@ class LayerEma:
         row, w = self.v[layer], (1.0 - alpha) * s
         added = 0.0
         for e, g in zip(experts, values, strict=True):
-            row[e] += w * g
-            added += w * g
+            x = w * g
+            row[e] += x
+            added += x
         self.sum_v[layer] += added
 
     def seed(self, layer: int, values: list[float]) -> None:
@@ -127,10 +128,10 @@ class LayerTopN:
         if self._epoch[layer] != self.ema.epoch[layer]:
             self._rebuild(layer)
             return
-        members, heap, score = self.members[layer], self._heap[layer], self.ema.score
+        members, heap, row, push = self.members[layer], self._heap[layer], self.ema.v[layer], heapq.heappush
         for e in experts:
             if e in members:
-                heapq.heappush(heap, (score(layer, e), e))
+                push(heap, (row[e], e))  # row[e] is ema.score(layer, e)
         if len(heap) > 4 * len(members) + 16:
             self._rebuild(layer)
 
@@ -155,13 +156,13 @@ class LayerTopN:
     def weakest_beaten_by(self, layer: int, challenger: int, droppable: Callable[[int], bool]) -> int | None:
         """The weakest member old enough and ``droppable`` if ``challenger`` beats it by the
         hysteresis factor, else None. The member stays in the set (call :meth:`discard`)."""
-        heap, members, score = self._heap[layer], self.members[layer], self.ema.score
+        heap, members, row = self._heap[layer], self.members[layer], self.ema.v[layer]  # row[e]: ema.score
         oldest_ok = self.ema.steps[layer] - self.min_residency
         skipped: list[tuple[float, int]] = []
         found: int | None = None
         while heap:
             s, e = heap[0]
-            if e not in members or s != score(layer, e):
+            if e not in members or s != row[e]:
                 heapq.heappop(heap)  # stale entry
                 continue
             if members[e] <= oldest_ok and droppable(e):
@@ -172,8 +173,8 @@ class LayerTopN:
             heapq.heappush(heap, item)
         if found is None:
             return None
-        c = score(layer, challenger)
-        return found if c > 0.0 and c > self.hysteresis * score(layer, found) else None
+        c = row[challenger]
+        return found if c > 0.0 and c > self.hysteresis * row[found] else None
 
     def _rebuild(self, layer: int) -> None:
         score = self.ema.score

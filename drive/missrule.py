@@ -111,7 +111,7 @@ def choose(rule: MissRule, res: Residency, low: list[int], P: int, errl: list[li
     served: list[tuple[int, int]] | None = [] if track else None
     waited: list[tuple[int, int]] | None = [] if track else None
     err, wait = 0.0, 0.0
-    for e, t, g in zip(ex_e[a:b], ex_t[a:b], ex_g[a:b]):  # slices: cheaper than three index reads per expert
+    for e, t, g in zip(ex_e[a:b], ex_t[a:b], ex_g[a:b], strict=True):  # cheaper than three index reads per expert
         r, ld = rl[e], ll[e]
         if ld and ((stall and (not r or low[ld] < low[r])) or (not r and not host_rule)):
             p = low[ld] if stall else first_done(res, e, ld, P)  # wait for a copy in flight

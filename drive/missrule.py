@@ -111,8 +111,7 @@ def choose(rule: MissRule, res: Residency, low: list[int], P: int, errl: list[li
     served: list[tuple[int, int]] | None = [] if track else None
     waited: list[tuple[int, int]] | None = [] if track else None
     err, wait = 0.0, 0.0
-    for j in range(a, b):
-        e = ex_e[j]
+    for e, t, g in zip(ex_e[a:b], ex_t[a:b], ex_g[a:b], strict=True):  # cheaper than three index reads per expert
         r, ld = rl[e], ll[e]
         if ld and ((stall and (not r or low[ld] < low[r])) or (not r and not host_rule)):
             p = low[ld] if stall else first_done(res, e, ld, P)  # wait for a copy in flight
@@ -124,22 +123,22 @@ def choose(rule: MissRule, res: Residency, low: list[int], P: int, errl: list[li
         elif r:
             p = low[r]  # the best READY copy
         elif host_rule:
-            host.append((e, ex_t[j]))
-            err += ex_g[j] * host_errl[e]
+            host.append((e, t))
+            err += g * host_errl[e]
             if served is not None:
                 served.append((e, -1))
             continue
         elif stage_p >= 0:
             if bypass is _NONE:
                 bypass = []
-            bypass.append((e, ex_t[j]))
-            err += ex_g[j] * errl[e][stage_p]
+            bypass.append((e, t))
+            err += g * errl[e][stage_p]
             continue
         else:
             raise no_copy(policy, rule, layer, e)
-        tok[p] += ex_t[j]
+        tok[p] += t
         cnt[p] += 1
-        err += ex_g[j] * errl[e][p]
+        err += g * errl[e][p]
         if served is not None:
             served.append((e, p))
     return Choice(wait, tok, cnt, err, host, served, waited, bypass)

@@ -60,8 +60,9 @@ class LayerEma:
         row, w = self.v[layer], (1.0 - alpha) * s
         added = 0.0
         for e, g in zip(experts, values, strict=True):
-            row[e] += w * g
-            added += w * g
+            x = w * g
+            row[e] += x
+            added += x
         self.sum_v[layer] += added
 
     def seed(self, layer: int, values: list[float]) -> None:
@@ -127,10 +128,10 @@ class LayerTopN:
         if self._epoch[layer] != self.ema.epoch[layer]:
             self._rebuild(layer)
             return
-        members, heap, score = self.members[layer], self._heap[layer], self.ema.score
+        members, heap, row, push = self.members[layer], self._heap[layer], self.ema.v[layer], heapq.heappush
         for e in experts:
             if e in members:
-                heapq.heappush(heap, (score(layer, e), e))
+                push(heap, (row[e], e))  # row[e] is ema.score(layer, e)
         if len(heap) > 4 * len(members) + 16:
             self._rebuild(layer)
 
@@ -143,9 +144,10 @@ class LayerTopN:
             out = [e for e in experts if e not in members]
         else:
             out = [e for e in experts if e not in members and eligible(e)]
-        if limit is not None and limit < len(out) > 32:  # a partial selection pays off on long lists only
-            return heapq.nsmallest(limit, out, key=lambda e: (-row[e], e))
-        out.sort(key=lambda e: (-row[e], e))
+        # key (-score, id) as two stable C-level sorts (no per-element Python key): ids ascending,
+        # then by score descending (reverse=True keeps equal scores in id order)
+        out.sort()
+        out.sort(key=row.__getitem__, reverse=True)
         return out if limit is None else out[:limit]
 
     def has_free_slot(self, layer: int) -> bool:
@@ -154,13 +156,13 @@ class LayerTopN:
     def weakest_beaten_by(self, layer: int, challenger: int, droppable: Callable[[int], bool]) -> int | None:
         """The weakest member old enough and ``droppable`` if ``challenger`` beats it by the
         hysteresis factor, else None. The member stays in the set (call :meth:`discard`)."""
-        heap, members, score = self._heap[layer], self.members[layer], self.ema.score
+        heap, members, row = self._heap[layer], self.members[layer], self.ema.v[layer]  # row[e]: ema.score
         oldest_ok = self.ema.steps[layer] - self.min_residency
         skipped: list[tuple[float, int]] = []
         found: int | None = None
         while heap:
             s, e = heap[0]
-            if e not in members or s != score(layer, e):
+            if e not in members or s != row[e]:
                 heapq.heappop(heap)  # stale entry
                 continue
             if members[e] <= oldest_ok and droppable(e):
@@ -171,8 +173,8 @@ class LayerTopN:
             heapq.heappush(heap, item)
         if found is None:
             return None
-        c = score(layer, challenger)
-        return found if c > 0.0 and c > self.hysteresis * score(layer, found) else None
+        c = row[challenger]
+        return found if c > 0.0 and c > self.hysteresis * row[found] else None
 
     def _rebuild(self, layer: int) -> None:
         score = self.ema.score

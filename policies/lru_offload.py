@@ -72,15 +72,15 @@ class LruOffload(OffloadCache):
         victims = self._victims(pool, len(misses) - free, set(keys), res)
         if len(victims) < len(misses) - free:
             self._no_room(obs)
-        admitted = misses[: free + len(victims)]
-        actions = [promote_of[k] for k in admitted[:free]]
+        actions = [promote_of[k] for k in misses[:free]]
+        for k in misses[:free]:
+            lru[k] = None
         demote_of = self._demote_of
-        for v, k in zip(victims, admitted[free:], strict=True):
+        for v, k in zip(victims, misses[free : free + len(victims)], strict=True):
             del lru[v]
+            lru[k] = None  # a miss is no victim: the same order as deleting all victims first
             actions.append(demote_of[v])
             actions.append(promote_of[k])
-        for k in admitted:
-            lru[k] = None
         self._held[pool] += free
         return actions
 

@@ -321,9 +321,10 @@ class Engine:
         """Stream bypassed experts through the staging slots (module docstring, step 5);
         returns when the last one is computed."""
         p, nbytes, submit, group_s = self._stage_p, self._stage_bytes, self.h2d.submit, self.kernels.group_s
-        slot_free = [t1] * self.staging_slots
+        slots = self.staging_slots
+        slot_free = [t1] * slots
         for j, (_, tokens) in enumerate(bypass):
-            s = j % self.staging_slots
+            s = j % slots
             ready = submit(slot_free[s], nbytes)
             device_free = (ready if ready > device_free else device_free) + group_s(p, tokens, 1)
             slot_free[s] = device_free

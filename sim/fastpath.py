@@ -162,9 +162,8 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
             if waited is None:
                 return general(c0 + j, layer, c.ex, a, b, t1, rec)
             start, missing = waited
-        if missing:  # no copy at all: streamed through the staging slab
-            pos = {e: i for i, e in enumerate(exs, a)}
-            bypass = [(e, ex_t[pos[e]]) for e in missing]
+        if missing:  # no copy at all: streamed through the staging slab (``missing``: positions in ``exs``)
+            bypass = [(exs[i], ex_t[a + i]) for i in missing]
             n = b - a - len(bypass)
             tokens = tsum[j] - sum([t for _, t in bypass])
             end = stream(t1, start + group_s(0, tokens, n) if n else start, bypass)
@@ -183,19 +182,19 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
 
 def _single_wait(eng: Engine, layer: int, exs: list[int], t1: float, staged: bool) -> tuple[float, list[int]] | None:
     """When compute may start: after the last needed copy in flight (copies due by then turn
-    READY), and the experts to stream through the staging slab (no copy at all); None when
-    such an expert has no staging slab to go through."""
+    READY), and the positions in ``exs`` of the experts to stream through the staging slab (no
+    copy at all); None when such an expert has no staging slab to go through."""
     pool = eng.pool
     rl, ll, done_at, base = pool.ready[layer], pool.loading[layer], pool.done_at, layer * eng.spec.experts
     wait = 0.0
     bypass: list[int] = []
-    for e in exs:
+    for i, e in enumerate(exs):
         if rl[e]:
             continue
         if not ll[e]:
             if not staged:
                 return None
-            bypass.append(e)
+            bypass.append(i)
             continue
         d = done_at[base + e]
         if d > wait:

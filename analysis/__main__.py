@@ -28,30 +28,23 @@ from moebits.analysis import (
     cli_trace_stats,
     cli_validate,
 )
+from moebits.core.cli import run_subcommand, subcommand_parser
 from moebits.traces.format import TraceError
 
 COMMANDS = (cli_prepare, cli_trace_stats, cli_report, cli_study, cli_quality, cli_validate, cli_fidelity)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moebits analysis",
-        description="moebits results -> tidy tables and figures: prepare the real traces as "
+    return subcommand_parser(
+        "moebits analysis",
+        "moebits results -> tidy tables and figures: prepare the real traces as "
         "workloads, describe them, and report a hydra multirun of python -m moebits.sim.",
+        COMMANDS,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        module.register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (TraceError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_subcommand(build_parser(), argv, (TraceError,))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moebits.core.cli import run_subcommand, subcommand_parser
 from moebits.traces import cli_cache, cli_capture, cli_import, cli_info, cli_stats, cli_synth
 from moebits.traces.format import TraceError
 
@@ -17,24 +18,16 @@ COMMANDS = (cli_import, cli_stats, cli_synth, cli_capture, cli_info, cli_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moebits traces",
-        description="Routing traces for moebits: import public formats, show statistics, "
+    return subcommand_parser(
+        "moebits traces",
+        "Routing traces for moebits: import public formats, show statistics, "
         "synthesize traces fitted to real ones, capture routing from Hugging Face MoE models.",
+        COMMANDS,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        module.register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (TraceError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_subcommand(build_parser(), argv, (TraceError,))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moebits.core.cli import run_subcommand, subcommand_parser
 from moebits.train import cli_corpus, cli_fit, cli_sensitivity, cli_traces
 from moebits.train.corpus import CorpusError
 
@@ -18,24 +19,16 @@ COMMANDS = (cli_corpus, cli_fit, cli_sensitivity, cli_traces)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moebits train",
-        description="Build the Python-stdlib corpus (TRAIN / CALIBRATION / EVALUATION splits), train the "
+    return subcommand_parser(
+        "moebits train",
+        "Build the Python-stdlib corpus (TRAIN / CALIBRATION / EVALUATION splits), train the "
         "project's byte-level Qwen3-MoE and a dense model of its active size, and measure its quality.",
+        COMMANDS,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        module.register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (CorpusError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_subcommand(build_parser(), argv, (CorpusError,))
 
 
 if __name__ == "__main__":

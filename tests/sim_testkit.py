@@ -12,6 +12,7 @@ import numpy as np
 from moebits.core.hardware import HardwareProfile, KernelTable, LinkCurve
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
+from moebits.core.routing import LayerSteps
 from moebits.core.slabs import Refusal, SlabClass, SlabLedger, SlabState
 from moebits.policies.base import Action, ActionKind, LayerObs, MissRule, Policy, demote, prefetch, promote
 from moebits.traces.format import Phase, Trace, TraceMeta
@@ -214,3 +215,20 @@ class Chaos(Policy):
         self.refused.append((action, reason))
         if action.kind is not ActionKind.DEMOTE:
             self.issued_bytes -= self.bytes_of.get(action.precision, 0)
+
+
+def layer_steps(steps: list[tuple[int, list[int]]]) -> LayerSteps:
+    """LayerSteps from ``[(layer, [experts]), ...]``, one token per routed expert."""
+    experts = [sorted(set(es)) for _, es in steps]
+    sizes = [len(es) for es in experts]
+    n = sum(sizes)
+    return LayerSteps(
+        ls_layer=np.array([layer for layer, _ in steps], dtype=np.uint16),
+        ls_batch=np.zeros(len(steps), dtype=np.int32),
+        ls_pass=np.arange(len(steps), dtype=np.int32),
+        ls_tokens=np.array(sizes, dtype=np.int32),
+        offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        ex_expert=np.array([e for es in experts for e in es], dtype=np.int16),
+        ex_tokens=np.ones(n, dtype=np.int32),
+        ex_gate=np.ones(n, dtype=np.float32),
+    )

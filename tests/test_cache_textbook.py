@@ -29,7 +29,7 @@ from moebits.sim.engine import Engine
 from moebits.traces.__main__ import main as traces_main
 from moebits.traces.format import read_trace
 from moebits.traces.replay import build_view
-from sim_testkit import round_hw
+from sim_testkit import layer_steps, round_hw
 from textbook_caches import belady_hits, brute_force_fewest_misses, lfu_hits, lru_hits
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "real"
@@ -53,23 +53,6 @@ def steps_of_layer(view: LayerSteps, layer: int) -> list[list[int]]:
 
 def textbook_hits_per_layer(view: LayerSteps, spec: ModelSpec, name: str, slots: int) -> np.ndarray:
     return np.array([TEXTBOOK[name](steps_of_layer(view, layer), slots) for layer in range(spec.layers)])
-
-
-def layer_steps(steps: list[tuple[int, list[int]]]) -> LayerSteps:
-    """LayerSteps from ``[(layer, [experts]), ...]``, one token per routed expert."""
-    experts = [sorted(set(es)) for _, es in steps]
-    sizes = [len(es) for es in experts]
-    n = sum(sizes)
-    return LayerSteps(
-        ls_layer=np.array([layer for layer, _ in steps], dtype=np.uint16),
-        ls_batch=np.zeros(len(steps), dtype=np.int32),
-        ls_pass=np.arange(len(steps), dtype=np.int32),
-        ls_tokens=np.array(sizes, dtype=np.int32),
-        offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-        ex_expert=np.array([e for es in experts for e in es], dtype=np.int16),
-        ex_tokens=np.ones(n, dtype=np.int32),
-        ex_gate=np.ones(n, dtype=np.float32),
-    )
 
 
 def tiny(layers: int, experts: int) -> ModelSpec:

@@ -42,6 +42,7 @@ from moebits.policies.offload_cache import CacheScope, InitialFill
 from moebits.policies.oracle import OracleConfig
 from moebits.policies.static_frequency import StaticFrequencyConfig
 from moebits.policies.static_uniform import StaticUniformConfig
+from sim_testkit import layer_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTES = {"bf16": 100, "int8": 55, "int4": 30}  # per expert, made up for exact budgets
@@ -49,23 +50,6 @@ BYTES = {"bf16": 100, "int8": 55, "int4": 30}  # per expert, made up for exact b
 
 def tiny_spec(layers: int = 1, experts: int = 8, top_k: int = 1) -> ModelSpec:
     return ModelSpec("tiny", layers=layers, experts=experts, top_k=top_k, hidden=64, expert_intermediate=64)
-
-
-def layer_steps(steps: list[tuple[int, list[int]]]) -> LayerSteps:
-    """LayerSteps from ``[(layer, [experts]), ...]``, one token per routed expert."""
-    experts = [sorted(set(es)) for _, es in steps]
-    sizes = [len(es) for es in experts]
-    n = sum(sizes)
-    return LayerSteps(
-        ls_layer=np.array([layer for layer, _ in steps], dtype=np.uint16),
-        ls_batch=np.zeros(len(steps), dtype=np.int32),
-        ls_pass=np.arange(len(steps), dtype=np.int32),
-        ls_tokens=np.array(sizes, dtype=np.int32),
-        offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-        ex_expert=np.array([e for es in experts for e in es], dtype=np.int16),
-        ex_tokens=np.ones(n, dtype=np.int32),
-        ex_gate=np.ones(n, dtype=np.float32),
-    )
 
 
 def context(spec: ModelSpec, budget_bytes: int, future: LayerSteps | None = None, profile=None) -> PolicyContext:

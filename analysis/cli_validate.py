@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moebits.analysis.fidelity import summary_md, validate
+from moebits.analysis.fidelity import resimulate, summary_md, validate
 from moebits.core.hardware import HardwareProfile
 
 EPILOG = """Runs `moebits runtime runtime.mode=REPLAY OVERRIDES` (the live replay: the GPU when
@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases-file", type=Path, default=None,
                    help="several cases in one process: one per line, 'CASE override override ...' (the positional "
                    "overrides are added to every line; '#' starts a comment)")
+    p.add_argument("--resim", type=Path, default=None, metavar="MEASURED_DIR",
+                   help="no runtime: simulate again every case measured into MEASURED_DIR (its *.measured.npz and "
+                   "*.case.json) with --hardware and compare; writes to --out")
     p.add_argument("overrides", nargs="*", help="moebits runtime overrides (policy=..., budget=..., workload...)")
     p.set_defaults(func=run)
 
@@ -68,6 +71,11 @@ def read_cases(path: Path | None, case: str, overrides: list[str]) -> list[tuple
 
 def run(args: argparse.Namespace) -> int:
     hw = load_hardware(args.hardware)
+    if args.resim is not None:
+        rows = [c.row for c in resimulate(args.resim, hw, args.out)]
+        (args.out / "fidelity.md").write_text(summary_md(json.loads((args.out / "fidelity.json").read_text())))
+        print(summary_md(rows))
+        return 0 if all(r["decisions_match"] for r in rows) else 1
     ok = True
     for case, overrides in read_cases(args.cases_file, args.case, list(args.overrides)):
         try:

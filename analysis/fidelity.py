@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from moebits.core.hardware import HardwareProfile, NonMoeTable
 from moebits.drive.driver import COUNTS
-from moebits.drive.records import COUNTERS, RunResult, pass_table, summarize
+from moebits.drive.records import COUNTERS, RunResult, load_run, pass_table, save_run, summarize
 
 
 @dataclass
@@ -98,6 +98,7 @@ def compare(meas: RunResult, sim: RunResult, labels: dict[str, Any]) -> Comparis
         "stall_s_measured": sm["stall_s"], "stall_s_simulated": ss["stall_s"],
         "h2d_bytes_measured": sm["h2d_bytes"], "h2d_bytes_simulated": ss["h2d_bytes"],
         "promotions_measured": sm["promotions"], "promotions_simulated": ss["promotions"],
+        "copy_wait_s_measured": meas.info.get("copy_wait_s"), "copy_wait_s_simulated": sim.info.get("copy_wait_s"),
         "refusals_measured": sm["refusals"], "refusals_simulated": ss["refusals"],
         "hit_rate_measured": sm.get("hit_rate"), "hit_rate_simulated": ss.get("hit_rate"),
         "passes": n, "layer_steps": meas.layer_steps,
@@ -119,57 +120,108 @@ def moe_only(hw: HardwareProfile) -> HardwareProfile:
     return dataclasses.replace(hw, non_moe_table=NonMoeTable([1.0], [0.0]), non_moe_launches=0, step_overhead_s=0.0)
 
 
-def run_both(overrides: list[str], hw: HardwareProfile) -> tuple[RunResult, RunResult, dict[str, Any]]:
-    """The live replay of ``overrides`` (``moebits runtime`` keys; ``workload=default`` unless
-    they pick a workload) and the simulator on what it replayed (with :func:`moe_only` ``hw`` when the replay ran the MoE layers only)."""
-    from hydra import compose, initialize_config_dir
+def compose(overrides: list[str]) -> Any:
+    """The :class:`runtime.runner.RuntimeRunConfig` of a replay with ``overrides`` (``workload=default``
+    unless they pick a workload; ``runtime.mode=REPLAY``, no KL)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from moebits.drive.app import CONF_DIR
-    from moebits.policies._tables import run_table
-    from moebits.policies.base import build_policy
     from moebits.runtime.app import register_configs
-    from moebits.runtime.runner import RuntimeRunConfig, execute, load_replay, pick_device, resolve_budget
-    from moebits.sim.engine import Engine
-    from moebits.traces.replay import load_view
+    from moebits.runtime.runner import RuntimeRunConfig
     from omegaconf import OmegaConf
 
     register_configs()
     if not any(o.lstrip("+~").startswith("workload=") for o in overrides):
         overrides = ["workload=default", *overrides]  # the embedded default trace (moebits runtime defaults to synth)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("runtime", overrides=[*overrides, "runtime.mode=REPLAY", "runtime.kl=false"]))
+        cfg = OmegaConf.to_object(hydra_compose("runtime", overrides=[*overrides, "runtime.mode=REPLAY",
+                                                                      "runtime.kl=false"]))
     assert isinstance(cfg, RuntimeRunConfig)
-    meas, summary = execute(cfg)
-    view, full, spec, _ = load_replay(cfg, pick_device(cfg.runtime.device))
+    return cfg
+
+
+def simulate_like(cfg: Any, device_type: str, hw: HardwareProfile, summary: dict[str, Any]) -> tuple[RunResult, dict[str, Any]]:
+    """The simulator on exactly what the runtime replayed on a ``device_type`` machine (same shapes
+    and view, budget bytes, policy, table, profile, seed and lags), priced by ``hw`` (:func:`moe_only`
+    when the replay ran the MoE layers only); the run and the case's labels."""
+    import torch
+    from moebits.policies._tables import run_table
+    from moebits.policies.base import build_policy
+    from moebits.runtime.runner import load_replay, replay_profile, resolve_budget
+    from moebits.sim.engine import Engine
+
+    view, full, spec, src = load_replay(cfg, torch.device(device_type))
     budget = resolve_budget(cfg, full, spec)
     policy = build_policy(cfg.policy)
     table, _ = run_table(cfg.quality_table, spec, cfg.seed)
-    profile = load_view(cfg.workload.profile_path, 1) if cfg.workload.profile_path else None  # as the runtime
-    if profile is None and policy.needs_profile:
-        profile = view
+    profile, _ = replay_profile(cfg, view, src, policy)  # as the runtime chose it
     full_step = runs_full_step(summary)
-    engine = Engine(view, spec, hw if full_step else moe_only(hw), policy, budget, seed=cfg.seed, sensitivity=table, profile=profile,
-                    observe_lag=cfg.observe_lag)
+    engine = Engine(view, spec, hw if full_step else moe_only(hw), policy, budget, seed=cfg.seed, sensitivity=table,
+                    profile=profile, observe_lag=cfg.observe_lag, route_lag=cfg.route_lag, policy_hw=cfg.hardware)
     sim = engine.run()
     labels = {"policy": summary["policy"], "batch": cfg.workload.batch, "trace": summary["workload"],
-              "budget_gb": budget / 1e9, "observe_lag": cfg.observe_lag, "layers": spec.layers,
-              "model": f"{spec.name} {spec.hidden}x{spec.expert_intermediate}", "device": summary.get("device"),
+              "budget_gb": budget / 1e9, "observe_lag": cfg.observe_lag, "route_lag": cfg.route_lag,
+              "layers": spec.layers, "model": f"{spec.name} {spec.hidden}x{spec.expert_intermediate}",
+              "device": summary.get("device"),
               "runtime_path": summary.get("runtime_path", "eager replay, MoE layers only (runtime/replay.py)"),
               "sim_non_moe": "modelled" if full_step else "zero (the replay ran MoE layers only)",
-              "hardware": hw.name, "overrides": " ".join(overrides)}
-    return meas, sim, labels
+              "hardware": hw.name}
+    return sim, labels
+
+
+def run_both(overrides: list[str], hw: HardwareProfile) -> tuple[RunResult, RunResult, dict[str, Any]]:
+    """The live replay of ``overrides`` (``moebits runtime`` keys) and the simulator on what it replayed."""
+    from moebits.runtime.runner import execute, pick_device
+
+    cfg = compose(overrides)
+    meas, summary = execute(cfg)
+    meas.info["summary"] = summary
+    sim, labels = simulate_like(cfg, pick_device(cfg.runtime.device).type, hw, summary)
+    return meas, sim, {**labels, "overrides": " ".join(overrides)}
 
 
 def validate(overrides: list[str], hw: HardwareProfile, out_dir: Path, label: str = "") -> Comparison:
-    """Run both engines, compare, and write ``out_dir``: ``LABEL.passes.csv``, ``LABEL.png`` and
-    the row appended to ``fidelity.json``."""
+    """Run both engines, compare, and write ``out_dir``: ``LABEL.passes.csv``, ``LABEL.png``, the
+    measured run (``LABEL.measured.npz`` + ``LABEL.case.json``, for :func:`resimulate`) and the row
+    appended to ``fidelity.json``."""
     meas, sim, labels = run_both(overrides, hw)
-    cmp = compare(meas, sim, {"case": label or labels["policy"], **labels})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _slug(label or labels["policy"])
+    save_run(meas, out_dir / f"{stem}.measured.npz")
+    (out_dir / f"{stem}.case.json").write_text(json.dumps(
+        {"case": label or labels["policy"], "overrides": overrides, "device_type": _device_type(labels)}, indent=1))
+    return _report(meas, sim, {"case": label or labels["policy"], **labels}, hw, out_dir)
+
+
+def _device_type(labels: dict[str, Any]) -> str:
+    return "cpu" if str(labels.get("device", "cpu")) == "cpu" else "cuda"
+
+
+def _report(meas: RunResult, sim: RunResult, labels: dict[str, Any], hw: HardwareProfile, out_dir: Path) -> Comparison:
+    cmp = compare(meas, sim, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _slug(cmp.row["case"])
     cmp.passes.to_csv(out_dir / f"{stem}.passes.csv", index=False)
     scatter(cmp.passes, out_dir / f"{stem}.png", title=f"{cmp.row['case']} on {hw.name}")
     append_rows(out_dir / "fidelity.json", [cmp.row])
     return cmp
+
+
+def resimulate(measured_dir: Path, hw: HardwareProfile, out_dir: Path) -> list[Comparison]:
+    """Every measured case of ``measured_dir`` (written by :func:`validate`) simulated again with
+    ``hw`` and compared: a new profile graded on old measurements, no GPU needed."""
+    cases = sorted(measured_dir.glob("*.case.json"))
+    if not cases:
+        raise ValueError(f"no *.case.json in {measured_dir} (run moebits analysis validate first)")
+    out = []
+    for path in cases:
+        case = json.loads(path.read_text())
+        meas = load_run(path.with_name(path.name.removesuffix(".case.json") + ".measured.npz"))
+        cfg = compose(case["overrides"])
+        sim, labels = simulate_like(cfg, case["device_type"], hw, meas.info.get("summary", meas.info))
+        out.append(_report(meas, sim, {"case": case["case"], **labels, "overrides": " ".join(case["overrides"])},
+                           hw, out_dir))
+    return out
 
 
 def _slug(text: str) -> str:

@@ -134,6 +134,10 @@ class BaseRunConfig:
     from ``seed``; ``analytic`` gives the quality proxy the analytic default.
     ``observe_lag``: layer steps between a step's routing and the policy seeing it (0: at once;
     d: before step t + d is served, see :mod:`drive.driver`); both engines apply the same rule.
+    ``route_lag``: 0 is the per-layer seam; p >= 1 the per-pass seam of a graph-captured runtime
+    (pass t's routing reaches the policy at the boundary before pass t + p; copies issued at a
+    boundary are servable from the next pass; see :func:`drive.driver.per_pass`). Demand-fetch
+    (STALL) policies keep the per-layer seam.
     """
 
     model: ModelConfig = MISSING
@@ -147,6 +151,7 @@ class BaseRunConfig:
     progress: bool = True
     quality_table: str | None = None
     observe_lag: int = 0
+    route_lag: int = 0
 
 
 preset_stem = preset_key  # the ``conf/model/`` file stem of a ModelSpec preset (see core.model_spec)

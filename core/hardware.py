@@ -19,6 +19,11 @@ the optional measured kernel tables (keyed by the expert shape they were measure
   one launch: the expert launch cost is paid once per layer step, not once per class) and
   ``step_overhead_s`` (fixed cost of every forward pass: embedding and head, graph launch,
   residency-table updates, the routing read-back);
+- optional, written by the whole-pass calibration (:mod:`runtime.pass_designs`): ``graph_tables``
+  (:class:`GraphPassTable`: a whole captured step priced by rows, KV position and the precision
+  mix, per model shape; when one matches the model it replaces the three fields above) and
+  ``layer_sync_s`` (the host turnaround of a per-layer graph step: routing read-back, the
+  host's decisions, the next graph's launch; charged per layer step on the per-layer seam);
 - ``calibration``: provenance of a measured profile (gpu, driver, torch, date, runtime path).
 
 Presets are YAML files of this schema under ``conf/hardware/``; runtime calibration writes
@@ -136,6 +141,48 @@ class NonMoeTable:
 
 
 @dataclass
+class GraphPassTable:
+    """Whole-step graph cost of one model shape (a graph-captured runtime), fitted to timed synthetic
+    passes (:mod:`runtime.pass_designs`); ``prefill`` tables price prefill passes (T rows of one
+    sequence), the others decode passes.
+
+    Per rows ``T`` of a pass (interpolated linearly between the measured ``rows``, held beyond
+    them) a pass costs ``fixed_s(T)`` plus, per layer step, ``layer_s(T) + context * layer_ctx_s(T)
+    + sum_p (tok_p * token_s[p](T) + cnt_p * expert_s[p](T))``: ``tok_p`` the (row, expert) pairs
+    served in precision ``p``, ``cnt_p`` the distinct experts, ``context`` the KV-cache position.
+    """
+
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+    prefill: bool
+    rows: list[float]
+    fixed_s: list[float]
+    layer_s: list[float]
+    layer_ctx_s: list[float]
+    token_s: dict[str, list[float]]
+    expert_s: dict[str, list[float]]
+    fit: dict[str, float] = field(default_factory=dict)   # fit quality (e.g. cross-validated error), for the record
+
+    def __post_init__(self) -> None:
+        n = len(self.rows)
+        cols = [self.fixed_s, self.layer_s, self.layer_ctx_s, *self.token_s.values(), *self.expert_s.values()]
+        if not n or any(len(c) != n for c in cols) or any(b <= a for a, b in zip(self.rows, self.rows[1:], strict=False)):
+            raise ValueError("graph pass table: every column needs one value per row count, rows strictly ascending")
+        if set(self.token_s) != set(self.expert_s):
+            raise ValueError("graph pass table: token_s and expert_s must name the same precisions")
+
+    def matches(self, spec: ModelSpec) -> bool:
+        return (self.hidden, self.intermediate, self.experts, self.top_k) == (
+            spec.hidden, spec.expert_intermediate, spec.experts, spec.top_k)
+
+    def at(self, column: list[float], rows: Any) -> np.ndarray:
+        """``column`` interpolated at ``rows`` (array)."""
+        return np.interp(np.asarray(rows, float), np.asarray(self.rows, float), np.asarray(column, float))
+
+
+@dataclass
 class HardwareProfile:
     """A machine's cost model; see the module docstring for every field's meaning."""
 
@@ -157,6 +204,8 @@ class HardwareProfile:
     non_moe_table: NonMoeTable | None = None
     fused_moe: bool = False
     step_overhead_s: float = 0.0
+    graph_tables: list[GraphPassTable] = field(default_factory=list)
+    layer_sync_s: float = 0.0
     calibration: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -164,7 +213,7 @@ class HardwareProfile:
             if getattr(self, name) <= 0:
                 raise ValueError(f'"{name}" must be > 0 in hardware profile {self.name!r}.')
         for name in ("launch_s", "expert_overhead_s", "host_overhead_s", "expert_launch_ops", "non_moe_launches",
-                     "step_overhead_s"):
+                     "step_overhead_s", "layer_sync_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f'"{name}" must be >= 0 in hardware profile {self.name!r}.')
         if self.peak_tflops.get("bf16", 0) <= 0:
@@ -185,6 +234,13 @@ class HardwareProfile:
         """The measured table for this precision and expert shape, or None (roofline)."""
         for t in self.kernel_tables:
             if (t.precision, t.hidden, t.intermediate) == (precision, hidden, intermediate):
+                return t
+        return None
+
+    def graph_table(self, spec: ModelSpec, prefill: bool) -> GraphPassTable | None:
+        """The whole-step graph table of ``spec``'s shape for prefill or decode passes, or None."""
+        for t in self.graph_tables:
+            if t.prefill == prefill and t.matches(spec):
                 return t
         return None
 
@@ -209,6 +265,11 @@ class HardwareProfile:
         if isinstance(body.get("non_moe_table"), dict):
             _check_keys(NonMoeTable, body["non_moe_table"], "non-MoE table")
             body["non_moe_table"] = NonMoeTable(**body["non_moe_table"])
+        graphs = []
+        for t in body.get("graph_tables", []) or []:
+            _check_keys(GraphPassTable, t, "graph pass table")
+            graphs.append(GraphPassTable(**t))
+        body["graph_tables"] = graphs
         try:
             return cls(**body)
         except TypeError as exc:

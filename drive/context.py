@@ -103,6 +103,8 @@ def run_info(cfg: BaseRunConfig, model: str, budget: int, workload: str, profile
              table_src: str) -> dict[str, Any]:
     """What the run was, for ``summary.json`` (the same keys from both engines)."""
     lag = {"observe_lag": cfg.observe_lag} if cfg.observe_lag else {}  # absent at 0: summaries as before the lag
+    if cfg.route_lag:
+        lag["route_lag"] = cfg.route_lag
     return {
         **lag,
         "model": model,

@@ -94,6 +94,22 @@ def applied_lag(policy: Policy, observe_lag: int) -> int:
     return 0 if policy.miss_rule is MissRule.STALL else observe_lag
 
 
+def per_pass(policy: Policy, route_lag: int) -> bool:
+    """Whether ``policy`` runs on the per-pass seam at ``route_lag`` passes (the graph-captured
+    runtime's whole-step graphs): ``route_lag`` >= 1 and a miss rule that never waits for a copy.
+
+    The per-pass seam, the same rule in every engine: a pass is served whole from the residency
+    decided at the boundary before it. At the boundary before pass n the policy observes every
+    layer step of the passes up to n - ``route_lag`` not yet observed, in order (with
+    ``observe_lag`` layer steps on top, :meth:`Driver.observe`); then every copy issued at an
+    earlier boundary completes (the host waits for it when it has not landed) and the new copies
+    are issued. A copy issued at boundary n is servable from pass n + 1, whatever its timing, so
+    decisions do not depend on when copies land; only time does."""
+    if route_lag < 0:
+        raise ValueError(f'"route_lag" must be >= 0 passes, got {route_lag}')
+    return route_lag > 0 and policy.miss_rule is not MissRule.STALL
+
+
 class Driver:
     """One policy over one mechanism; see the module docstring."""
 

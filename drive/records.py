@@ -27,8 +27,10 @@ Definitions:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -218,3 +220,21 @@ def summarize(r: RunResult) -> dict[str, Any]:
         out["kl_p99"] = float(np.percentile(kl, 99)) if kl.size else None
     out.update(r.info)
     return out
+
+
+_ARRAYS = ("ls_batch", "ls_pass", "ls_tokens", "end_s", "stall_s", "host_wait_s", "err", "act", "snaps", "hits",
+           "requests")
+
+
+def save_run(r: RunResult, path: Path) -> None:
+    """Write ``r``'s arrays, precisions, wall time and info to ``path`` (``.npz``; no KL, no served list)."""
+    meta = {"precisions": r.precisions, "wall_s": r.wall_s, "info": r.info}
+    np.savez_compressed(path, meta=np.array(json.dumps(meta, default=str)), **{k: getattr(r, k) for k in _ARRAYS})
+
+
+def load_run(path: Path) -> RunResult:
+    """A :class:`RunResult` written by :func:`save_run`."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        return RunResult(precisions=meta["precisions"], wall_s=meta["wall_s"], info=meta["info"],
+                         **{k: z[k] for k in _ARRAYS})

@@ -13,12 +13,17 @@ never asks the host. Three rules keep what it reads whole:
    that slab waits for the fence on the copy stream (a device-side wait: no host sync).
 
 Copies are therefore issued at the boundary, after the flush, never inside :meth:`promote`.
+At a waiting boundary (``boundary(wait=True)``, the per-pass seam of :func:`drive.driver.per_pass`)
+every copy in flight completes first (the host waits for its event; ``stats.wait_s``): a copy
+issued at one boundary is servable from the next whatever its timing, so decisions do not
+depend on when copies land.
 The :class:`Streams` protocol is the only contact with CUDA: :class:`CudaStreams` on a GPU,
 :class:`SyncStreams` (everything at once) on the CPU, and a scripted fake in the tests.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,6 +95,7 @@ class MoverStats:
 
     h2d_bytes: int = 0
     applied: int = 0       # table entries written
+    wait_s: float = 0.0    # host seconds waiting for copies at waiting boundaries
 
 
 @dataclass
@@ -147,10 +153,13 @@ class ExpertMover:
                 return c
         return None
 
-    def boundary(self) -> list[ExpertKey]:
-        """Between two steps: finish completed copies, write the table, fence freed slabs, issue copies.
+    def boundary(self, wait: bool = False) -> list[ExpertKey]:
+        """Between two steps: finish completed copies (with ``wait``, every copy in flight: the host
+        waits for those not done), write the table, fence freed slabs, issue copies.
 
         Returns the experts whose promoted copy became servable at this boundary."""
+        if wait:
+            self._wait_flying()
         ready = self._collect_done()
         self.stats.applied += len(self.table.flush())
         if self._freed:
@@ -175,6 +184,13 @@ class ExpertMover:
         self.drain()
 
     # ---- internals
+    def _wait_flying(self) -> None:
+        t0 = time.perf_counter()
+        for c in self._flying:
+            while not self.streams.done(c.event):
+                c.event.synchronize()
+        self.stats.wait_s += time.perf_counter() - t0
+
     def _collect_done(self) -> list[ExpertKey]:
         ready, left = [], []
         for c in self._flying:

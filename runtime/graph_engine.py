@@ -24,12 +24,12 @@ Two ways of observing routing:
 * **per pass** (``GraphMode.WHOLE``, non-STALL policies): the pass replays untouched; its routing
   reaches the host through one asynchronous copy per pass (:class:`runtime.route_observer.
   RouteObserver`, ``route_lag`` passes later); at the boundary before a pass the driver observes
-  the layer steps of every due pass in order (``observe_lag`` layer steps on top) and the mover
-  writes the table and issues copies. No host sync per layer; a policy's actions take effect at
-  pass boundaries. What each layer step was served from is read from the table as the pass
-  saw it, so the step table is exact. This mode delivers observations later than the per-layer
-  seam, so it is not decision-for-decision comparable with the simulator (which models the
-  per-layer seam); it is the fast GPU mode.
+  the layer steps of every due pass in order (``observe_lag`` layer steps on top), then the
+  mover waits for the copies of earlier boundaries, writes the table and issues the new copies
+  (:func:`drive.driver.per_pass`: the seam the simulator replays with ``route_lag``, decision for
+  decision). No host sync per layer; a policy's actions take effect at pass boundaries. What
+  each layer step was served from is read from the table as the pass saw it, so the step table
+  is exact. This is the fast GPU mode.
 
 Not supported (one clear error): ``MissRule.HOST`` (the graph path computes no expert on the
 host), a staging slab for bypassed experts (``staging_experts`` > 0: not streamed here) and
@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from moebits.core.hardware import HardwareProfile
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
 from moebits.core.quality import SensitivityTable
@@ -102,12 +103,13 @@ class GraphEngine:
                  rows: RowFn, *, device: torch.device | str = "cpu", mode: GraphMode = GraphMode.EAGER,
                  seed: int = 0, sensitivity: SensitivityTable | None = None, profile: LayerSteps | None = None,
                  future: LayerSteps | None = None, observe_lag: int = 0, route_lag: int = 1, replay: bool = False,
-                 served: bool = False, max_rows: int = 1, per_pass: bool | None = None) -> None:
+                 served: bool = False, max_rows: int = 1, per_pass: bool | None = None,
+                 hardware: HardwareProfile | None = None) -> None:
         if policy.miss_rule is MissRule.HOST:
             raise ValueError("the graph path computes no expert on the host: MissRule.HOST runs in the eager runtime")
         self.spec, self.policy, self.device = spec, policy, torch.device(device)
         self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile, future=future,
-                                     sensitivity=sensitivity, slack_bytes=SLACK_BYTES)
+                                     sensitivity=sensitivity, slack_bytes=SLACK_BYTES, hardware=hardware)
         self.precisions = precision_order(self.ledger.precisions())
         staging = policy.staging()
         if staging is not None and staging.count:
@@ -143,6 +145,7 @@ class GraphEngine:
         self._pending: dict[int, _Pending] = {}
         self._marks: list[Any] = []
         self.steps = self.passes = 0
+        self.host_s = 0.0   # host seconds inside run_pass (waits included), for the record
         self.clock = Clock(self.device)
 
     # ---- set-up ----
@@ -175,12 +178,16 @@ class GraphEngine:
     # ---- passes ----
     def run_pass(self, p: PassInput) -> torch.Tensor:
         """Serve one pass; its logits buffer ``[T, N]`` (valid until the next pass of that size)."""
+        t0 = time.perf_counter()
         T = int(p.tokens.shape[0])
         runner = self.runner(T)
         buf = runner.buf
         if not self.per_layer:
             self._deliver(self.passes)
-            self._pending[self.passes] = _Pending(p.batch, p.pass_index, self.table.host.copy())
+            codes = self.table.host.copy()
+            if p.ids is not None:
+                self._check_resident(codes, p.ids.numpy())
+            self._pending[self.passes] = _Pending(p.batch, p.pass_index, codes)
         buf.set_rows(p.tokens, p.row_seq, p.row_pos)
         if p.ids is not None and p.weights is not None:
             buf.set_routing(p.ids, p.weights)
@@ -191,6 +198,7 @@ class GraphEngine:
             assert self.observer is not None
             self.observer.record(self.passes, buf.ids, buf.weights, T)
         self._marks.append(self.clock.mark())
+        self.host_s += time.perf_counter() - t0
         if p.ends_pass:
             self.rec.snaps.append(self.snapshot())
         self.passes += 1
@@ -235,7 +243,14 @@ class GraphEngine:
                 self._record(p, T=r.rows, choice=self._as_served(pend.codes[layer], ex, layer), ex=ex, stall=0.0,
                              hits=len(ex[0]))  # every expert a pass serves is resident (else no_copy)
         if observe:
-            self.mover.boundary()
+            self.mover.boundary(wait=True)   # the per-pass seam: copies of earlier boundaries are servable now
+
+    def _check_resident(self, codes: np.ndarray, ids: np.ndarray) -> None:
+        """A replayed pass (routing known before it runs) must find a copy of every expert it routes to."""
+        for layer in range(self.spec.layers):
+            missing = np.flatnonzero(codes[layer, np.unique(ids[layer])] < 0)
+            if missing.size:
+                raise no_copy(self.name, self.policy.miss_rule, layer, int(np.unique(ids[layer])[missing[0]]))
 
     def _as_served(self, codes: np.ndarray, ex: tuple[list, list, list], layer: int) -> Choice:
         """What a WHOLE-mode layer step was served from: the table codes the pass read."""
@@ -281,5 +296,7 @@ class GraphEngine:
         ends = self.clock.resolve(self._marks)
         self.rec.end_s = np.repeat(np.asarray(ends, np.float64), self.spec.layers)
         extra = {"graph": self.mode.value, "observe": "per-layer" if self.per_layer else "per-pass",
-                 "route_wait_s": self.observer.wait_s if self.observer is not None else 0.0}
+                 "route_wait_s": self.observer.wait_s if self.observer is not None else 0.0,
+                 "copy_wait_s": self.mover.stats.wait_s,
+                 "host_ms_per_pass": 1e3 * self.host_s / max(self.passes, 1)}
         return RunResult.from_recorder(self.rec, self.index, self.clock.now(), {**extra, **(info or {})})

@@ -75,36 +75,51 @@ def pass_routing(view: LayerSteps, i: int, layers: int, top_k: int) -> tuple[np.
     return ids, w
 
 
-def replay_shape(view: LayerSteps) -> tuple[int, int]:
-    """(most rows of a pass, cache positions) a fast model needs to replay ``view``."""
-    rows = int(np.max(view.ls_tokens, initial=1))
-    return rows, rows + int(np.max(view.ls_pass, initial=0)) + 1
+def replay_shape(view: LayerSteps) -> tuple[int, int, int]:
+    """(most rows of a pass, most sequences, cache positions) a fast model needs to replay ``view``
+    as :func:`graph_replay` lays it out (a prefill pass is one sequence, a decode row one sequence)."""
+    tokens, passes = np.asarray(view.ls_tokens), np.asarray(view.ls_pass)
+    rows = int(np.max(tokens, initial=1))
+    seqs = int(np.max(tokens[passes > 0], initial=1))
+    prompt = int(np.max(tokens[passes == 0], initial=1))
+    return rows, seqs, prompt + int(np.max(passes, initial=0)) + 1
 
 
 def graph_replay(engine: GraphEngine, view: LayerSteps, *, seed: int = 0, progress: bool = False) -> RunResult:
     """Trace-driven replay on the graph path: every pass of ``view`` with its routing forced
     (``engine`` built with ``replay=True``) over random tokens; prefill rows are one sequence's
-    positions, decode rows one sequence each."""
-    spec = engine.spec
-    L = spec.layers
+    positions, decode rows one sequence each. Every pass's inputs are prepared (pinned on a GPU)
+    before the clock starts, so the timed loop holds only what a serving engine does per pass."""
+    L = engine.spec.layers
     if view.layer_steps % L or not np.array_equal(view.ls_layer[:L], np.arange(L)):
         raise ValueError(f"the graph path replays whole passes of {L} layers in order; this trace's layer steps are not")
-    gen = torch.Generator().manual_seed(seed)
-    prompt: dict[int, int] = {}
-    dev = engine.device
+    inputs = [_pass_input(engine, view, i, p) for p, i in enumerate(range(0, view.layer_steps, L))]
+    _fill_tokens(inputs, engine.spec.vocab_size, seed)
+    for rows in sorted({int(t) for t in np.unique(view.ls_tokens)}):
+        engine.runner(rows)       # capture every pass size before the clock starts
     engine.start()
-    for i in tqdm(range(0, view.layer_steps, L), desc=f"graph replay {engine.name}", disable=not progress,
-                  unit="pass"):
-        batch, pidx, T = int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_tokens[i])
-        if pidx == 0:
-            prompt[batch] = T
-            seq, pos = torch.zeros(T, dtype=torch.int32), torch.arange(T, dtype=torch.int32)
-        else:
-            seq, pos = torch.arange(T, dtype=torch.int32), torch.full((T,), prompt.get(batch, 0) + pidx - 1,
-                                                                       dtype=torch.int32)
-        ids, w = pass_routing(view, i, L, spec.top_k)
-        tokens = torch.randint(0, spec.vocab_size, (T,), generator=gen)
-        t, s, p, i_t, w_t = (x.pin_memory() if dev.type == "cuda" else x  # pinned: copied without a stream sync
-                             for x in (tokens, seq, pos, torch.from_numpy(ids), torch.from_numpy(w)))
-        engine.run_pass(PassInput(batch, pidx, t, s, p, i_t, w_t))
+    for p in tqdm(inputs, desc=f"graph replay {engine.name}", disable=not progress, unit="pass"):
+        engine.run_pass(p)
     return engine.finish()
+
+
+def _pass_input(engine: GraphEngine, view: LayerSteps, i: int, n: int) -> PassInput:
+    """The pass whose first layer step is ``i``: rows (sequence, position) and routing, pinned on a GPU."""
+    batch, pidx, T = int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_tokens[i])
+    if pidx == 0:
+        seq, pos = torch.zeros(T, dtype=torch.int32), torch.arange(T, dtype=torch.int32)
+    else:
+        prompt = int(view.ls_tokens[i - int(view.ls_pass[i]) * engine.spec.layers])  # this batch's prefill pass
+        seq, pos = torch.arange(T, dtype=torch.int32), torch.full((T,), prompt + pidx - 1, dtype=torch.int32)
+    ids, w = pass_routing(view, i, engine.spec.layers, engine.spec.top_k)
+    pin = engine.device.type == "cuda"  # pinned: copied without a stream sync
+    t, s, p, i_t, w_t = (x.pin_memory() if pin else x for x in (torch.zeros(T, dtype=torch.long), seq, pos,
+                                                                   torch.from_numpy(ids), torch.from_numpy(w)))
+    return PassInput(batch, pidx, t, s, p, i_t, w_t)
+
+
+def _fill_tokens(inputs: list[PassInput], vocab: int, seed: int) -> None:
+    """Random tokens for every pass, drawn in pass order (one generator)."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in inputs:
+        p.tokens.copy_(torch.randint(0, vocab, (int(p.tokens.shape[0]),), generator=gen))

@@ -57,11 +57,20 @@ class Mode(Enum):
     REPLAY = "replay"
 
 
+class EngineKind(Enum):
+    """Which runtime replays a trace: the eager one (:class:`runtime.engine.RuntimeEngine`, MoE
+    layers only, any policy) or the graph-captured one (:mod:`runtime.graph_run`: whole steps)."""
+
+    EAGER = "eager"
+    GRAPH = "graph"
+
+
 @dataclass
 class RuntimeConfig:
     """The runtime's own knobs (``runtime.*``); see the module docstring."""
 
     mode: Mode = Mode.GENERATE
+    engine: EngineKind = EngineKind.EAGER
     device: str = "auto"
     layers: int = 0
     scale: float = 0.0
@@ -143,18 +152,31 @@ def build_engine(cfg: RuntimeRunConfig, spec: ModelSpec, budget: int, store: Hos
     return engine, policy, table_src
 
 
+def replay_profile(cfg: RuntimeRunConfig, view: ReplayView, src: str, policy: Policy) -> tuple[Any, str | None]:
+    """The profiling trace a replayed run gives its policy, and where it came from."""
+    profile = load_view(cfg.workload.profile_path, 1) if cfg.workload.profile_path else None
+    profile_src = cfg.workload.profile_path
+    cal = calibration_profile(view, src) if profile is None else None
+    if cal is not None and policy.needs_profile:
+        profile, profile_src = load_view(cal, 1), f"{cal} (the trace's CALIBRATION profile)"
+    elif profile is None and policy.needs_profile:
+        profile, profile_src = view, "in-sample (the replayed trace)"
+    return profile, profile_src
+
+
 def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:
+    if cfg.runtime.engine is EngineKind.GRAPH:
+        from moebits.runtime.graph_run import run_graph_replay
+
+        return run_graph_replay(cfg, device)
+    if cfg.route_lag:
+        raise ValueError(f"route_lag={cfg.route_lag} (the per-pass seam) needs the graph-captured runtime: set "
+                         "runtime.engine=GRAPH, or route_lag=0")
     view, full, spec, src = load_replay(cfg, device)
     budget = resolve_budget(cfg, full, spec)
     store = HostStore(spec, method=cfg.runtime.quant, progress=cfg.progress)
     store.fill_bf16(random_weights(spec, cfg.seed, device))
-    profile = load_view(cfg.workload.profile_path, 1) if cfg.workload.profile_path else None
-    profile_src = cfg.workload.profile_path
-    cal = calibration_profile(view, src) if profile is None else None
-    if cal is not None and build_policy(cfg.policy).needs_profile:
-        profile, profile_src = load_view(cal, 1), f"{cal} (the trace's CALIBRATION profile)"
-    elif profile is None and build_policy(cfg.policy).needs_profile:
-        profile, profile_src = view, "in-sample (the replayed trace)"
+    profile, profile_src = replay_profile(cfg, view, src, build_policy(cfg.policy))
     engine, policy, table_src = build_engine(cfg, spec, budget, store, device, profile, view)
     engine.warmup(sorted({int(t) for t in np.unique(view.ls_tokens)})[:4])
     result = replay(engine, view, seed=cfg.seed, progress=cfg.progress)
@@ -163,6 +185,10 @@ def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, 
 
 def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:
     from moebits.runtime import hf
+
+    if cfg.runtime.engine is EngineKind.GRAPH or cfg.route_lag:
+        raise ValueError("runtime.engine=GRAPH and route_lag replay traces: set runtime.mode=REPLAY "
+                         "(GENERATE runs the eager runtime inside a transformers model)")
 
     rc, w = cfg.runtime, cfg.workload
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -206,15 +232,23 @@ def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult
     return result, _info(cfg, engine, policy, full, spec, budget, src, cfg.workload.profile_path, table_src, device)
 
 
+def run_description(cfg: RuntimeRunConfig, name: str, precisions: list[str], policy: Policy, full: ModelSpec,
+                    spec: ModelSpec, budget: int, workload: str, profile: str | None, table_src: str,
+                    device: torch.device) -> dict[str, Any]:
+    """The summary's description of a live run: the simulator's keys plus the runtime's own."""
+    return {
+        **run_info(cfg, full.name, budget, workload, profile, table_src), "policy": name,
+        "precisions": precisions, "policy_metrics": policy_metrics(policy),
+        "engine": "runtime", "mode": cfg.runtime.mode.name, "device": _device_name(device),
+        "runtime_model": spec.to_dict(),
+    }
+
+
 def _info(cfg: RuntimeRunConfig, engine: RuntimeEngine, policy: Policy, full: ModelSpec, spec: ModelSpec,
           budget: int, workload: str, profile: str | None, table_src: str, device: torch.device) -> dict[str, Any]:
-    """The summary's description of the run: the simulator's keys plus the runtime's own."""
-    return {
-        **run_info(cfg, full.name, budget, workload, profile, table_src), "policy": engine.name,
-        "precisions": list(engine.precisions), "policy_metrics": policy_metrics(policy),
-        "engine": "runtime", "mode": cfg.runtime.mode.name, "device": _device_name(device),
-        "runtime_model": spec.to_dict(), "pool_bytes": engine.pool.nbytes, "host_store_bytes": engine.store.nbytes(),
-    }
+    return {**run_description(cfg, engine.name, list(engine.precisions), policy, full, spec, budget, workload, profile,
+                              table_src, device),
+            "pool_bytes": engine.pool.nbytes, "host_store_bytes": engine.store.nbytes()}
 
 
 def _device_name(device: torch.device) -> str:

@@ -38,6 +38,9 @@ Hit rate: a layer step requests each distinct expert it needs once; a request hi
 expert has a READY copy (any precision) when the step's routing is known (at ``t1``, before
 the policy acts). Bypassed experts are misses by definition.
 
+With ``route_lag`` >= 1 a policy that never waits for a copy runs on the per-pass seam of the
+graph-captured runtime instead (:func:`drive.driver.per_pass`): :mod:`sim.passes` has its loop.
+
 Initial loads (``policy.initial_loads()``) are placed before t = 0, untimed and uncounted.
 Copy completions are closed-form times, and copies turn READY lazily: when a step starts or
 waits past the earliest pending completion (no event per copy); the engine yields one SimPy
@@ -53,6 +56,7 @@ turns them off).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -67,7 +71,7 @@ from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
 from moebits.core.slabs import InfeasibleError, Refusal  # InfeasibleError: re-exported (__all__)
 from moebits.drive.context import PolicyError, policy_name, prepare_policy
-from moebits.drive.driver import Driver
+from moebits.drive.driver import Driver, per_pass
 from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult, snapshot
@@ -75,6 +79,7 @@ from moebits.policies.base import Action, LayerObs, MissRule, Policy
 from moebits.sim.fastpath import single_class_server, static_plan
 from moebits.sim.kernels import KernelModel
 from moebits.sim.link import Link
+from moebits.sim.passes import replay_passes
 from moebits.sim.pool import SimPool
 from tqdm import tqdm
 
@@ -115,12 +120,15 @@ def _us(t: float) -> float:
 
 
 class Engine:
-    """One replay of ``view`` under ``policy``; :meth:`run` returns a :class:`RunResult`."""
+    """One replay of ``view`` under ``policy``; :meth:`run` returns a :class:`RunResult`.
+
+    ``policy_hw``: the profile the policy plans with (mxmoe weighs kernel times), when it is not
+    the one that prices the replay (validation: the runtime's policy saw the run's profile)."""
 
     def __init__(self, view: LayerSteps, spec: ModelSpec, hw: HardwareProfile, policy: Policy,
                  budget_bytes: int, *, seed: int = 0, sensitivity: SensitivityTable | None = None,
                  profile: LayerSteps | None = None, options: EngineOptions | None = None,
-                 observe_lag: int = 0) -> None:
+                 observe_lag: int = 0, route_lag: int = 0, policy_hw: HardwareProfile | None = None) -> None:
         if budget_bytes <= 0:
             raise InfeasibleError(f'"budget_gb" must be > 0, got {budget_bytes / 1e9:g}.')
         self.view, self.spec, self.hw, self.policy = view, spec, hw, policy
@@ -129,8 +137,12 @@ class Engine:
         self.budget_bytes = budget_bytes
         self.ledger = prepare_policy(policy, spec, budget_bytes, seed, profile=profile,
                                      future=view if policy.needs_future else None, sensitivity=sensitivity,
-                                     hardware=hw)
+                                     hardware=policy_hw or hw)
         self.driver = Driver(policy, self.ledger, spec, observe_lag)
+        self.route_lag = route_lag
+        self.whole_steps = per_pass(policy, route_lag)   # the runtime serves whole-step graphs
+        self.per_pass = self.whole_steps and not self.driver.static  # static: the same decisions either way
+        self.copy_wait_s = 0.0  # per-pass seam: host seconds waiting for copies (sim.passes)
         self.h2d, self.d2h = Link(hw.h2d, "h2d"), Link(hw.d2h, "d2h")
         self.pool = SimPool(self.ledger, spec, self.h2d)
         self._stage_p, self.staging_slots, self._stage_bytes = self._staging_slab()
@@ -138,6 +150,9 @@ class Engine:
         self._low = lowest_bits(self.P)  # bitmask -> best precision
         self.res = [Residency(self.pool.ready[i], self.pool.loading[i], self._ready_time(i)) for i in range(spec.layers)]
         self.kernels = KernelModel(hw, spec, self.pool.precisions)
+        self._graph = self._graph_costs() if self.kernels.graphed else None
+        if self._graph is not None:
+            self.opt = dataclasses.replace(self.opt, fast=False)  # the shortcuts price with the per-class model
         errors = error_table(spec, self.pool.precisions, sensitivity)
         self.err_table, self.err_of, self.host_err = errors.table, errors.of, errors.host
         self.counts = self.driver.counts
@@ -151,6 +166,29 @@ class Engine:
         self.driver.attach(self.pool)
 
     # ---- set-up ----
+    def _graph_costs(self) -> tuple[np.ndarray, list[list[float]], list[list[float]]]:
+        """Per-step costs from the profile's graph table: (outside the experts, per-token, per-expert)."""
+        v = self.view
+        passes, tokens = np.asarray(v.ls_pass), np.asarray(v.ls_tokens)
+        prompt: dict[int, int] = {}
+        for b, p, t in zip(np.asarray(v.ls_batch).tolist(), passes.tolist(), tokens.tolist(), strict=True):
+            if p == 0:
+                prompt.setdefault(b, t)
+        context = np.array([prompt.get(b, 0) + p - 1 if p else 0 for b, p in zip(np.asarray(v.ls_batch).tolist(),
+                                                                                  passes.tolist(), strict=True)])
+        ends = self.pass_ends()
+        first = np.r_[True, ends[:-1]] if ends.size else ends
+        base, tok_s, cnt_s = self.kernels.graph_steps(tokens, passes == 0, context, first)
+        return base, tok_s.tolist(), cnt_s.tolist()
+
+    def step_non_moe_s(self, per_layer_seam: bool) -> np.ndarray:
+        """Seconds of every layer step outside its experts (the pass's fixed part at its first step);
+        on a graph profile's per-layer seam plus the host turnaround ``layer_sync_s``."""
+        if self._graph is not None:
+            return self._graph[0] + (self.hw.layer_sync_s if per_layer_seam else 0.0)
+        ends = self.pass_ends()
+        return self.kernels.non_moe_s(np.asarray(self.view.ls_tokens), np.r_[True, ends[:-1]] if ends.size else ends)
+
     def _ready_time(self, layer: int) -> Callable[[int, int], float]:
         ready_time = self.pool.ready_time
         return lambda e, p: ready_time(layer, e, p)
@@ -190,11 +228,16 @@ class Engine:
         env.run()
         bar.close()
         wall = time.perf_counter() - wall0
-        info = {"policy": self.name, "precisions": list(self.pool.precisions),
+        info: dict[str, Any] = {"policy": self.name, "precisions": list(self.pool.precisions),
                 "kernel_source": {p: self.kernels.source(i) for i, p in enumerate(self.pool.precisions)}}
+        if self.per_pass:
+            info.update(observe="per-pass", copy_wait_s=self.copy_wait_s)
         return RunResult.from_recorder(rec, self.view, wall, info)
 
     def _process(self, env: simpy.Environment, rec: Recorder, bar: tqdm) -> Generator[simpy.Event, Any, None]:
+        if self.per_pass:
+            yield from replay_passes(self, env, rec, bar)
+            return
         if self.policy.is_static and self.opt.fast and not self._track:
             plan = static_plan(self)
             if plan is not None:
@@ -226,7 +269,7 @@ class Engine:
         """The event loop: per layer step, finish due copies, consult the policy, serve."""
         v, pool = self.view, self.pool
         ends = self.pass_ends()
-        non_moe = self.kernels.non_moe_s(np.asarray(v.ls_tokens), np.r_[True, ends[:-1]] if ends.size else ends)
+        non_moe = self.step_non_moe_s(per_layer_seam=not self.whole_steps)
         observe = None if self.driver.static else self.driver.observe
         single = self.P == 1 and self.opt.fast and not self._track
         ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate
@@ -289,10 +332,16 @@ class Engine:
         if served is not None:
             self._pin(layer, served, +1)
         gpu = 0.0
-        group_s = self.kernels.group_s
-        for p in range(self.P):
-            if cnt[p]:
-                gpu += group_s(p, tok[p], cnt[p])
+        if self._graph is not None:
+            ts, cs = self._graph[1][i], self._graph[2][i]
+            for p in range(self.P):
+                if cnt[p]:
+                    gpu += tok[p] * ts[p] + cnt[p] * cs[p]
+        else:
+            group_s = self.kernels.group_s
+            for p in range(self.P):
+                if cnt[p]:
+                    gpu += group_s(p, tok[p], cnt[p])
         gpu_end = start + gpu
         if bypass:
             gpu_end = self.stream(t1, gpu_end, bypass)

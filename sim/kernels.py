@@ -25,6 +25,10 @@ routing read-back).
 Host experts (``MissRule.HOST``) run from the bf16 host copy: per expert
 ``host_overhead_s + max(bytes_bf16 / host_bw, flops(m) / host_flops)``.
 
+A profile with a whole-pass graph table for the model's shape (:class:`core.hardware.GraphPassTable`,
+fitted to timed synthetic passes of the graph-captured runtime) prices every layer step from it
+instead (:meth:`KernelModel.graph_steps`): rows, KV position and the served precision mix.
+
 A channel mix (:class:`core.precision.ChannelMix`, a low copy plus a fraction of channels at
 a higher precision) is two launches, its per-expert time ``mix.kernel_time_s(low, high)``
 from the two precisions' per-expert times.
@@ -55,6 +59,33 @@ class KernelModel:
         per_class = 0.0 if hw.fused_moe else self.launch_group_s
         self._launches = [per_class * (1 if m is None else 2) for m in self._mixes]
         self._memo: dict[tuple[int, int, int], float] = {}
+        self.graph = (hw.graph_table(spec, False), hw.graph_table(spec, True))   # (decode, prefill) or None
+        self.graphed = any(t is not None for t in self.graph)
+
+    def graph_steps(self, tokens: np.ndarray, prefill: np.ndarray, context: np.ndarray,
+                    pass_first: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per layer step, from the profile's :class:`core.hardware.GraphPassTable`: seconds outside
+        the experts (the layer's share plus the pass's fixed part at its first step) and the
+        per-token and per-expert seconds of each precision ``[S, P]``."""
+        S, P = len(tokens), len(self.precisions)
+        base, tok_s, cnt_s = np.zeros(S), np.zeros((S, P)), np.zeros((S, P))
+        for is_pre, table in ((False, self.graph[0]), (True, self.graph[1])):
+            sel = np.flatnonzero(np.asarray(prefill, bool) == is_pre)
+            if not sel.size:
+                continue
+            if table is None:
+                raise ValueError(f"hardware profile {self.hw.name!r} has no graph table for {'prefill' if is_pre else 'decode'} "
+                                 f"passes of {self.spec.name}; run moebits runtime calibrate --runtime graph for this model")
+            missing = [p for p in self.precisions if p not in table.token_s]
+            if missing:
+                raise ValueError(f"hardware profile {self.hw.name!r}: graph table has no {missing}; calibrate those precisions")
+            T = np.asarray(tokens, float)[sel]
+            base[sel] = (table.at(table.layer_s, T) + np.asarray(context, float)[sel] * table.at(table.layer_ctx_s, T)
+                         + np.where(np.asarray(pass_first, bool)[sel], table.at(table.fixed_s, T), 0.0))
+            for j, p in enumerate(self.precisions):
+                tok_s[sel, j] = table.at(table.token_s[p], T)
+                cnt_s[sel, j] = table.at(table.expert_s[p], T)
+        return base, tok_s, cnt_s
 
     def _table(self, name: str) -> KernelTable | None:
         return self.hw.kernel_table(name, self.spec.hidden, self.spec.expert_intermediate)

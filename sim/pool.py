@@ -19,6 +19,11 @@ class adds what time means to them:
 :meth:`SimPool.apply` carries out a whole list of policy actions in one call (the hot path:
 a thrashing cache issues a DEMOTE/PROMOTE pair per miss, so it binds everything it needs
 once per call, not per action).
+
+Slab fences (the per-pass seam, :mod:`sim.passes`; ``fences`` not None): a slab a DEMOTE frees
+may still be read by passes already enqueued, so the next copy into it starts no earlier than
+``fence_s`` as it was when the slab was freed (the end of the last pass enqueued), as the
+graph runtime's copy stream waits for its fence event (:mod:`runtime.expert_mover`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class SimPool:
         self.loaded_bytes = 0
         # precision -> (index p, bit 1 << p, slab bytes, mask clearing the bit), for apply()
         self._info = {n: (p, 1 << p, self.slab_bytes[p], ~(1 << p)) for p, n in enumerate(self.precisions)}
+        self.fences: dict[int, float] | None = None   # slab -> earliest start of its next copy (per-pass seam)
+        self.fence_s = 0.0                              # the fence a DEMOTE sets now
 
     def place(self, key: ExpertKey, precision: str) -> int | Refusal:
         """An untimed initial load: the copy is READY at once and moves no counted bytes."""
@@ -87,6 +94,7 @@ class SimPool:
         ready, loading, done_at, pending = self.ready, self.loading, self.done_at, self.pending
         L, E, P = self.layers, self.experts, self._P
         peak, loaded = self.peak_bytes, 0
+        fences = self.fences
         n_promote = n_prefetch = n_demote = 0
         for a in actions:
             kind, key, precision = a
@@ -99,6 +107,8 @@ class SimPool:
                     refused(a, slab)  # type: ignore[arg-type]
                     continue
                 ready[layer][expert] &= info[precision][3]
+                if fences is not None:
+                    fences[slab] = self.fence_s  # type: ignore[index]
                 n_demote += 1
                 if accepted is not None:
                     accepted(a, now_s, now_s)
@@ -108,7 +118,7 @@ class SimPool:
                 refused(a, slab)  # type: ignore[arg-type]
                 continue
             p, bit, nbytes, _ = info[precision]
-            done = submit(now_s, nbytes)
+            done = submit(now_s if fences is None else max(now_s, fences.pop(slab, now_s)), nbytes)  # type: ignore[call-overload]
             loaded += nbytes
             loading[layer][expert] |= bit
             done_at[(layer * E + expert) * P + p] = done

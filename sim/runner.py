@@ -85,7 +85,8 @@ def build_engine(cfg: RunConfig, options: EngineOptions | None = None) -> tuple[
         profile, profile_src = work.view, "in-sample (the replayed trace)"
     table, table_src = sensitivity_table(cfg, spec)
     engine = Engine(work.view, spec, cfg.hardware, policy, budget, seed=cfg.seed, sensitivity=table,
-                    profile=profile, options=options, observe_lag=cfg.observe_lag)
+                    profile=profile, options=options, observe_lag=cfg.observe_lag,
+                    route_lag=cfg.route_lag)
     return engine, run_info(cfg, spec.name, budget, work.source, profile_src, table_src)
 
 

@@ -26,6 +26,7 @@ pytest.importorskip("transformers")
 
 from moebits.core.slabs import InfeasibleError  # noqa: E402
 from moebits.drive.context import PolicyError  # noqa: E402
+from moebits.drive.driver import per_pass  # noqa: E402
 from moebits.policies.base import MissRule, build_policy  # noqa: E402
 from moebits.runtime import hf  # noqa: E402
 from moebits.runtime.fast_model import AttnShape, FastModel, FastWeights  # noqa: E402
@@ -66,24 +67,25 @@ def model_parts() -> tuple[Any, Any, HostStore]:
     return model, weights, store.require(["int8", "int4", "int3", "int2", "fp8"])
 
 
-def graph_engine(policy: Any, budget: tuple[str, float], view: Any, parts: tuple, lag: int) -> GraphEngine:
+def graph_engine(policy: Any, budget: tuple[str, float], view: Any, parts: tuple, lag: int,
+                 route_lag: int = 0) -> GraphEngine:
     model, weights, store = parts
-    rows, max_len = replay_shape(view)
+    rows, seqs, max_len = replay_shape(view)
     fw, shape = FastWeights.from_hf(model), AttnShape.from_hf_config(model.config)
 
     def make(pool: Any, table: Any) -> FastModel:
-        return FastModel(fw, SPEC, shape, pool, table, use_triton=False, max_seqs=rows, max_len=max_len)
+        return FastModel(fw, SPEC, shape, pool, table, use_triton=False, max_seqs=seqs, max_len=max_len)
 
     budget_bytes = int(budget[1] * SPEC.all_experts_bytes(budget[0]))
     return GraphEngine(SPEC, policy, budget_bytes, make, weights, store.row, seed=5,
                        profile=view if policy.needs_profile else None, future=view, observe_lag=lag, replay=True,
-                       served=True, max_rows=rows)
+                       served=True, max_rows=rows, route_lag=max(route_lag, 1), per_pass=per_pass(policy, route_lag))
 
 
-def _graph_run(cfg: Any, budget: tuple[str, float], path: Path, parts: tuple, lag: int) -> tuple:
+def _graph_run(cfg: Any, budget: tuple[str, float], path: Path, parts: tuple, lag: int, route_lag: int = 0) -> tuple:
     policy = Recording(build_policy(cfg))
     view = load_view(path, 1, cache=False)
-    engine = graph_engine(policy, budget, view, parts, lag)
+    engine = graph_engine(policy, budget, view, parts, lag, route_lag)
     return policy.log, graph_replay(engine, view), engine
 
 
@@ -101,6 +103,25 @@ def test_graph_path_decides_as_the_simulator(name: str, rule: MissRule, lag: int
         assert str(rt_exc.value) == str(exc)
         return
     _compare(sim, _graph_run(cfg, budget, trace_path, model_parts, lag))
+
+
+@pytest.mark.parametrize(("route_lag", "lag"), [(1, 0), (2, 0), (2, 3)])
+@pytest.mark.parametrize(("name", "rule"), graph_cases())
+def test_per_pass_seam_decides_as_the_simulator(name: str, rule: MissRule, route_lag: int, lag: int,
+                                                monkeypatch: pytest.MonkeyPatch, trace_path: Path,  # noqa: F811
+                                                model_parts: tuple) -> None:
+    """The per-pass seam (``route_lag`` passes, whole-step graphs on a GPU, eager here): the same
+    decisions and the same precision served at every layer step as :mod:`sim.passes`."""
+    torch.set_num_threads(1)
+    cfg, budget = no_staging(policy_config(name, rule)), BUDGETS.get(name, BUDGET)
+    try:
+        sim = _sim_run(monkeypatch, cfg, budget, trace_path, lag, route_lag)
+    except (PolicyError, InfeasibleError) as exc:
+        with pytest.raises(type(exc)) as rt_exc:
+            _graph_run(cfg, budget, trace_path, model_parts, lag, route_lag)
+        assert str(rt_exc.value) == str(exc)
+        return
+    _compare(sim, _graph_run(cfg, budget, trace_path, model_parts, lag, route_lag))
 
 
 def test_forced_routing_is_what_the_policy_observed(trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
@@ -156,11 +177,11 @@ def per_pass_run(name: str, rule: MissRule, tmp_path: Path, device: str) -> None
     model, weights = hf.build_random_model(dataclasses.replace(spec, name="Qwen3-30B-A3B"), arch="qwen3_moe",
                                            device=device, dtype=torch.bfloat16, full_hidden=2048, std=0.05)
     store = HostStore(spec, pin=cuda, quant_device=device).fill_bf16(weights)
-    rows, max_len = replay_shape(view)
+    rows, seqs, max_len = replay_shape(view)
     fw, shape = FastWeights.from_hf(model), AttnShape.from_hf_config(model.config)
 
     def make(pool: Any, table: Any) -> FastModel:
-        return FastModel(fw, spec, shape, pool, table, use_triton=cuda, max_seqs=rows, max_len=max_len)
+        return FastModel(fw, spec, shape, pool, table, use_triton=cuda, max_seqs=seqs, max_len=max_len)
 
     policy = Recording(build_policy(no_staging(policy_config(name, rule))))
     budget = int(0.9 * spec.all_experts_bytes("bf16"))  # every prefill step's experts fit a layer's cache

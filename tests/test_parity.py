@@ -155,7 +155,7 @@ def policy_config(name: str, rule: MissRule) -> Any:
 
 
 def _sim_run(monkeypatch: pytest.MonkeyPatch, policy_cfg: Any, budget: tuple[str, float], path: Path,
-             lag: int = 0) -> tuple:
+             lag: int = 0, route_lag: int = 0) -> tuple:
     made: list[Recording] = []
 
     def recording_build(cfg: Any) -> Policy:
@@ -166,7 +166,7 @@ def _sim_run(monkeypatch: pytest.MonkeyPatch, policy_cfg: Any, budget: tuple[str
     cfg = RunConfig(model=ModelConfig.from_spec(SPEC), hardware=fast_link_hw(), policy=policy_cfg,
                     workload=WorkloadConfig(kind=WorkloadKind.FILE, path=str(path)),
                     budget=BudgetConfig(*budget), seed=5, quality_table="analytic", progress=False, figure=False,
-                    observe_lag=lag)
+                    observe_lag=lag, route_lag=route_lag)
     result, summary = sim_runner.simulate(cfg, EngineOptions(served=True))
     return made[-1].log, result, summary
 

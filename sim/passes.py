@@ -1,0 +1,99 @@
+"""The per-pass seam in time: whole passes served from the residency decided before them.
+
+This is the event loop of :class:`sim.engine.Engine` for a policy on the per-pass seam
+(:func:`drive.driver.per_pass`: ``route_lag`` p >= 1, a miss rule that never waits), the
+graph-captured runtime's whole-step graphs (:mod:`runtime.graph_engine`, ``GraphMode.WHOLE``).
+Decisions follow the seam's rules, which do not depend on time; time follows the runtime's
+streams:
+
+- the device runs the passes back to back: pass n starts at ``max(end of pass n - 1, boundary n)``
+  and lasts the sum of its layer steps (non-MoE part, per-pass fixed part, the fused experts
+  of what the table serves: :meth:`sim.engine.Engine.serve_general` on a frozen residency);
+- the host reaches boundary n when pass n - p's routing is back (the end of pass n - p; at
+  once for the first p passes); there the driver observes every due pass's layer steps in
+  order (``obs.now_s`` = the boundary), then the host waits for the copies issued at earlier
+  boundaries (``copy_wait_s``: how long past the routing it waited), which turn READY, and the
+  policy's copies are queued on the link at the boundary. Host work (Python, launches) is not
+  modelled: it is hidden while p >= 2 keeps the host a pass ahead, and it is what p = 1 costs;
+- a copy into a slab freed at boundary n starts after pass n - 1 ends (the slab's fence,
+  :class:`sim.pool.SimPool`).
+
+Every expert a pass serves is resident (the policy's residency before the pass), so each
+request hits; a step with no copy of a needed expert is a policy bug (:class:`PolicyError`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import simpy
+from moebits.drive.records import Recorder
+from moebits.policies.base import LayerObs
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from moebits.sim.engine import Engine
+
+
+def check_whole_passes(view: Any, layers: int) -> None:
+    """The per-pass seam replays whole passes of every layer in order (as the graph runtime does)."""
+    S = view.layer_steps
+    if S % layers or not np.array_equal(np.asarray(view.ls_layer), np.tile(np.arange(layers), S // layers)):
+        raise ValueError(f"route_lag > 0 replays whole passes of {layers} layers in order; this trace's layer steps "
+                         "are not (set route_lag=0 for the per-layer seam)")
+
+
+def replay_passes(eng: Engine, env: simpy.Environment, rec: Recorder,
+                  bar: tqdm) -> Generator[simpy.Event, Any, None]:
+    """Serve ``eng.view`` pass by pass on the per-pass seam; see the module docstring."""
+    v, pool, L, lag = eng.view, eng.pool, eng.spec.layers, eng.route_lag
+    check_whole_passes(v, L)
+    non_moe = eng.step_non_moe_s(per_layer_seam=False)
+    observe = eng.driver.observe
+    pool.fences = {}
+    end_of: list[float] = []   # device end of every pass
+    host = now = 0.0
+    observed = 0               # passes whose routing the policy has seen
+    for n, i0 in enumerate(range(0, v.layer_steps, L)):
+        if n >= lag:
+            host = max(host, end_of[n - lag])
+        pool.fence_s = end_of[n - 1] if n else 0.0
+        issued = len(pool.pending)            # copies of earlier boundaries: servable from this pass
+        while observed <= n - lag:
+            _observe_pass(v, observed * L, L, host, observe)
+            observed += 1
+        if issued:
+            landed = pool.pending[issued - 1][0]
+            eng.copy_wait_s += max(0.0, landed - host)
+            host = max(host, landed)
+            pool.advance(landed)
+        t = max(end_of[-1] if end_of else 0.0, host)
+        t = _serve_pass(eng, rec, i0, L, non_moe, t)
+        end_of.append(t)
+        rec.snaps.append(eng.snapshot())
+        yield env.timeout(max(0.0, t - now))
+        now = max(now, t)
+        bar.update(L)
+
+
+def _observe_pass(v: Any, i0: int, L: int, now_s: float, observe: Any) -> None:
+    for i in range(i0, i0 + L):
+        a, b = int(v.offsets[i]), int(v.offsets[i + 1])
+        pi = int(v.ls_pass[i])
+        observe(LayerObs(i, int(v.ls_layer[i]), 1 if pi else 0, pi, v.ex_expert[a:b], v.ex_tokens[a:b],
+                         v.ex_gate[a:b], now_s))
+
+
+def _serve_pass(eng: Engine, rec: Recorder, i0: int, L: int, non_moe: np.ndarray, t: float) -> float:
+    """Serve the layer steps ``i0 .. i0 + L`` from the frozen residency, starting at ``t``; the pass's end."""
+    v = eng.view
+    lo, hi = int(v.offsets[i0]), int(v.offsets[i0 + L])
+    ex = (np.asarray(v.ex_expert[lo:hi]).tolist(), np.asarray(v.ex_tokens[lo:hi]).tolist(),
+          np.asarray(v.ex_gate[lo:hi], dtype=np.float64).tolist())
+    off = (np.asarray(v.offsets[i0 : i0 + L + 1]) - lo).tolist()
+    for j in range(L):
+        rec.hits.append(off[j + 1] - off[j])  # every expert a pass serves is resident
+        t = eng.serve_general(i0 + j, j, ex, off[j], off[j + 1], t + float(non_moe[i0 + j]), rec)
+    return t

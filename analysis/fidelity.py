@@ -169,28 +169,25 @@ def simulate_like(cfg: Any, device_type: str, hw: HardwareProfile, summary: dict
     return sim, labels
 
 
-def run_both(overrides: list[str], hw: HardwareProfile) -> tuple[RunResult, RunResult, dict[str, Any]]:
-    """The live replay of ``overrides`` (``moebits runtime`` keys) and the simulator on what it replayed."""
+def validate(overrides: list[str], hw: HardwareProfile, out_dir: Path, label: str = "") -> Comparison:
+    """The live replay of ``overrides`` (``moebits runtime`` keys), then the simulator on what it
+    replayed, compared. Writes ``out_dir``: the measured run first (``LABEL.measured.npz`` +
+    ``LABEL.case.json``, kept even when the simulation fails; :func:`resimulate` grades them
+    again), then ``LABEL.passes.csv``, ``LABEL.png`` and the row appended to ``fidelity.json``."""
     from moebits.runtime.runner import execute, pick_device
 
     cfg = compose(overrides)
     meas, summary = execute(cfg)
     meas.info["summary"] = summary
-    sim, labels = simulate_like(cfg, pick_device(cfg.runtime.device).type, hw, summary)
-    return meas, sim, {**labels, "overrides": " ".join(overrides)}
-
-
-def validate(overrides: list[str], hw: HardwareProfile, out_dir: Path, label: str = "") -> Comparison:
-    """Run both engines, compare, and write ``out_dir``: ``LABEL.passes.csv``, ``LABEL.png``, the
-    measured run (``LABEL.measured.npz`` + ``LABEL.case.json``, for :func:`resimulate`) and the row
-    appended to ``fidelity.json``."""
-    meas, sim, labels = run_both(overrides, hw)
+    case = label or summary["policy"]
+    device_type = pick_device(cfg.runtime.device).type
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _slug(label or labels["policy"])
+    stem = _slug(case)
     save_run(meas, out_dir / f"{stem}.measured.npz")
     (out_dir / f"{stem}.case.json").write_text(json.dumps(
-        {"case": label or labels["policy"], "overrides": overrides, "device_type": _device_type(labels)}, indent=1))
-    return _report(meas, sim, {"case": label or labels["policy"], **labels}, hw, out_dir)
+        {"case": case, "overrides": overrides, "device_type": device_type}, indent=1))
+    sim, labels = simulate_like(cfg, device_type, hw, summary)
+    return _report(meas, sim, {"case": case, **labels, "overrides": " ".join(overrides)}, hw, out_dir)
 
 
 def _device_type(labels: dict[str, Any]) -> str:

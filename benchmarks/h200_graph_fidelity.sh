@@ -17,18 +17,21 @@ layers=${GFID_LAYERS:-8}; budget_s=${GFID_BUDGET_S:-540}; start=$(date +%s)
 left() { echo $(( budget_s - ($(date +%s) - start) )); }
 py=${PYTHON:-python3}; log=$out/run.log
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no GPU (smoke run)"; } | tee "$log"
+for raw in ${GFID_IMPORT:-}; do   # "FOLDER:OUT.parquet": import a raw trace here (its Parquet written by this pyarrow)
+  IFS=: read -r src dst <<< "$raw"; $py -m moebits traces import "$src" -o "$dst" 2>&1 | tail -1 | tee -a "$log"
+done
 # GFID_MODELS: "NAME:LAYERS[:SCALE]" per shape (a conf/model preset or a trace .parquet)
 for m in ${GFID_MODELS:-qwen3_30b_a3b:2,8}; do
   IFS=: read -r name lay scale <<< "$m"
   timeout "${GFID_DESIGN_S:-150}" $py benchmarks/graph_designs.py --model "$name" --layers "$lay" --scale "${scale:-1}" \
     ${GFID_DESIGN_ARGS:-} --out "$out/designs_$(basename "$name" .parquet).json" 2>&1 | grep -v Warning | tee -a "$log"
 done
-for rl in 0 2; do
+for rl in ${GFID_TURNAROUND:-0 2}; do
   timeout 90 $py -m moebits runtime runtime.mode=REPLAY runtime.engine=GRAPH workload=synth workload.seqs=2 \
     workload.decode_tokens=64 policy=static_uniform budget=all_int4 route_lag=$rl runtime.layers="$layers" \
     runtime.kl=false progress=false hydra.run.dir="$work/turnaround_$rl" 2>&1 | grep -v Warning | tail -3 | tee -a "$log"
 done
-$py - "$work" "$out/turnaround.json" <<'PY' 2>&1 | tee -a "$log"
+[ -n "${GFID_TURNAROUND-x}" ] && [ -f "$work/turnaround_0/summary.json" ] && $py - "$work" "$out/turnaround.json" <<'PY' 2>&1 | tee -a "$log"
 import json, sys, pathlib
 w = pathlib.Path(sys.argv[1]); s = {rl: json.loads((w / f"turnaround_{rl}" / "summary.json").read_text()) for rl in (0, 2)}
 keep = ("tpot_ms_mean", "tpot_ms_p50", "ttft_ms_mean", "runtime_path", "layer_steps", "device", "observe")
@@ -38,6 +41,6 @@ PY
 cat ${GFID_CASES:-benchmarks/graph_cases.txt} > "$work/cases.txt"
 t=$(left); echo "validating with ${t}s left" | tee -a "$log"
 timeout $(( t > 10 ? t : 10 )) $py -m moebits analysis validate --hardware conf/hardware/calibrated_h200.yaml \
-  --out "$work/val" --cases-file "$work/cases.txt" -- runtime.engine=GRAPH progress=false 2>&1 | grep --line-buffered -v Warning | tee -a "$log"
+  --out "$work/val" --cases-file "$work/cases.txt" -- runtime.engine=GRAPH progress=false ${GFID_OVERRIDES:-} 2>&1 | grep --line-buffered -v Warning | tee -a "$log"
 tar czf "$out/validate.tgz" -C "$work" val
 echo "done in $(( $(date +%s) - start ))s" | tee -a "$log"; ls -la "$out" | tee -a "$log"

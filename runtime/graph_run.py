@@ -16,13 +16,16 @@ eagerly with torch kernels (``GraphMode.EAGER``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from moebits.core.keys import ExpertKey
+from moebits.core.model_spec import ModelSpec
 from moebits.drive.driver import per_pass
 from moebits.drive.records import RunResult
-from moebits.policies.base import build_policy
+from moebits.policies.base import Policy
 from moebits.runtime.calibrate_graph import attn_shape
 from moebits.runtime.calibrate_graph import random_weights as random_fast_weights
 from moebits.runtime.fast_model import FastModel
@@ -32,14 +35,10 @@ from moebits.runtime.graph_serve import GraphMode
 from moebits.runtime.host_store import HostStore, random_weights
 from moebits.runtime.replay import graph_replay, replay_shape
 
-if TYPE_CHECKING:
-    from moebits.runtime.runner import RuntimeRunConfig
-
-
 _STORE: dict[tuple[Any, ...], HostStore] = {}   # the last host store, for the next case of one process
 
 
-def _host_store(spec: Any, cfg: RuntimeRunConfig, weights: Any) -> HostStore:
+def _host_store(spec: Any, cfg: Any, weights: Any) -> HostStore:
     """The pinned host store of ``spec``'s random experts (seeded): kept for the next run of the same
     shape, seed and quantizer in this process (``moebits analysis validate`` runs cases back to back)."""
     key = (spec, cfg.seed, cfg.runtime.quant)
@@ -56,26 +55,29 @@ def graph_mode(device: torch.device, on_pass_seam: bool) -> GraphMode:
     return GraphMode.WHOLE if on_pass_seam else GraphMode.LAYER
 
 
-def run_graph_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:
-    """Replay ``cfg``'s workload through the graph path; the run's arrays and its summary fields."""
-    from moebits.runtime.runner import (
-        load_replay,
-        replay_profile,
-        resolve_budget,
-        run_description,
-        sensitivity_table,
-    )
+@dataclass
+class ReplaySetup:
+    """What :mod:`runtime.runner` resolved for a replay: the view and models, budget, policy, tables."""
 
-    view, full, spec, src = load_replay(cfg, device)
-    budget = resolve_budget(cfg, full, spec)
-    policy = build_policy(cfg.policy)
-    table, table_src = sensitivity_table(cfg, spec)
-    profile, profile_src = replay_profile(cfg, view, src, policy)
+    view: Any
+    full: ModelSpec
+    spec: ModelSpec
+    budget: int
+    policy: Policy
+    table: Any
+    profile: Any
+    describe: Callable[[str, list[str]], dict[str, Any]]   # (policy name, precisions) -> summary fields
+
+
+def run_graph_replay(cfg: Any, device: torch.device, s: ReplaySetup) -> tuple[RunResult, dict[str, Any]]:
+    """Replay the workload of ``cfg`` (a :class:`runtime.runner.RuntimeRunConfig`) through the graph
+    path; the run's arrays and its summary fields."""
+    spec, policy = s.spec, s.policy
     shape = attn_shape(spec)
     fast_w = random_fast_weights(spec, shape, device, cfg.seed)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     weights = random_weights(spec, cfg.seed, device, dtype)
-    rows, seqs, max_len = replay_shape(view)
+    rows, seqs, max_len = replay_shape(s.view)
     use_triton = triton_usable(device)
     store: HostStore | None = None
 
@@ -87,17 +89,14 @@ def run_graph_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunRe
         return store.row(key, precision)
 
     seam = per_pass(policy, cfg.route_lag)
-    engine = GraphEngine(spec, policy, budget, make, weights, host_row, device=device, mode=graph_mode(device, seam),
-                         seed=cfg.seed, sensitivity=table, profile=profile, future=view, observe_lag=cfg.observe_lag,
-                         route_lag=max(cfg.route_lag, 1), replay=True, max_rows=rows, per_pass=seam,
-                         hardware=cfg.hardware)
+    engine = GraphEngine(spec, policy, s.budget, make, weights, host_row, device=device,
+                         mode=graph_mode(device, seam), seed=cfg.seed, sensitivity=s.table, profile=s.profile,
+                         future=s.view, observe_lag=cfg.observe_lag, route_lag=max(cfg.route_lag, 1), replay=True,
+                         max_rows=rows, per_pass=seam, hardware=cfg.hardware)
     if not engine.driver.static:
         store = _host_store(spec, cfg, weights)
         store.require(engine.precisions)
-    result = graph_replay(engine, view, seed=cfg.seed, progress=cfg.progress)
-    path = f"graph_{engine.mode.value}"
-    info = {**run_description(cfg, engine.name, list(engine.precisions), policy, full, spec, budget, src, profile_src,
-                              table_src, device),
-            "runtime_path": path, "pool_bytes": engine.pool.nbytes,
-            "host_store_bytes": store.nbytes() if store is not None else 0}
+    result = graph_replay(engine, s.view, seed=cfg.seed, progress=cfg.progress)
+    info = {**s.describe(engine.name, list(engine.precisions)), "runtime_path": f"graph_{engine.mode.value}",
+            "pool_bytes": engine.pool.nbytes, "host_store_bytes": store.nbytes() if store is not None else 0}
     return result, info

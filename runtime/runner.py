@@ -166,9 +166,7 @@ def replay_profile(cfg: RuntimeRunConfig, view: ReplayView, src: str, policy: Po
 
 def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:
     if cfg.runtime.engine is EngineKind.GRAPH:
-        from moebits.runtime.graph_run import run_graph_replay
-
-        return run_graph_replay(cfg, device)
+        return _graph_replay(cfg, device)
     if cfg.route_lag:
         raise ValueError(f"route_lag={cfg.route_lag} (the per-pass seam) needs the graph-captured runtime: set "
                          "runtime.engine=GRAPH, or route_lag=0")
@@ -181,6 +179,21 @@ def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, 
     engine.warmup(sorted({int(t) for t in np.unique(view.ls_tokens)})[:4])
     result = replay(engine, view, seed=cfg.seed, progress=cfg.progress)
     return result, _info(cfg, engine, policy, full, spec, budget, src, profile_src, table_src, device)
+
+
+def _graph_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:
+    from moebits.runtime.graph_run import ReplaySetup, run_graph_replay
+
+    view, full, spec, src = load_replay(cfg, device)
+    budget = resolve_budget(cfg, full, spec)
+    policy = build_policy(cfg.policy)
+    table, table_src = sensitivity_table(cfg, spec)
+    profile, profile_src = replay_profile(cfg, view, src, policy)
+
+    def describe(name: str, precisions: list[str]) -> dict[str, Any]:
+        return run_description(cfg, name, precisions, policy, full, spec, budget, src, profile_src, table_src, device)
+
+    return run_graph_replay(cfg, device, ReplaySetup(view, full, spec, budget, policy, table, profile, describe))
 
 
 def run_generate(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:

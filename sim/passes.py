@@ -25,7 +25,7 @@ request hits; a step with no copy of a needed expert is a policy bug (:class:`Po
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import simpy
@@ -33,8 +33,7 @@ from moebits.drive.records import Recorder
 from moebits.policies.base import LayerObs
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from moebits.sim.engine import Engine
+Engine = Any  # sim.engine.Engine (which imports this module)
 
 
 def check_whole_passes(view: Any, layers: int) -> None:

@@ -12,7 +12,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from moebits.analysis.fidelity import compare, first_divergence, moe_only, summary_md, validate  # noqa: E402
+from moebits.analysis.fidelity import (  # noqa: E402
+    compare,
+    first_divergence,
+    moe_only,
+    resimulate,
+    summary_md,
+    validate,
+)
 from moebits.core.hardware import HardwareProfile  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
 from moebits.drive.records import COUNTERS, RunResult  # noqa: E402
@@ -88,6 +95,20 @@ def test_validate_end_to_end_on_cpu(tmp_path: Path, graph_profile: HardwareProfi
     assert [r["case"] for r in rows] == [policy[0]]
     assert (tmp_path / f"{policy[0].replace('=', '_')}.png").stat().st_size > 0
     assert len(c.passes) == c.row["passes"] == 129  # one sequence: prefill + 128 decode passes
+
+
+def test_graph_path_validates_and_resimulates_on_cpu(tmp_path: Path, graph_profile: HardwareProfile) -> None:
+    """runtime.engine=GRAPH on the per-pass seam (route_lag 2): decisions match the simulator's
+    sim.passes; the measured run is kept and graded again offline (--resim) with the same rows."""
+    torch.set_num_threads(1)
+    case = ["policy=dynaexq", "route_lag=2", "runtime.engine=GRAPH", "runtime.vocab=64", *CASE]
+    c = validate(case, graph_profile, tmp_path / "m", label="dyn")
+    assert c.row["decisions_match"], c.row["first_divergence"]
+    assert c.row["runtime_path"] == "graph_eager" and c.row["route_lag"] == 2 and c.row["promotions_measured"] > 0
+    again = resimulate(tmp_path / "m", graph_profile, tmp_path / "r")
+    assert len(again) == 1 and again[0].row["decisions_match"]
+    for key in ("tpot_ms_measured", "tpot_ms_simulated", "promotions_simulated", "passes"):
+        assert again[0].row[key] == c.row[key], key
 
 
 @pytest.mark.gpu

@@ -1,0 +1,54 @@
+"""The whole-pass graph table: the fit recovers known costs, and the simulator prices passes with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from moebits.core.hardware import GraphPassTable  # noqa: E402
+from moebits.core.model_spec import ModelSpec  # noqa: E402
+from moebits.runtime.pass_designs import fit_pass_table  # noqa: E402
+from moebits.sim.kernels import KernelModel  # noqa: E402
+from test_fidelity import graph_profile  # noqa: E402,F401  (fixture)
+
+SPEC = ModelSpec("t", layers=2, experts=16, top_k=4, hidden=128, expert_intermediate=128, vocab_size=64)
+TRUE = {"fixed": 20e-6, "layer": 5e-6, "ctx": 3e-9, "tok": {"bf16": 2e-6, "int4": 1e-6}, "cnt": {"bf16": 0.5e-6, "int4": 0.2e-6}}
+
+
+def _rows(rng: np.random.Generator) -> list[dict]:
+    out = []
+    for T in (1, 4):
+        for _ in range(12):
+            L, ctx = int(rng.choice([2, 4])), int(rng.choice([16, 200]))
+            tok = {p: float(rng.integers(0, 4 * T * L + 1)) for p in ("bf16", "int4")}
+            cnt = {p: float(rng.integers(0, tok[p] + 1)) for p in ("bf16", "int4")}
+            sec = TRUE["fixed"] + L * (TRUE["layer"] + ctx * TRUE["ctx"]) + sum(
+                tok[p] * TRUE["tok"][p] + cnt[p] * TRUE["cnt"][p] for p in tok)
+            out.append({"rows": T, "context": ctx, "layers": L, "tag": "decode", "seconds": sec,
+                        **{f"tok_{p}": v for p, v in tok.items()}, **{f"cnt_{p}": v for p, v in cnt.items()}})
+    return out
+
+
+def test_fit_recovers_known_costs() -> None:
+    t = fit_pass_table(_rows(np.random.default_rng(0)), ["bf16", "int4"], SPEC, prefill=False)
+    assert t.rows == [1.0, 4.0] and t.fit["loo_err_p95"] < 1e-9
+    np.testing.assert_allclose(t.fixed_s, [TRUE["fixed"]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(t.layer_ctx_s, [TRUE["ctx"]] * 2, rtol=1e-6)
+    for p in ("bf16", "int4"):
+        np.testing.assert_allclose(t.token_s[p], [TRUE["tok"][p]] * 2, rtol=1e-6)
+        np.testing.assert_allclose(t.expert_s[p], [TRUE["cnt"][p]] * 2, rtol=1e-6)
+
+
+def test_kernel_model_prices_steps_from_the_table(graph_profile) -> None:  # noqa: F811
+    table = GraphPassTable(128, 128, 16, 4, False, [1.0, 4.0], [20e-6, 40e-6], [5e-6, 7e-6], [3e-9, 3e-9],
+                           {"bf16": [2e-6, 1e-6], "int4": [1e-6, 0.5e-6]}, {"bf16": [0.5e-6, 0.5e-6], "int4": [0.2e-6, 0.2e-6]})
+    hw = graph_profile.__class__(**{**graph_profile.__dict__, "graph_tables": [table]})
+    km = KernelModel(hw, SPEC, ["bf16", "int4"])
+    base, tok_s, cnt_s = km.graph_steps(np.array([1, 2, 4]), np.zeros(3, bool), np.array([10, 10, 10]),
+                                        np.array([True, False, False]))
+    np.testing.assert_allclose(base, [20e-6 + 5e-6 + 30e-9, 5e-6 + 2e-6 / 3 + 30e-9, 7e-6 + 30e-9])
+    np.testing.assert_allclose(tok_s[:, 0], [2e-6, 2e-6 - 1e-6 / 3, 1e-6])
+    with pytest.raises(ValueError, match="no graph table for prefill"):
+        km.graph_steps(np.array([8]), np.ones(1, bool), np.zeros(1), np.ones(1, bool))

@@ -212,13 +212,18 @@ def resimulate(measured_dir: Path, hw: HardwareProfile, out_dir: Path) -> list[C
         raise ValueError(f"no *.case.json in {measured_dir} (run moebits analysis validate first)")
     out = []
     for path in cases:
-        case = json.loads(path.read_text())
-        meas = load_run(path.with_name(path.name.removesuffix(".case.json") + ".measured.npz"))
-        cfg = compose(case["overrides"])
-        sim, labels = simulate_like(cfg, case["device_type"], hw, meas.info.get("summary", meas.info))
-        out.append(_report(meas, sim, {"case": case["case"], **labels, "overrides": " ".join(case["overrides"])},
-                           hw, out_dir))
+        meas, sim, labels = resimulate_case(path, hw)
+        out.append(_report(meas, sim, labels, hw, out_dir))
     return out
+
+
+def resimulate_case(path: Path, hw: HardwareProfile) -> tuple[RunResult, RunResult, dict[str, Any]]:
+    """One measured case (its ``CASE.case.json``) simulated again with ``hw``: (measured, simulated, labels)."""
+    case = json.loads(path.read_text())
+    meas = load_run(path.with_name(path.name.removesuffix(".case.json") + ".measured.npz"))
+    cfg = compose(case["overrides"])
+    sim, labels = simulate_like(cfg, case["device_type"], hw, meas.info.get("summary", meas.info))
+    return meas, sim, {"case": case["case"], **labels, "overrides": " ".join(case["overrides"])}
 
 
 def _slug(text: str) -> str:

@@ -16,16 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from moebits.core.model_spec import ModelSpec
-from moebits.runtime.calibrate_graph import attn_shape, random_weights
-from moebits.runtime.fused_ops import triton_usable
-from moebits.runtime.pass_designs import DesignTimer, layers_of, measure_designs, mixed_model, random_design
+from moebits.runtime.pass_designs import DesignPlan, run_designs
 
 
 def model_spec(model: str) -> ModelSpec:
@@ -43,18 +38,6 @@ def model_spec(model: str) -> ModelSpec:
     spec = ModelConfig(**body).to_spec()
     assert spec is not None
     return spec
-
-
-def background_copy(device: torch.device, nbytes: int = 64 << 20) -> Any:
-    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    stream = torch.cuda.Stream(device)
-
-    def start() -> None:
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-    return start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,30 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     precisions = args.precisions.split(",")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     rows, ctxs, pre = ints(args.rows), ints(args.contexts), ints(args.prefill)
-    rng = np.random.default_rng(args.seed)
-    out: list[dict[str, Any]] = []
-    for L in ints(args.layers):
-        t0 = time.perf_counter()
-        spec = layers_of(full, L)
-        shape = attn_shape(spec)
-        mm = mixed_model(spec, precisions, random_weights(spec, shape, dev), shape, dev, triton_usable(dev),
-                         max_seqs=max(rows), max_len=max([*ctxs, *pre]) + 2)
-        timer = DesignTimer(mm, reps=args.reps)
-        P = len(precisions)
-        for t in rows:
-            for c in ctxs:
-                out += measure_designs(timer, [random_design(rng, spec, t, c, P) for _ in range(args.designs)],
-                                       tag="decode")
-        for t in pre:
-            out += measure_designs(timer, [random_design(rng, spec, t, 0, P, prefill=True)
-                                           for _ in range(args.designs)], tag="prefill")
-        if dev.type == "cuda":
-            bg = background_copy(dev)
-            out += measure_designs(timer, [random_design(rng, spec, rows[0], ctxs[0], P) for _ in range(args.designs)],
-                                   background=bg, tag="copy")
-        print(f"{full.name} x{L} layers: {len(out)} rows so far, {time.perf_counter() - t0:.1f}s", flush=True)
-        del mm, timer
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
+    plan = DesignPlan(tuple(ints(args.layers)), tuple(rows), tuple(ctxs), tuple(pre), args.designs, args.reps)
+    out = run_designs(full, precisions, plan, dev, args.seed)
     meta = {"model": dataclasses.asdict(full) if dataclasses.is_dataclass(full) else str(full),
             "precisions": precisions, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__}

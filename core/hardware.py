@@ -23,7 +23,9 @@ the optional measured kernel tables (keyed by the expert shape they were measure
   (:class:`GraphPassTable`: a whole captured step priced by rows, KV position and the precision
   mix, per model shape; when one matches the model it replaces the three fields above) and
   ``layer_sync_s`` (the host turnaround of a per-layer graph step: routing read-back, the
-  host's decisions, the next graph's launch; charged per layer step on the per-layer seam);
+  host's decisions, the next graph's launch; charged per layer step on the per-layer seam) and
+  ``stall_sync_s`` (the host's extra turnaround when a step waits for a copy: issue, wait, table
+  write; charged per waiting layer step);
 - ``calibration``: provenance of a measured profile (gpu, driver, torch, date, runtime path).
 
 Presets are YAML files of this schema under ``conf/hardware/``; runtime calibration writes
@@ -206,6 +208,7 @@ class HardwareProfile:
     step_overhead_s: float = 0.0
     graph_tables: list[GraphPassTable] = field(default_factory=list)
     layer_sync_s: float = 0.0
+    stall_sync_s: float = 0.0
     calibration: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -213,7 +216,7 @@ class HardwareProfile:
             if getattr(self, name) <= 0:
                 raise ValueError(f'"{name}" must be > 0 in hardware profile {self.name!r}.')
         for name in ("launch_s", "expert_overhead_s", "host_overhead_s", "expert_launch_ops", "non_moe_launches",
-                     "step_overhead_s", "layer_sync_s"):
+                     "step_overhead_s", "layer_sync_s", "stall_sync_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f'"{name}" must be >= 0 in hardware profile {self.name!r}.')
         if self.peak_tflops.get("bf16", 0) <= 0:

@@ -49,6 +49,7 @@ from moebits.core.hardware import HardwareProfile, KernelTable, LinkCurve
 from moebits.core.model_spec import MODEL_PRESETS, ModelSpec
 from moebits.runtime.calibrate_graph import calibrate_graph
 from moebits.runtime.moe_layer import MixedPrecisionMoE, build_mixed_experts
+from moebits.runtime.pass_designs import DesignPlan, fit_tables, run_designs
 
 CONF_HW = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 
@@ -230,6 +231,10 @@ class CalibrateOptions:
     rows: tuple[int, ...] = (1, 16, 128)
     context: int = 512
     reps: int = 20
+    designs: DesignPlan | None = None   # whole-pass designs of the graph path (None: DesignPlan())
+
+
+SMALL_DESIGNS = DesignPlan(layers=(1, 2), rows=(1, 2), contexts=(8,), prefill=(4,), designs=3, reps=2)  # CPU smoke
 
 
 def calibrate(spec: ModelSpec, device: torch.device, opt: CalibrateOptions | None = None,
@@ -280,10 +285,14 @@ def _graph_profile(spec: ModelSpec, device: torch.device, precisions: tuple[str,
     g = calibrate_graph(spec, device, list(precisions), list(opt.tokens), list(opt.rows), opt.context,
                         time_fn, copy_s, log)
     common["calibration"].update({k: f"{v:.4g}" for k, v in g.parts_s.items()})
+    rows = run_designs(spec, list(precisions), opt.designs or DesignPlan(), device, log=log)
+    tables = fit_tables(rows, list(precisions), spec)
+    for t in tables:
+        log(f"graph pass table ({'prefill' if t.prefill else 'decode'}): rows {t.rows}, fit {t.fit}")
     return HardwareProfile(hbm_gbps=_sig(_hbm_from(spec, g.tables, device)), launch_s=g.launch_s,
                            expert_launch_ops=2, non_moe_launches=0, kernel_tables=g.tables,
                            host_overhead_s=20e-6, non_moe_table=g.non_moe, fused_moe=True,
-                           step_overhead_s=g.step_overhead_s, **common)
+                           step_overhead_s=g.step_overhead_s, graph_tables=tables, **common)
 
 
 def _hbm_from(spec: ModelSpec, tables: list[KernelTable], device: torch.device) -> float:
@@ -411,7 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         opt = dataclasses.replace(opt, tokens=(1, 16), rows=(1, 16))
     if small:
-        opt = dataclasses.replace(opt, context=32)
+        opt = dataclasses.replace(opt, context=32, designs=SMALL_DESIGNS)
+    elif args.quick:
+        opt = dataclasses.replace(opt, designs=DesignPlan(rows=(1, 16), contexts=(32, 700), prefill=(32,), designs=4))
     bad = sorted(set(opt.precisions) - set(PRECISIONS))
     if bad:
         raise SystemExit(f"error: unknown precision(s) {bad}; known: {', '.join(PRECISIONS)}")

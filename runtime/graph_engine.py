@@ -63,11 +63,12 @@ from moebits.runtime.fast_model import FastModel
 from moebits.runtime.graph_serve import GraphMode, StepRunner
 from moebits.runtime.mechanism import MoverMechanism
 from moebits.runtime.pool import DevicePool
-from moebits.runtime.residency import KERNEL_CLASS, ResidencyTable, decode, write_slots
+from moebits.runtime.residency import CLASS_BITS, KERNEL_CLASS, ResidencyTable, write_slots
 from moebits.runtime.route_observer import RouteObserver, routing_of
 
 WeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> (gate_up [E, 2I, H], down [E, H, I])
 ModelFn = Callable[[DevicePool, ResidencyTable], FastModel]
+CLASS_MASK = (1 << CLASS_BITS) - 1  # a table code's kernel class bits
 SLACK_BYTES = 64 << 20  # alignment room beyond the policy's budget (the fused kernels need 16-byte slabs)
 
 
@@ -138,6 +139,10 @@ class GraphEngine:
         self.observer = None if self.per_layer else RouteObserver(spec.layers, max_rows, spec.top_k, read_lag,
                                                                  self.device)
         self.errors = error_table(spec, self.precisions, sensitivity)
+        self._class_to_p = np.full(1 << CLASS_BITS, -1, np.int64)   # kernel class -> pool precision index
+        for name, cls in KERNEL_CLASS.items():
+            if name in self.precisions:
+                self._class_to_p[cls] = self.precisions.index(name)
         self.res = [Residency(self.mech.ready[i], self.mech.loading[i], self._ready_time(i)) for i in range(spec.layers)]
         self._low = lowest_bits(len(self.precisions))
         self.rec, self.index = Recorder(list(self.precisions), served=[] if served else None), StepIndex()
@@ -231,41 +236,49 @@ class GraphEngine:
         assert self.observer is not None
         now = self.clock.now()
         for r in self.observer.due(serving):
-            pend = self._pending.pop(r.step)
-            p = PassInput(pend.batch, pend.pass_index, torch.empty(r.rows), torch.empty(0), torch.empty(0))
-            for layer in range(self.spec.layers):
-                routing = routing_of(torch.from_numpy(r.ids[layer]), torch.from_numpy(r.weights[layer]),
-                                     self.spec.experts)
-                if observe and not self.driver.static:
-                    self.driver.observe(LayerObs(self.steps, layer, 0 if p.pass_index == 0 else 1, p.pass_index,
-                                                 *routing, now))
-                ex = (routing[0].tolist(), routing[1].tolist(), np.asarray(routing[2], np.float64).tolist())
-                self._record(p, T=r.rows, choice=self._as_served(pend.codes[layer], ex, layer), ex=ex, stall=0.0,
-                             hits=len(ex[0]))  # every expert a pass serves is resident (else no_copy)
+            self._deliver_pass(self._pending.pop(r.step), r.ids, r.weights, r.rows, now, observe)
         if observe:
             self.mover.boundary(wait=True)   # the per-pass seam: copies of earlier boundaries are servable now
 
+    def _deliver_pass(self, pend: _Pending, ids: np.ndarray, weights: np.ndarray, rows: int, now: float,
+                      observe: bool) -> None:
+        """One pass's routing ``[L, T, k]``: every layer's observation (in order) and record, served
+        from the table codes the pass read. Counts and gates of all layers in one bincount each."""
+        L, E, P = self.spec.layers, self.spec.experts, len(self.precisions)
+        flat = (ids.reshape(L, -1).astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=L * E).reshape(L, E)
+        gates = np.bincount(flat, weights=weights.reshape(-1).astype(np.float64), minlength=L * E).reshape(L, E)
+        served_p = np.where(pend.codes >= 0, self._class_to_p[pend.codes & CLASS_MASK], -1)   # [L, E]
+        p = PassInput(pend.batch, pend.pass_index, torch.empty(rows), torch.empty(0), torch.empty(0))
+        phase = 0 if pend.pass_index == 0 else 1
+        table = self.errors.table
+        for layer in range(L):
+            used = np.flatnonzero(counts[layer])
+            routing = (used.astype(np.int16), counts[layer, used].astype(np.int32), gates[layer, used].astype(np.float32))
+            if observe and not self.driver.static:
+                self.driver.observe(LayerObs(self.steps, layer, phase, pend.pass_index, *routing, now))
+            pl = served_p[layer, used]
+            if (pl < 0).any():
+                raise no_copy(self.name, self.policy.miss_rule, layer, int(used[np.argmax(pl < 0)]))
+            tok_l = routing[1].tolist()
+            g = np.asarray(routing[2], np.float64).tolist()
+            errs = table[layer, used, pl].tolist()
+            err = 0.0
+            for gi, ei in zip(g, errs, strict=True):   # in expert order, as the miss rule sums it
+                err += gi * ei
+            tok = np.bincount(pl, weights=routing[1], minlength=P).astype(np.int64).tolist()
+            cnt = np.bincount(pl, minlength=P).tolist()
+            choice = Choice(0.0, tok, cnt, err, [], list(zip(used.tolist(), pl.tolist(), strict=True)), [], [])
+            self._record(p, T=rows, choice=choice, ex=(used.tolist(), tok_l, g), stall=0.0, hits=len(tok_l))
+
     def _check_resident(self, codes: np.ndarray, ids: np.ndarray) -> None:
         """A replayed pass (routing known before it runs) must find a copy of every expert it routes to."""
-        for layer in range(self.spec.layers):
-            missing = np.flatnonzero(codes[layer, np.unique(ids[layer])] < 0)
-            if missing.size:
-                raise no_copy(self.name, self.policy.miss_rule, layer, int(np.unique(ids[layer])[missing[0]]))
-
-    def _as_served(self, codes: np.ndarray, ex: tuple[list, list, list], layer: int) -> Choice:
-        """What a WHOLE-mode layer step was served from: the table codes the pass read."""
-        P = len(self.precisions)
-        tok, cnt, served, err = [0] * P, [0] * P, [], 0.0
-        errl = self.errors.of[layer]
-        for e, t, g in zip(*ex, strict=True):
-            if codes[e] < 0:
-                raise no_copy(self.name, self.policy.miss_rule, layer, e)
-            pi = self.precisions.index(decode(int(codes[e]))[0])
-            tok[pi] += t
-            cnt[pi] += 1
-            err += g * errl[e][pi]
-            served.append((e, pi))
-        return Choice(0.0, tok, cnt, err, [], served, [], [])
+        L = self.spec.layers
+        flat = ids.reshape(L, -1).astype(np.int64)
+        bad = np.take_along_axis(codes, flat, axis=1) < 0
+        if bad.any():
+            layer, j = (int(x[0]) for x in np.nonzero(bad))
+            raise no_copy(self.name, self.policy.miss_rule, layer, int(flat[layer, j]))
 
     def _record(self, p: PassInput, *, T: int, choice: Choice, ex: tuple[list, list, list], stall: float,
                 hits: int) -> None:

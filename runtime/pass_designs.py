@@ -242,3 +242,69 @@ def _loo_errors(X: np.ndarray, y: np.ndarray) -> list[float]:
         c = np.linalg.lstsq(X[keep], y[keep], rcond=None)[0]
         errs.append(float((X[i] @ c - y[i]) / y[i]))
     return errs
+
+
+# ----------------------------------------------------------------------------- the campaign
+@dataclass(frozen=True)
+class DesignPlan:
+    """Which synthetic passes to time: layer counts, decode rows x KV positions, prefill sizes."""
+
+    layers: tuple[int, ...] = (2, 8)
+    rows: tuple[int, ...] = (1, 2, 4, 8, 16)
+    contexts: tuple[int, ...] = (32, 200, 700)
+    prefill: tuple[int, ...] = (32, 512)
+    designs: int = 5
+    reps: int = 5
+    copy_bytes: int = 64 << 20   # the side-stream copy of the "copy" designs (GPU only)
+
+
+def run_designs(full: ModelSpec, precisions: list[str], plan: DesignPlan, device: torch.device, seed: int = 0,
+                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Time ``plan``'s designs on ``full``'s shape (one mixed model per layer count); the rows of
+    :func:`measure_designs`, tagged decode / prefill / copy (decode designs of the first row count
+    again with a host-to-device copy on a side stream: copy/compute interference)."""
+    from moebits.runtime.calibrate_graph import attn_shape, random_weights
+    from moebits.runtime.fused_ops import triton_usable
+
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, Any]] = []
+    P = len(precisions)
+    for L in plan.layers:
+        spec = layers_of(full, L)
+        shape = attn_shape(spec)
+        mm = mixed_model(spec, precisions, random_weights(spec, shape, device), shape, device, triton_usable(device),
+                         max_seqs=max(plan.rows), max_len=max([*plan.contexts, *plan.prefill]) + 2)
+        timer = DesignTimer(mm, reps=plan.reps)
+        for t in plan.rows:
+            for c in plan.contexts:
+                out += measure_designs(timer, [random_design(rng, spec, t, c, P) for _ in range(plan.designs)], tag="decode")
+        for t in plan.prefill:
+            out += measure_designs(timer, [random_design(rng, spec, t, 0, P, prefill=True) for _ in range(plan.designs)],
+                                   tag="prefill")
+        if device.type == "cuda":
+            bg = _background_copy(device, plan.copy_bytes)
+            out += measure_designs(timer, [random_design(rng, spec, plan.rows[0], plan.contexts[0], P)
+                                           for _ in range(plan.designs)], background=bg, tag="copy")
+        log(f"designs {full.name} x{L} layers: {len(out)} timed")
+        del mm, timer
+    return out
+
+
+def _background_copy(device: torch.device, nbytes: int) -> Callable[[], None]:
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+
+    def start() -> None:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+    return start
+
+
+def fit_tables(rows: list[dict[str, Any]], precisions: list[str], spec: ModelSpec) -> list[GraphPassTable]:
+    """The decode and prefill tables of ``spec``'s shape (prefill only when prefill designs exist)."""
+    out = [fit_pass_table(rows, precisions, spec, prefill=False)]
+    if any(r["tag"] == "prefill" for r in rows):
+        out.append(fit_pass_table(rows, precisions, spec, prefill=True))
+    return out

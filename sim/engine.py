@@ -151,7 +151,7 @@ class Engine:
         self.res = [Residency(self.pool.ready[i], self.pool.loading[i], self._ready_time(i)) for i in range(spec.layers)]
         self.kernels = KernelModel(hw, spec, self.pool.precisions)
         self._graph = self._graph_costs() if self.kernels.graphed else None
-        if self._graph is not None:
+        if self._graph is not None or hw.stall_sync_s:
             self.opt = dataclasses.replace(self.opt, fast=False)  # the shortcuts price with the per-class model
         errors = error_table(spec, self.pool.precisions, sensitivity)
         self.err_table, self.err_of, self.host_err = errors.table, errors.of, errors.host
@@ -326,7 +326,7 @@ class Engine:
         wait, tok, cnt, err, host, served, _, bypass = choice
         if rec.served is not None:
             rec.served.append(served_row(choice, ex[1], a, self.pool.precisions))
-        start = t1 if wait <= t1 else wait
+        start = t1 if wait <= t1 else wait + self.hw.stall_sync_s
         if start > t1:
             self.pool.advance(start)
         if served is not None:

@@ -23,7 +23,13 @@ from moebits.analysis.fidelity import (  # noqa: E402
 from moebits.core.hardware import HardwareProfile  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
 from moebits.drive.records import COUNTERS, RunResult  # noqa: E402
-from moebits.runtime.calibrate import CalibrateOptions, calibrate, read_profile, write_profile  # noqa: E402
+from moebits.runtime.calibrate import (  # noqa: E402
+    SMALL_DESIGNS,
+    CalibrateOptions,
+    calibrate,
+    read_profile,
+    write_profile,
+)
 
 SPEC = ModelSpec("cal", layers=1, experts=16, top_k=4, hidden=128, expert_intermediate=128, attention_params=65536,
                  vocab_size=64)
@@ -34,7 +40,7 @@ CASE = ["workload.max_seqs=1", "progress=false", "runtime.layers=1"]
 def graph_profile(tmp_path_factory: pytest.TempPathFactory) -> HardwareProfile:
     torch.set_num_threads(1)
     opt = CalibrateOptions(runtime="graph", small=True, precisions=("bf16", "int4"), tokens=(1, 2), rows=(1, 4),
-                           context=8, reps=2)
+                           context=8, reps=2, designs=SMALL_DESIGNS)
     hw = calibrate(SPEC, torch.device("cpu"), opt, log=lambda s: None)
     path = write_profile(hw, tmp_path_factory.mktemp("hw") / "cal_graph.yaml")
     return read_profile(path)
@@ -45,6 +51,9 @@ def test_graph_calibration_writes_the_graph_fields(graph_profile: HardwareProfil
     assert hw.fused_moe and hw.expert_launch_ops == 2 and hw.step_overhead_s > 0
     assert hw.non_moe_table is not None and hw.non_moe_table.tokens == [1.0, 4.0] and hw.non_moe_table.context == 8
     assert {t.precision for t in hw.kernel_tables} == {"bf16", "int4"}
+    decode = hw.graph_table(SPEC, prefill=False)
+    assert decode is not None and decode.rows == [1.0, 2.0] and set(decode.token_s) == {"bf16", "int4"}
+    assert hw.graph_table(SPEC, prefill=True) is not None
     assert hw.calibration["runtime"] == "graph" and hw.calibration["gpu"] == "cpu" and "torch" in hw.calibration
     assert {"embed_head_s", "routing_readback_s", "table_upload_s"} <= set(hw.calibration)
 

@@ -28,7 +28,7 @@ COPIED = ("moebits", "core", "traces", "policies", "drive", "sim", "runtime", "a
 POLICIES = "static_uniform,static_frequency,lru_offload,dynaexq,hobbit"
 SWEEP = ["model=olmoe_1b_7b", "workload=synth", "workload.seqs=1", "workload.prompt_tokens=2",
          "workload.decode_tokens=3", "progress=false", "figure=false", f"policy={POLICIES}",
-         "budget=all_int2,all_int3,all_int4,bf16_25pct", "seed=0,1,2"]
+         "budget=all_int2,all_int3,all_int4,bf16_25pct", "seed=0,1,2,3,4,5"]
 
 
 def copy_checkout(repo: Path, into: Path) -> Path:

@@ -92,6 +92,7 @@ def job_key(hydra_cfg: Any, overrides: Sequence[str]) -> str:
 # --- the inputs and their digest ----------------------------------------------------------------------
 
 
+@cache
 def _file_name(path: Path) -> str:
     path = path.resolve()
     return f"file:{path.relative_to(REPO) if path.is_relative_to(REPO) else path}"
@@ -227,8 +228,13 @@ def env_names(config_text: str, code: Iterable[Path]) -> set[str]:
     ``MOEBITS_*`` names in its code."""
     names = set(ENV_IN_CONFIG.findall(config_text))
     for path in code:
-        names.update(ENV_IN_CODE.findall(path.read_text()))
+        names.update(_env_in_code(path))
     return names
+
+
+@cache
+def _env_in_code(path: Path) -> frozenset[str]:
+    return frozenset(ENV_IN_CODE.findall(path.read_text()))  # once per process: the code it runs
 
 
 def footprint(key: str, conf: Iterable[Path], code: Iterable[Path], env: Iterable[str]) -> Footprint:
@@ -238,22 +244,44 @@ def footprint(key: str, conf: Iterable[Path], code: Iterable[Path], env: Iterabl
     return Footprint(key, tuple(inputs), Digests().of(inputs))
 
 
+_DEFAULTS: dict[str, tuple[list[Path], str]] = {}  # this process's defaults lists: conf files, their digest
+
+
+def group_override(override: str, groups: Iterable[str]) -> bool:
+    """Whether ``override`` may change a defaults list: a deletion, or one naming a config group
+    (value overrides never do: hydra builds the defaults list before it merges values)."""
+    return override.startswith("~") or override.lstrip("+").split("=", 1)[0].split("@", 1)[0] in set(groups)
+
+
+def defaults_files(hc: Any, task: Sequence[str]) -> list[Path]:
+    """:func:`conf_files` of the running job's defaults list (hydra node ``hc``, overrides
+    ``task``). The list is computed once per process for jobs that differ only in values (a sweep
+    over seeds), and again when one of its files changed since."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    key = job_key(hc, [o for o in task if group_override(o, hc.runtime.choices)])
+    files, digest = _DEFAULTS.get(key, ([], ""))
+    if not digest or Digests().of([_file_name(p) for p in files]) != digest:
+        defaults = GlobalHydra.instance().config_loader().compute_defaults_list(
+            hc.job.config_name, [*hc.overrides.hydra, *task], RunMode.RUN)
+        files = conf_files([d.config_path for d in defaults.defaults],
+                           [(s.schema, s.path) for s in hc.runtime.config_sources])
+        _DEFAULTS[key] = files, Digests().of([_file_name(p) for p in files])
+    return files
+
+
 def of_job(cfg: Any, run_cfg: Any, extra_modules: Iterable[str] = ()) -> Footprint | None:
     """The footprint of the running hydra job: ``cfg`` its composed config (DictConfig),
     ``run_cfg`` the dataclasses it converts to, ``extra_modules`` those that registered its
     schemas. None when hydra cannot say (the job then composes on every resume)."""
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     try:
         hc = HydraConfig.get()
         task = list(hc.overrides.task)
-        defaults = GlobalHydra.instance().config_loader().compute_defaults_list(
-            hc.job.config_name, [*hc.overrides.hydra, *task], RunMode.RUN)
-        sources = [(s.schema, s.path) for s in hc.runtime.config_sources]
-        conf = conf_files([d.config_path for d in defaults.defaults], sources)
+        conf = defaults_files(hc, task)
         code = code_files([*schema_modules(run_cfg), *extra_modules])
         text = json.dumps(OmegaConf.to_container(cfg, resolve=False), default=str)
         return footprint(job_key(hc, task), conf, code, env_names(text, code))

@@ -226,6 +226,9 @@ def test_footprint_pieces(tmp_path: Path) -> None:
     assert not {"sim/engine.py", "policies/lru_offload.py", "drive/app.py"} & code
     sources = [("pkg", "hydra.conf"), ("file", str(tmp_path / "a")), ("structured", ""), ("file", str(tmp_path / "b"))]
     assert footprint.conf_files(["policy/x", ""], sources) == [tmp_path / "a/policy/x.yaml", tmp_path / "b/policy/x.yaml"]
+    groups = ["policy", "tq"]  # a defaults list is shared by jobs whose group overrides agree
+    assert [footprint.group_override(o, groups) for o in ["seed=1", "policy.alpha=2", "+tq=a", "~x", "policy@p=y"]] == [
+        False, False, True, True, True]
     assert footprint.env_names('{"p": "${oc.env:MOEBITS_TRACES,x}/t", "q": "${oc.env: HOME}"}', []) == {"MOEBITS_TRACES", "HOME"}
     f = tmp_path / "a.yaml"
     f.write_text("x: 1\n")

@@ -121,8 +121,8 @@ class Digests:
     """Current digests of inputs, each computed once (a resumed sweep checks hundreds of
     footprints over the same few dozen files)."""
 
-    def __init__(self) -> None:
-        self._one: dict[str, str] = {}
+    def __init__(self, known: dict[str, str] | None = None) -> None:
+        self._one: dict[str, str] = dict(known or {})
         self._all: dict[tuple[str, ...], str] = {}
 
     def of(self, inputs: Sequence[str]) -> str:
@@ -239,9 +239,17 @@ def _env_in_code(path: Path) -> frozenset[str]:
 
 def footprint(key: str, conf: Iterable[Path], code: Iterable[Path], env: Iterable[str]) -> Footprint:
     """The footprint of a job of key ``key`` whose composition read these files and variables."""
-    inputs = sorted({*(_file_name(p) for p in [*conf, *code]), *(f"env:{n}" for n in env),
+    code_names = [_file_name(p) for p in code]
+    inputs = sorted({*(_file_name(p) for p in conf), *code_names, *(f"env:{n}" for n in env),
                      *(f"dist:{d}" for d in DISTRIBUTIONS)})
-    return Footprint(key, tuple(inputs), Digests().of(inputs))
+    return Footprint(key, tuple(inputs), Digests({n: _loaded_digest(n) for n in code_names}).of(inputs))
+
+
+@cache
+def _loaded_digest(name: str) -> str:
+    """A code file's digest when this process first read it: the code it imported, even if the
+    file is edited while a long sweep runs."""
+    return input_digest(name)
 
 
 _DEFAULTS: dict[str, tuple[list[Path], str]] = {}  # this process's defaults lists: conf files, their digest

@@ -3,7 +3,7 @@
 A *run* is a folder holding ``summary.json`` (finished), ``error.txt`` (ended without a
 result) or only hydra's ``.hydra/`` (started, never finished). Its ``status`` is ``ok``,
 ``infeasible`` (the budget cannot hold the run: a fact about the config), ``failed`` (anything
-else; from ``outcome.json``, see :mod:`drive.sweep`; an ``error.txt`` without one counts as
+else; from ``outcome.json``, see :mod:`drive.outcome`; an ``error.txt`` without one counts as
 failed) or ``unfinished`` (interrupted). Its row holds:
 
 - the run's overrides from ``.hydra/overrides.yaml`` (``policy``, ``budget``, ``hardware``,
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from moebits.drive.sweep import read_outcome
+from moebits.drive.outcome import read_outcome
 
 STATUS_OK, STATUS_INFEASIBLE, STATUS_FAILED, STATUS_UNFINISHED = "ok", "infeasible", "failed", "unfinished"
 MARKERS = ("summary.json", "error.txt", ".hydra")

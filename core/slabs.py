@@ -25,7 +25,7 @@ class InfeasibleError(ValueError):
     """The budget cannot hold what the run needs (too few slabs, experts that do not fit).
 
     A fact about the configuration, not a fault: a sweep records such a run as ``infeasible``
-    with this message and does not retry it (:mod:`drive.sweep`)."""
+    with this message and does not retry it (:mod:`drive.outcome`)."""
 
 
 class SlabState(IntEnum):

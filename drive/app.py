@@ -6,9 +6,10 @@ summary)``). Everything else is here, once: bad overrides stop before running wi
 ``error: ...`` and exit status 2 (a sweep's first run is composed up front, so a misspelled key
 of a sweep is one line too); each run writes to its hydra run directory ``steps.parquet``,
 ``figure.pdf/png`` (where asked), ``summary.json``, ``outcome.json`` last and ``app.log`` (what
-it logged; :mod:`drive.report`, :mod:`drive.sweep`). A sweep (``-m``) runs in its own folder
+it logged; :mod:`drive.report`, :mod:`drive.outcome`). A sweep (``-m``) runs in its own folder
 (``multirun/<date>_<time>`` or the experiment's name) and skips runs that ended ok or
-infeasible with the same fully composed config (``resume=true``); a failing run of a sweep
+infeasible with the same fully composed config (``resume=true``; finished jobs whose
+:mod:`drive.footprint` is unchanged are skipped without composing them); a failing run of a sweep
 writes ``error.txt`` and ``outcome.json`` (infeasible: the budget cannot hold the run; failed:
 anything else) and the sweep goes on, ending with a tally and exit status 3 when a run failed
 (:class:`drive.sweep.SweepCallback`). ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
@@ -21,7 +22,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from moebits.core.config import GROUPS, model_choice_spelling, one_line, unknown_preset
 from moebits.core.slabs import InfeasibleError
-from moebits.drive import sweep
+from moebits.drive import footprint
+from moebits.drive.outcome import Outcome, Status, clear_outcome, config_hash, reusable, write_outcome
+from moebits.drive.overrides import first_of_sweep, launcher_hint
 from moebits.drive.records import RunResult
 from moebits.drive.report import format_summary, write_outputs
 from omegaconf import DictConfig, OmegaConf
@@ -56,11 +59,11 @@ def check_compose(config_name: str, args: list[str]) -> str | None:
     args = [a for a in args if a not in ("-m", "--multirun")]
     overrides = [a for a in args if not a.lstrip("+~").startswith("hydra.")]
     try:
-        overrides = sweep.first_of_sweep(overrides)  # a sweep: its first run stands for all
+        overrides = first_of_sweep(overrides)  # a sweep: its first run stands for all
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             OmegaConf.to_object(compose(config_name, overrides=overrides))
     except Exception as exc:  # hydra and OmegaConf raise many types; all are the user's input
-        return sweep.launcher_hint(str(exc)) or one_line(exc)
+        return launcher_hint(str(exc)) or one_line(exc)
     return None
 
 
@@ -95,21 +98,27 @@ class App:
         write_outputs(result, summary, out_dir, figure=getattr(cfg, "figure", False))
         return summary
 
-    def run_task(self, cfg: DictConfig) -> tuple[sweep.Outcome, bool]:
+    def run_task(self, cfg: DictConfig) -> tuple[Outcome, bool]:
         """One run: resume check, run, write files, log the table. Returns the run's outcome and
         whether it was reused from an earlier run (for :class:`drive.sweep.SweepCallback`)."""
         hc = HydraConfig.get()
         out_dir = Path(hc.runtime.output_dir)
         in_sweep = hc.mode == RunMode.MULTIRUN
-        digest, key = sweep.config_hash(cfg), sweep.job_key(list(hc.overrides.task))
-        done = sweep.reusable(out_dir, digest) if cfg.resume else None
+        digest = config_hash(cfg)
+        done = reusable(out_dir, digest) if cfg.resume else None
         if done is not None:
             log.info(f"skip {out_dir}: ended {done.status.value} with the same config (resume=true)")
+            if in_sweep:  # what it is made of now: the next resume skips it without composing
+                done = replace(done, footprint=footprint.of_job(cfg, OmegaConf.to_object(cfg), [self.register.__module__]))
+                write_outcome(out_dir, done)
             return done, True
-        sweep.clear_outcome(out_dir)
+        clear_outcome(out_dir)
+        fp = None
         try:
             run_cfg = OmegaConf.to_object(cfg)
             assert isinstance(run_cfg, self.schema)
+            if in_sweep:
+                fp = footprint.of_job(cfg, run_cfg, [self.register.__module__])
             summary = self.run_config(run_cfg, out_dir)
         except Exception as exc:  # noqa: BLE001 - a sweep records every failure and goes on
             if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (in_sweep or isinstance(exc, USER_ERRORS)):
@@ -119,13 +128,13 @@ class App:
                 print(f"error: {msg}", file=sys.stderr)
                 sys.exit(2)
             record_failure(out_dir, exc, msg)
-            status = sweep.Status.INFEASIBLE if isinstance(exc, InfeasibleError) else sweep.Status.FAILED
-            outcome = sweep.Outcome(status, msg, digest, key)
-            sweep.write_outcome(out_dir, outcome)
+            status = Status.INFEASIBLE if isinstance(exc, InfeasibleError) else Status.FAILED
+            outcome = Outcome(status, msg, digest, fp)
+            write_outcome(out_dir, outcome)
             return outcome, False
         log.info(format_summary(summary))
-        outcome = sweep.Outcome(sweep.Status.OK, "", digest, key)
-        sweep.write_outcome(out_dir, outcome)  # last: its presence means 'finished' to a resumed sweep
+        outcome = Outcome(Status.OK, "", digest, fp)
+        write_outcome(out_dir, outcome)  # last: its presence means 'finished' to a resumed sweep
         log.info(f"results in {out_dir}: {', '.join(written_files(out_dir))}")
         return outcome, False
 

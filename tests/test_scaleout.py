@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moebits.drive.sweep import read_ledger, read_outcome
+from moebits.drive.ledger import read_ledger
+from moebits.drive.outcome import read_outcome
 
 RUNS = 6
 WORK = ["model=olmoe_1b_7b", "workload=synth", "workload.seqs=4", "workload.decode_tokens=300", "figure=false",

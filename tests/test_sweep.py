@@ -1,4 +1,4 @@
-"""Sweeps a researcher can trust (drive/sweep.py through ``moebits sim -m``): outcomes ok /
+"""Sweeps a researcher can trust (drive/sweep.py and its modules, through ``moebits sim -m``): outcomes ok /
 infeasible / failed, a tally and exit status 3 on failures, infeasible runs never retried, resume
 keyed on the fully composed config, one progress bar instead of per-run output, one-line typos."""
 
@@ -11,18 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from moebits.drive.sweep import (
-    Outcome,
-    Status,
-    Tally,
-    config_hash,
-    covering,
-    first_of_sweep,
-    launcher_hint,
-    lean_basic_sweeper,
-    read_ledger,
-    sweep_size,
-)
+from moebits.drive import footprint
+from moebits.drive.ledger import Tally, read_ledger
+from moebits.drive.outcome import Outcome, Status, config_hash
+from moebits.drive.overrides import covering, first_of_sweep, launcher_hint, sweep_size
+from moebits.drive.sweeper import lean_basic_sweeper
 from moebits.traces.format import write_trace
 from omegaconf import OmegaConf
 from sim_testkit import TINY, make_trace
@@ -76,7 +69,7 @@ def test_rerun_skips_ok_and_infeasible_retries_failed(mixed: tuple[Path, subproc
     lines = read_ledger(out)[before:]
     assert sorted((line["status"], line["skipped"]) for line in lines) == [
         ("failed", False), ("failed", False), ("infeasible", True), ("ok", True)]
-    assert "(2 reused from an earlier run of the same config)" in proc.stderr
+    assert "(2 reused from an earlier run of the same config, 2 of them without composing it)" in proc.stderr
 
 
 def test_resume_is_keyed_on_the_composed_config(tmp_path: Path) -> None:
@@ -162,18 +155,89 @@ def test_budget_refusals_are_infeasible() -> None:
 
 def test_resumed_jobs_are_not_even_launched(tmp_path: Path) -> None:
     """A finished sweep run again skips its jobs before hydra composes them (one is launched,
-    a launcher never gets an empty batch); when the sources or MOEBITS_* settings change, every
-    job is composed again and decides by its config hash."""
+    a launcher never gets an empty batch), also when an environment variable that no config
+    reads changes."""
     out = tmp_path / "s"
     args = ["-m", *SMALL, "seed=0,1,2", f"hydra.sweep.dir={out}"]
     assert sim(*args, cwd=tmp_path).returncode == 0
     again = sim(*args, cwd=tmp_path)
     assert again.returncode == 0 and "3 runs: 3 ok, 0 infeasible, 0 failed (3 reused" in again.stderr
+    assert "2 of them without composing it" in again.stderr
     launched = [p for p in out.rglob("*.log") if "skip " in p.read_text()]
     assert len(launched) == 1
     env = {**os.environ, "MOEBITS_SOMETHING": "changed"}
     env.pop("HYDRA_FULL_ERROR", None)
     third = subprocess.run([sys.executable, "-m", "moebits.sim", *args], cwd=tmp_path, capture_output=True, text=True,
                            timeout=300, env=env)
-    assert third.returncode == 0 and "(3 reused" in third.stderr
-    assert len([p for p in out.rglob("*.log") if "skip " in p.read_text()]) == 3
+    assert third.returncode == 0 and "(3 reused from an earlier run of the same config, 2 of them" in third.stderr
+
+
+def _invocation(out: Path, before: int) -> dict[str, tuple[bool, bool]]:
+    """Each run of the sweep invocation that appended ledger lines from ``before`` on: (reused,
+    launched), by its ``tq`` preset and seed."""
+    return {",".join(part for part in line["dir"].split(",") if part.startswith(("+tq=", "seed="))):
+            (line["skipped"], line["launched"]) for line in read_ledger(out)[before:]}
+
+
+def test_resume_composes_only_jobs_whose_inputs_changed(tmp_path: Path) -> None:
+    """After an edit of a config file, a resumed sweep composes only the jobs made of it: a job
+    whose composed config changed runs again, one whose config is the same (a comment) is reused
+    after composing, every other job is reused without composing."""
+    extra = tmp_path / "extra" / "tq"
+    extra.mkdir(parents=True)
+    for name in "ab":
+        (extra / f"{name}.yaml").write_text("# @package _global_\nworkload:\n  decode_tokens: 3\n")
+    out = tmp_path / "s"
+    small = [a for a in SMALL if not a.startswith("workload.decode_tokens=")]  # the tq presets set it
+    args = ["-m", "--config-dir", str(extra.parent), *small, "+tq=a,b", "seed=0,1", f"hydra.sweep.dir={out}"]
+    assert sim(*args, cwd=tmp_path).returncode == 0
+    fp = json.loads(next(out.rglob("outcome.json")).read_text())["footprint"]["inputs"]
+    assert "file:sim/config.py" in fp and "file:conf/workload/synth.yaml" in fp
+    assert any(i.startswith("file:/") and i.endswith("/tq/a.yaml") or i.endswith("/tq/b.yaml") for i in fp)
+    assert "file:sim/engine.py" not in fp and "file:policies/dynaexq.py" not in fp  # not what configs are made of
+
+    (extra / "a.yaml").write_text("# @package _global_\nworkload:\n  decode_tokens: 4\n")
+    before = len(read_ledger(out))
+    assert sim(*args, cwd=tmp_path).returncode == 0
+    runs = _invocation(out, before)
+    assert sorted(runs.items()) == [("+tq=a,seed=0", (False, True)), ("+tq=a,seed=1", (False, True)),
+                                    ("+tq=b,seed=0", (True, False)), ("+tq=b,seed=1", (True, False))]
+    rerun = next(p for p in out.iterdir() if {"+tq=a", "seed=0"} <= set(p.name.split(",")))
+    assert "decode_tokens: 4" in (rerun / ".hydra" / "config.yaml").read_text()
+
+    (extra / "b.yaml").write_text("# @package _global_\n# a comment\nworkload:\n  decode_tokens: 3\n")
+    before = len(read_ledger(out))
+    assert sim(*args, cwd=tmp_path).returncode == 0
+    runs = _invocation(out, before)
+    assert sorted(runs.items()) == [("+tq=a,seed=0", (True, False)), ("+tq=a,seed=1", (True, False)),
+                                    ("+tq=b,seed=0", (True, True)), ("+tq=b,seed=1", (True, True))]
+
+    before = len(read_ledger(out))  # the composed jobs recorded their new footprint
+    assert sim(*args, cwd=tmp_path).returncode == 0
+    assert sorted(launched for _, launched in _invocation(out, before).values()) == [False, False, False, True]
+
+
+def test_footprint_pieces(tmp_path: Path) -> None:
+    """What a footprint lists (a policy's module and what it imports, not the simulator; config
+    files present or absent in every file source; interpolated variables), and its digest
+    following a file's content."""
+    code = {str(p.relative_to(footprint.REPO)) for p in footprint.code_files(["moebits.policies.dynaexq"])}
+    assert {"policies/dynaexq.py", "policies/base.py", "core/precision.py", "policies/__init__.py"} <= code
+    assert not {"sim/engine.py", "policies/lru_offload.py", "drive/app.py"} & code
+    sources = [("pkg", "hydra.conf"), ("file", str(tmp_path / "a")), ("structured", ""), ("file", str(tmp_path / "b"))]
+    assert footprint.conf_files(["policy/x", ""], sources) == [tmp_path / "a/policy/x.yaml", tmp_path / "b/policy/x.yaml"]
+    groups = ["policy", "tq"]  # a defaults list is shared by jobs whose group overrides agree
+    assert [footprint.group_override(o, groups) for o in ["seed=1", "policy.alpha=2", "+tq=a", "~x", "policy@p=y"]] == [
+        False, False, True, True, True]
+    assert footprint.env_names('{"p": "${oc.env:MOEBITS_TRACES,x}/t", "q": "${oc.env: HOME}"}', []) == {"MOEBITS_TRACES", "HOME"}
+    f = tmp_path / "a.yaml"
+    f.write_text("x: 1\n")
+    fp = footprint.footprint("k", [f, tmp_path / "absent.yaml"], [], ["MOEBITS_NOT_SET_ANYWHERE"])
+    assert f"file:{f}" in fp.inputs and "env:MOEBITS_NOT_SET_ANYWHERE" in fp.inputs and "dist:hydra-core" in fp.inputs
+    assert footprint.Digests().unchanged(fp)
+    f.write_text("x: 2\n")
+    assert not footprint.Digests().unchanged(fp)
+    f.write_text("x: 1\n")
+    (tmp_path / "absent.yaml").write_text("")  # a file that would shadow another one now exists
+    assert not footprint.Digests().unchanged(fp)
+    assert Outcome.from_dict(json.loads(Outcome(Status.OK, "", "h", fp).to_json())) == Outcome(Status.OK, "", "h", fp)

@@ -1,66 +1,57 @@
-"""Fit the graph path's whole-pass cost tables to timed designs and write a hardware profile.
+"""Fit the graph path's whole-pass cost tables and host costs, and write a hardware profile.
 
-Reads the JSON files of ``benchmarks/graph_designs.py`` (one model shape each) and the per-layer
-turnaround runs of ``benchmarks/h200_graph_fidelity.sh`` (``turnaround.json``: a synthetic
-workload, static int4 policy, per-layer graphs vs whole-step graphs, same model), fits one
+Reads the JSON files of ``benchmarks/graph_designs.py`` (one model shape each) and fits one
 :class:`core.hardware.GraphPassTable` per shape for decode and one for prefill passes
-(:func:`runtime.pass_designs.fit_pass_table`), sets ``layer_sync_s`` (per-layer TPOT minus the
-fitted whole-step pass, per layer) and writes ``--base`` with them as ``--out``. No trace is
-read: the profile is fitted to synthetic designs only and graded on traces elsewhere.
+(:func:`runtime.pass_designs.fit_pass_table`), replacing the same shape's tables of ``--base``;
+with ``--host-runs DIR`` (runs measured by ``moebits analysis validate`` on the synthetic cases of
+``benchmarks/graph_cases_calibration.txt``) it also fits ``layer_sync_s`` and ``stall_sync_s``
+(:func:`analysis.hostcost.fit_host_costs`). No trace is read: the profile comes from synthetic
+designs and workloads only, and is graded on traces elsewhere.
 
-    python benchmarks/fit_graph_designs.py designs_*.json --turnaround turnaround.json \\
+    python benchmarks/fit_graph_designs.py designs_*.json --host-runs val/ \\
         --base conf/hardware/calibrated_h200.yaml --out conf/hardware/calibrated_h200.yaml
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
-from moebits.core.hardware import GraphPassTable, HardwareProfile
+from moebits.core.hardware import HardwareProfile
 from moebits.core.model_spec import ModelSpec
-from moebits.runtime.pass_designs import fit_pass_table
-
-
-def turnaround_s(runs: dict[str, Any], table: GraphPassTable, layers: int) -> float:
-    """Per layer step: per-layer-graph TPOT minus the fitted whole pass (int4, one row, mean context)."""
-    ctx = 32 + 32  # the synthetic workload: 32-token prompts, 64 decode tokens (mean position)
-    k = table.top_k
-    whole = (table.at(table.fixed_s, 1)[()] + layers * (table.at(table.layer_s, 1)[()] + ctx * table.at(table.layer_ctx_s, 1)[()]
-             + k * (table.at(table.token_s["int4"], 1)[()] + table.at(table.expert_s["int4"], 1)[()])))
-    return max(0.0, (runs["0"]["tpot_ms_mean"] * 1e-3 - float(whole)) / layers)
+from moebits.runtime.pass_designs import fit_tables
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("designs", nargs="+", type=Path)
-    ap.add_argument("--turnaround", type=Path, default=None)
-    ap.add_argument("--turnaround-layers", type=int, default=8)
+    ap.add_argument("designs", nargs="*", type=Path, help="designs JSON files (benchmarks/graph_designs.py)")
+    ap.add_argument("--host-runs", type=Path, default=None, help="measured synthetic calibration cases")
     ap.add_argument("--base", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     body = yaml.safe_load(args.base.read_text())
     defaults = body.pop("defaults", None)
-    tables: list[GraphPassTable] = []
+    tables = {(t["hidden"], t["intermediate"], t["experts"], t["top_k"], t["prefill"]): t
+              for t in body.get("graph_tables", []) or []}
     for path in args.designs:
         d = json.loads(path.read_text())
         spec = ModelSpec(**d["meta"]["model"])
-        for prefill in (False, True):
-            t = fit_pass_table(d["rows"], d["meta"]["precisions"], spec, prefill)
-            tables.append(t)
-            print(f"{path.name} {'prefill' if prefill else 'decode'}: {len(t.rows)} row counts, fit {t.fit}")
-    hw = HardwareProfile.from_dict({**body, "graph_tables": [t.__dict__ for t in tables]})
-    if args.turnaround is not None:
-        runs = json.loads(args.turnaround.read_text())
-        hw.layer_sync_s = turnaround_s(runs, tables[0], args.turnaround_layers)
-        print(f"layer_sync_s {hw.layer_sync_s * 1e6:.1f} us")
+        for t in fit_tables(d["rows"], d["meta"]["precisions"], spec):
+            tables[(t.hidden, t.intermediate, t.experts, t.top_k, t.prefill)] = dataclasses.asdict(t)
+            print(f"{path.name} {'prefill' if t.prefill else 'decode'}: {len(t.rows)} row counts, fit {t.fit}")
+    hw = HardwareProfile.from_dict({**body, "graph_tables": list(tables.values())})
+    if args.host_runs is not None:
+        from moebits.analysis.hostcost import fit_host_costs
+
+        hw = fit_host_costs(hw, args.host_runs)
+        print(f"layer_sync_s {hw.layer_sync_s * 1e6:.1f} us, stall_sync_s {hw.stall_sync_s * 1e6:.1f} us")
     out = hw.to_dict()
-    out["source"] = (body.get("source", "") + "; graph_tables fitted to whole-pass designs "
-                     f"({', '.join(p.name for p in args.designs)})").lstrip("; ")
+    if args.designs and "graph_tables fitted" not in out["source"]:
+        out["source"] += "; graph_tables fitted to whole-pass designs (benchmarks/fit_graph_designs.py)"
     text = yaml.safe_dump(({"defaults": defaults} if defaults else {}) | out, sort_keys=False)
     args.out.write_text(f"# {out['source']}\n" + text)
     print(f"wrote {args.out}")

@@ -38,6 +38,8 @@ keep = ("tpot_ms_mean", "tpot_ms_p50", "ttft_ms_mean", "runtime_path", "layer_st
 pathlib.Path(sys.argv[2]).write_text(json.dumps({str(rl): {k: v.get(k) for k in keep} for rl, v in s.items()}, indent=1))
 print(open(sys.argv[2]).read())
 PY
+timeout 60 $py benchmarks/copy_check.py --hardware conf/hardware/calibrated_h200.yaml --out "$out/copy_check.json" 2>&1 \
+  | grep -v Warning | tee -a "$log"
 cat ${GFID_CASES:-benchmarks/graph_cases.txt} > "$work/cases.txt"
 t=$(left); echo "validating with ${t}s left" | tee -a "$log"
 timeout $(( t > 10 ? t : 10 )) $py -m moebits analysis validate --hardware conf/hardware/calibrated_h200.yaml \

@@ -76,7 +76,7 @@ from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_co
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult, snapshot
 from moebits.policies.base import Action, LayerObs, MissRule, Policy
-from moebits.sim.fastpath import single_class_server, static_plan
+from moebits.sim.fastpath import ready_server, single_class_server, static_plan
 from moebits.sim.kernels import KernelModel
 from moebits.sim.link import Link
 from moebits.sim.passes import replay_passes
@@ -304,7 +304,11 @@ class Engine:
             bar.update(len(nm))
 
     def _server(self, c0: int, c: _Chunk, rec: Recorder) -> Callable[[int, int, float], float]:
-        """``serve(j, layer, t1)`` for step ``j`` of chunk ``c``: the general :meth:`serve_general`."""
+        """``serve(j, layer, t1)`` for step ``j`` of chunk ``c``: :func:`sim.fastpath.ready_server`
+        (steps served from READY copies) when shortcuts are on and nothing is tracked, else the
+        general :meth:`serve_general`."""
+        if self.opt.fast and not self._track:
+            return ready_server(self, c0, c, rec, self._low, self.policy.miss_rule)
         off, ex, serve = c.off, c.ex, self.serve_general
 
         def serve_step(j: int, layer: int, t1: float) -> float:

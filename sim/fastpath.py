@@ -1,5 +1,10 @@
 """Shortcuts of the replay that give the general loop's numbers bit for bit.
 
+Three of them: the vectorized replay of a static policy (:func:`static_plan`), the one-class
+server (:func:`single_class_server`, e.g. the offload caches) and, for pools with several
+precision classes, the server of steps whose experts all have a READY copy that the miss rule
+serves as it is (:func:`ready_server`, e.g. dynaexq's resident low copies).
+
 The vectorized replay of a static policy: nothing moves, so every step is known up front.
 
 When a static policy's initial placement leaves a READY copy for every expert the workload
@@ -36,6 +41,7 @@ class Engine(Protocol):
     pool: SimPool
     kernels: KernelModel
     err_table: np.ndarray
+    err_of: list[list[list[float]]]
     P: int
     staging_slots: int
 
@@ -174,6 +180,47 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
         host_wait_s.append(0.0)
         errs.append(err[j])
         act.append(tsum[j])
+        act.append(0)
+        return end
+
+    return serve
+
+
+def ready_server(eng: Engine, c0: int, c: Any, rec: Recorder, low: list[int],
+                 rule: MissRule) -> Callable[[int, int, float], float]:
+    """``serve(j, layer, t1)`` for step ``j`` of chunk ``c`` of a pool with several precision
+    classes, without check or log: a step whose needed experts all have a READY copy that the
+    miss rule serves as it is (any rule but STALL, or STALL with nothing better in flight) is
+    served from those copies at once (no wait, no host, no bypass); any other step goes
+    through the engine's ``serve_general``. Same numbers as the general path, bit for bit."""
+    (ex_e, ex_t, ex_g), off, general = c.ex, c.off, eng.serve_general
+    ready, loading, P, err_of = eng.pool.ready, eng.pool.loading, eng.P, eng.err_of
+    end_s, stall_s, host_wait_s, errs, act = rec.end_s, rec.stall_s, rec.host_wait_s, rec.err, rec.act
+    group_s, stall = eng.kernels.group_s, rule is MissRule.STALL
+
+    def serve(j: int, layer: int, t1: float) -> float:
+        a, b = off[j], off[j + 1]
+        rl, ll, errl = ready[layer], loading[layer], err_of[layer]
+        tok, cnt = [0] * P, [0] * P
+        err = 0.0
+        for e, t, g in zip(ex_e[a:b], ex_t[a:b], ex_g[a:b], strict=True):
+            r = rl[e]
+            if not r or (stall and ll[e] and low[ll[e]] < low[r]):
+                return general(c0 + j, layer, c.ex, a, b, t1, rec)
+            p = low[r]
+            tok[p] += t
+            cnt[p] += 1
+            err += g * errl[e][p]
+        gpu = 0.0
+        for p in range(P):
+            if cnt[p]:
+                gpu += group_s(p, tok[p], cnt[p])
+        end = t1 + gpu
+        end_s.append(end)
+        stall_s.append(0.0)
+        host_wait_s.append(0.0)
+        errs.append(err)
+        act.extend(tok)
         act.append(0)
         return end
 

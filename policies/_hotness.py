@@ -123,32 +123,43 @@ class LayerTopN:
         """Drop ``expert`` from the set (demoted, or its promotion was refused)."""
         self.members[layer].pop(expert, None)
 
-    def touch(self, layer: int, experts: list[int]) -> None:
-        """Re-key members whose score just changed (call after :meth:`LayerEma.update`)."""
+    def touch(self, layer: int, experts: list[int]) -> list[int]:
+        """Re-key members whose score just changed (call after :meth:`LayerEma.update`);
+        returns the routed ``experts`` outside the set, in their order (for :meth:`strongest`)."""
+        members = self.members[layer]
         if self._epoch[layer] != self.ema.epoch[layer]:
             self._rebuild(layer)
-            return
-        members, heap, row, push = self.members[layer], self._heap[layer], self.ema.v[layer], heapq.heappush
+            return [e for e in experts if e not in members]
+        heap, row, push = self._heap[layer], self.ema.v[layer], heapq.heappush
+        outside: list[int] = []
         for e in experts:
             if e in members:
                 push(heap, (row[e], e))  # row[e] is ema.score(layer, e)
+            else:
+                outside.append(e)
         if len(heap) > 4 * len(members) + 16:
             self._rebuild(layer)
+        return outside
 
     def challengers(self, layer: int, experts: list[int], eligible: Callable[[int], bool] | None = None,
                     limit: int | None = None) -> list[int]:
         """Routed ``experts`` outside the set and ``eligible`` (default: all), strongest first
         (ties: lower id); only the first ``limit`` when given (a partial selection, same order)."""
-        members, row = self.members[layer], self.ema.v[layer]
+        members = self.members[layer]
         if eligible is None:
             out = [e for e in experts if e not in members]
         else:
             out = [e for e in experts if e not in members and eligible(e)]
+        return self.strongest(layer, out, limit)
+
+    def strongest(self, layer: int, outside: list[int], limit: int | None = None) -> list[int]:
+        """``outside`` (experts outside the set, e.g. from :meth:`touch`; sorted in place)
+        strongest first (ties: lower id); only the first ``limit`` when given."""
         # key (-score, id) as two stable C-level sorts (no per-element Python key): ids ascending,
         # then by score descending (reverse=True keeps equal scores in id order)
-        out.sort()
-        out.sort(key=row.__getitem__, reverse=True)
-        return out if limit is None else out[:limit]
+        outside.sort()
+        outside.sort(key=self.ema.v[layer].__getitem__, reverse=True)
+        return outside if limit is None else outside[:limit]
 
     def has_free_slot(self, layer: int) -> bool:
         return len(self.members[layer]) < self.slots

@@ -22,8 +22,8 @@ the remaining misses are bypassed through the staging slab.
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from typing import ClassVar
 
 from moebits.core.slabs import SlabLedger

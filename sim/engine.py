@@ -46,12 +46,13 @@ Copy completions are closed-form times, and copies turn READY lazily: when a ste
 waits past the earliest pending completion (no event per copy); the engine yields one SimPy
 timeout per layer step. The policy's actions of a step go to the pool in one call
 (:meth:`sim.pool.SimPool.apply`). Routing is turned into Python lists a chunk of layer steps
-at a time. Two shortcuts give the same numbers bit for bit (tests check it): static policies
-whose experts are all resident take a vectorized path, and one-class pools (one precision,
-e.g. the offload caches) take each step's tokens, kernel time and error from numpy per chunk
-(both in :mod:`sim.fastpath`; `tests/test_sim_paths.py` runs every registered policy under every
-miss rule it supports through both and compares every step record; `EngineOptions.fast=False`
-turns them off).
+at a time. Three shortcuts give the same numbers bit for bit (tests check it): static policies
+whose experts are all resident take a vectorized path, one-class pools (one precision, e.g. the
+offload caches) take each step's tokens, kernel time and error from numpy per chunk, and in
+pools of several classes a step whose experts all have a READY copy the miss rule serves as it
+is skips the general loop (all in :mod:`sim.fastpath`; `tests/test_sim_paths.py` runs every
+registered policy under every miss rule it supports through both and compares every step
+record; `EngineOptions.fast=False` turns them off).
 """
 
 from __future__ import annotations

@@ -70,10 +70,16 @@ class LruOffload(OffloadCache):
                 lru[k] = None
             self._held[pool] += len(misses)
             return [promote_of[k] for k in misses]
-        # this step's hits were just moved to the end of the LRU order, so the experts it does
-        # not need are the first len(lru) - hits
-        victims = self._victims(pool, len(misses) - free, len(lru) - (len(keys) - len(misses)), res)
-        if len(victims) < len(misses) - free:
+        # up to `need` least recently used READY experts among those this step does not need:
+        # its hits were just moved to the end of the LRU order, so those are the first len(lru) - hits
+        need, is_ready, key_of, precision = len(misses) - free, res.is_ready, self._key_of, self.precision
+        victims: list[int] = []
+        for k in islice(lru, len(lru) - (len(keys) - len(misses))):
+            if is_ready(key_of[k], precision):
+                victims.append(k)
+                if len(victims) == need:
+                    break
+        else:
             self._no_room(obs)
         actions = [promote_of[k] for k in misses[:free]]
         for k in misses[:free]:
@@ -86,18 +92,6 @@ class LruOffload(OffloadCache):
             actions.append(promote_of[k])
         self._held[pool] += free
         return actions
-
-    def _victims(self, pool: int, n: int, unneeded: int, res: SlabLedger) -> list[int]:
-        """Up to ``n`` least recently used READY experts among the first ``unneeded`` of
-        ``pool``'s LRU order (the ones this step does not need), least recent first."""
-        is_ready, key_of, precision = res.is_ready, self._key_of, self.precision
-        victims: list[int] = []
-        for k in islice(self._lru[pool], unneeded):
-            if is_ready(key_of[k], precision):
-                victims.append(k)
-                if len(victims) == n:
-                    break
-        return victims
 
     def _pop_victim(self, pool: int, needed: set[int], res: SlabLedger) -> int:
         for k in self._lru[pool]:

@@ -165,9 +165,10 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
         rl = ready[layer]
         start = t1
         bypass: list[tuple[int, int]] | None = None
-        if not all(map(rl.__getitem__, ex_e[a:b])):  # some needed copy is not READY
-            if host:
+        if host:
+            if not all(map(rl.__getitem__, ex_e[a:b])):  # some needed copy is not READY
                 return general(c0 + j, layer, c.ex, a, b, t1, rec)
+        else:
             # wait for the last needed copy in flight; experts with no copy at all stream
             # through the staging slab (without one, the general path raises)
             ll, base, wait = loading[layer], layer * E, 0.0

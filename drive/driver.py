@@ -123,15 +123,19 @@ class Driver:
         self._on_step = policy.on_layer_step
         self.mech: Mechanism | None = None
         self._watch: tuple[Watcher, Accepted] | None = None
+        self._direct: Callable[..., None] | None = None  # mech.apply when nothing watches (the hot path)
+        self._refused, self._check_key = self.refused, self.check_key  # bound once
 
     def watch(self, refused: Watcher, accepted: Accepted) -> None:
         """Also report each refusal (``refused(action, reason, now_s)``, before it is counted)
         and each accepted action (``accepted(action, now_s, ready_s)``): an engine's event log."""
         self._watch = (refused, accepted)
+        self._direct = None
 
     def attach(self, mech: Mechanism) -> None:
         """Carry out actions through ``mech`` from now on; places the initial loads."""
         self.mech = mech
+        self._direct = mech.apply if self._watch is None else None
         for a in self.policy.initial_loads():
             self.check_key(a.key)
             r = mech.evict(a.key, a.precision) if a.kind is ActionKind.DEMOTE else mech.place(a.key, a.precision)
@@ -149,14 +153,17 @@ class Driver:
             obs.now_s = now_s
         actions = self._on_step(obs, self.ledger)
         if actions:
-            self.apply(actions, obs.now_s)
+            if self._direct is not None:  # as apply(), one call less
+                self._direct(actions, obs.now_s, self.counts, self._refused, self._check_key)
+            else:
+                self.apply(actions, obs.now_s)
 
     def apply(self, actions: Sequence[Action], now_s: float) -> None:
         """Hand ``actions`` to the mechanism; refusals come back to :meth:`refused`."""
         mech = self.mech
         assert mech is not None, "attach a mechanism first"
         if self._watch is None:
-            mech.apply(actions, now_s, self.counts, self.refused, self.check_key)
+            mech.apply(actions, now_s, self.counts, self._refused, self._check_key)
             return
         watch_refused, accepted = self._watch
 

@@ -14,8 +14,12 @@ cached comparisons (the heap of :class:`LayerTopN`) know to rebuild.
 precision copy). A routed expert outside the set (a challenger) takes a free slot, or
 replaces the weakest member when its score exceeds ``hysteresis`` times the member's
 (anti-thrash margin) and that member has been in the set for at least ``min_residency``
-steps of its layer. Only routed experts' scores rise, so only they can change the top-n:
-the work per step is O(routed log slots), with a lazy min-heap of members.
+steps of its layer. Only routed experts' scores rise, so only they can change the top-n.
+The weakest member comes from a min-heap of members keyed by score whose entries are
+re-keyed lazily, when a stale one reaches the top: within an epoch a layer's scores only grow
+(gate weights are non-negative; a negative one ticks the epoch), so every entry is a lower
+bound of its member's score and a fresh entry on top is the true minimum. The work per step
+is O(routed) plus O(log slots) per entry re-keyed or dropped.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ class LayerEma:
             row[e] += x
             added += x
         self.sum_v[layer] += added
+        if values and min(values) < 0.0:  # a score fell: cached comparisons must rebuild
+            self.epoch[layer] += 1
 
     def seed(self, layer: int, values: list[float]) -> None:
         """Start ``layer`` from the given true EMA values (one per expert)."""
@@ -123,32 +129,34 @@ class LayerTopN:
         """Drop ``expert`` from the set (demoted, or its promotion was refused)."""
         self.members[layer].pop(expert, None)
 
-    def touch(self, layer: int, experts: list[int]) -> None:
-        """Re-key members whose score just changed (call after :meth:`LayerEma.update`)."""
-        if self._epoch[layer] != self.ema.epoch[layer]:
+    def touch(self, layer: int, experts: list[int]) -> list[int]:
+        """Call after :meth:`LayerEma.update`: rebuilds the layer's heap when the EMA's epoch
+        moved on (members are re-keyed lazily otherwise, see :meth:`weakest_beaten_by`);
+        returns the routed ``experts`` outside the set, in their order (for :meth:`strongest`)."""
+        members = self.members[layer]
+        if self._epoch[layer] != self.ema.epoch[layer] or len(self._heap[layer]) > 4 * len(members) + 16:
             self._rebuild(layer)
-            return
-        members, heap, row, push = self.members[layer], self._heap[layer], self.ema.v[layer], heapq.heappush
-        for e in experts:
-            if e in members:
-                push(heap, (row[e], e))  # row[e] is ema.score(layer, e)
-        if len(heap) > 4 * len(members) + 16:
-            self._rebuild(layer)
+        return [e for e in experts if e not in members]
 
     def challengers(self, layer: int, experts: list[int], eligible: Callable[[int], bool] | None = None,
                     limit: int | None = None) -> list[int]:
         """Routed ``experts`` outside the set and ``eligible`` (default: all), strongest first
         (ties: lower id); only the first ``limit`` when given (a partial selection, same order)."""
-        members, row = self.members[layer], self.ema.v[layer]
+        members = self.members[layer]
         if eligible is None:
             out = [e for e in experts if e not in members]
         else:
             out = [e for e in experts if e not in members and eligible(e)]
+        return self.strongest(layer, out, limit)
+
+    def strongest(self, layer: int, outside: list[int], limit: int | None = None) -> list[int]:
+        """``outside`` (experts outside the set, e.g. from :meth:`touch`; sorted in place)
+        strongest first (ties: lower id); only the first ``limit`` when given."""
         # key (-score, id) as two stable C-level sorts (no per-element Python key): ids ascending,
         # then by score descending (reverse=True keeps equal scores in id order)
-        out.sort()
-        out.sort(key=row.__getitem__, reverse=True)
-        return out if limit is None else out[:limit]
+        outside.sort()
+        outside.sort(key=self.ema.v[layer].__getitem__, reverse=True)
+        return outside if limit is None else outside[:limit]
 
     def has_free_slot(self, layer: int) -> bool:
         return len(self.members[layer]) < self.slots
@@ -162,8 +170,11 @@ class LayerTopN:
         found: int | None = None
         while heap:
             s, e = heap[0]
-            if e not in members or s != row[e]:
-                heapq.heappop(heap)  # stale entry
+            if e not in members:
+                heapq.heappop(heap)  # a member no more
+                continue
+            if s != row[e]:  # re-key lazily: within an epoch scores only grow, so a stale entry
+                heapq.heapreplace(heap, (row[e], e))  # is a lower bound and a fresh top is the true min
                 continue
             if members[e] <= oldest_ok and droppable(e):
                 found = e

@@ -100,6 +100,8 @@ class DynaExq(Policy):
         self._lo_bytes = expert_bytes(ctx, self.lo, cfg.name)
         self.slots = self._slots_per_layer()
         self._key_of = [[ExpertKey(layer, e) for e in range(spec.experts)] for layer in range(spec.layers)]
+        self._promote_of = [[Action(ActionKind.PROMOTE, k, self.hi) for k in row] for row in self._key_of]
+        self._demote_of = [[Action(ActionKind.DEMOTE, k, self.hi) for k in row] for row in self._key_of]
         self.ema = LayerEma(spec.layers, spec.experts, cfg.alpha)
         self.top = LayerTopN(self.ema, self.slots, cfg.hysteresis, cfg.min_residency)
         self._in_flight: list[ExpertKey] = []
@@ -143,21 +145,24 @@ class DynaExq(Policy):
     def on_layer_step(self, obs: LayerObs, res: SlabLedger) -> Sequence[Action]:
         layer, experts = obs.layer, obs.experts.tolist()
         self.ema.update(layer, experts, obs.gate.tolist())
-        self.top.touch(layer, experts)
+        outside = self.top.touch(layer, experts)
         if not self.slots:
             return ()
-        self._in_flight = [k for k in self._in_flight if res.is_loading(k, self.hi)]
+        if self._in_flight:
+            is_loading, hi = res.is_loading, self.hi
+            self._in_flight = [k for k in self._in_flight if is_loading(k, hi)]
         quota = min(self.cfg.max_promotions_per_step, self.cfg.max_in_flight - len(self._in_flight))
-        if quota <= 0:
+        if quota <= 0 or not outside:
             return ()
-        return self._swaps(layer, experts, quota, res)
+        return self._swaps(layer, outside, quota, res)
 
-    def _swaps(self, layer: int, experts: list[int], quota: int, res: SlabLedger) -> list[Action]:
-        """Promotions (each after the demotion that frees its slab) for this step's challengers."""
+    def _swaps(self, layer: int, outside: list[int], quota: int, res: SlabLedger) -> list[Action]:
+        """Promotions (each after the demotion that frees its slab) for this step's challengers
+        (the strongest of ``outside``, the routed experts without a high copy)."""
         keys, hi, top = self._key_of[layer], self.hi, self.top
         actions: list[Action] = []
         free = res.free_slabs(hi)
-        for c in top.challengers(layer, experts, limit=quota):
+        for c in top.strongest(layer, outside, quota):
             if top.has_free_slot(layer):
                 if free <= 0:
                     break  # the layer's slot is still draining elsewhere in the pool
@@ -167,10 +172,10 @@ class DynaExq(Policy):
                 if w is None:
                     break  # weaker challengers cannot win either
                 top.discard(layer, w)
-                actions.append(Action(ActionKind.DEMOTE, keys[w], hi))
+                actions.append(self._demote_of[layer][w])
                 self.demotions += 1
             top.add(layer, c)
-            actions.append(Action(ActionKind.PROMOTE, keys[c], hi))
+            actions.append(self._promote_of[layer][c])
             self._in_flight.append(keys[c])
             self.promotions += 1
         return actions

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 from typing import ClassVar
 
 from moebits.core.slabs import SlabLedger
@@ -69,14 +70,22 @@ class LruOffload(OffloadCache):
                 lru[k] = None
             self._held[pool] += len(misses)
             return [promote_of[k] for k in misses]
-        victims = self._victims(pool, len(misses) - free, set(keys), res)
-        if len(victims) < len(misses) - free:
+        # up to `need` least recently used READY experts among those this step does not need:
+        # its hits were just moved to the end of the LRU order, so those are the first len(lru) - hits
+        need, is_ready, key_of, precision = len(misses) - free, res.is_ready, self._key_of, self.precision
+        victims: list[int] = []
+        for k in islice(lru, len(lru) - (len(keys) - len(misses))):
+            if is_ready(key_of[k], precision):
+                victims.append(k)
+                if len(victims) == need:
+                    break
+        else:
             self._no_room(obs)
         actions = [promote_of[k] for k in misses[:free]]
         for k in misses[:free]:
             lru[k] = None
         demote_of = self._demote_of
-        for v, k in zip(victims, misses[free : free + len(victims)], strict=True):
+        for v, k in zip(victims, misses[free:], strict=False):  # misses beyond the victims: bypassed
             del lru[v]
             lru[k] = None  # a miss is no victim: the same order as deleting all victims first
             actions.append(demote_of[v])
@@ -84,23 +93,12 @@ class LruOffload(OffloadCache):
         self._held[pool] += free
         return actions
 
-    def _victims(self, pool: int, n: int, needed: set[int], res: SlabLedger) -> list[int]:
-        """Up to ``n`` least recently used evictable experts of ``pool``, least recent first."""
-        is_ready, key_of, precision = res.is_ready, self._key_of, self.precision
-        victims: list[int] = []
-        for k in self._lru[pool]:
-            if k not in needed and is_ready(key_of[k], precision):
-                victims.append(k)
-                if len(victims) == n:
-                    break
-        return victims
-
     def _pop_victim(self, pool: int, needed: set[int], res: SlabLedger) -> int:
-        found = self._victims(pool, 1, needed, res)
-        if not found:
-            return -1
-        del self._lru[pool][found[0]]
-        return found[0]
+        for k in self._lru[pool]:
+            if self.evictable(k, needed, res):
+                del self._lru[pool][k]
+                return k
+        return -1
 
     def _forget(self, k: int) -> bool:
         return self._lru[self.pool_of(k)].pop(k, 0) is None

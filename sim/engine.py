@@ -46,12 +46,13 @@ Copy completions are closed-form times, and copies turn READY lazily: when a ste
 waits past the earliest pending completion (no event per copy); the engine yields one SimPy
 timeout per layer step. The policy's actions of a step go to the pool in one call
 (:meth:`sim.pool.SimPool.apply`). Routing is turned into Python lists a chunk of layer steps
-at a time. Two shortcuts give the same numbers bit for bit (tests check it): static policies
-whose experts are all resident take a vectorized path, and one-class pools (one precision,
-e.g. the offload caches) take each step's tokens, kernel time and error from numpy per chunk
-(both in :mod:`sim.fastpath`; `tests/test_sim_paths.py` runs every registered policy under every
-miss rule it supports through both and compares every step record; `EngineOptions.fast=False`
-turns them off).
+at a time. Three shortcuts give the same numbers bit for bit (tests check it): static policies
+whose experts are all resident take a vectorized path, one-class pools (one precision, e.g. the
+offload caches) take each step's tokens, kernel time and error from numpy per chunk, and in
+pools of several classes a step whose experts all have a READY copy the miss rule serves as it
+is skips the general loop (all in :mod:`sim.fastpath`; `tests/test_sim_paths.py` runs every
+registered policy under every miss rule it supports through both and compares every step
+record; `EngineOptions.fast=False` turns them off).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_co
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult, snapshot
 from moebits.policies.base import Action, LayerObs, MissRule, Policy
-from moebits.sim.fastpath import single_class_server, static_plan
+from moebits.sim.fastpath import ready_server, single_class_server, static_plan
 from moebits.sim.kernels import KernelModel
 from moebits.sim.link import Link
 from moebits.sim.passes import replay_passes
@@ -146,6 +147,7 @@ class Engine:
         self.h2d, self.d2h = Link(hw.h2d, "h2d"), Link(hw.d2h, "d2h")
         self.pool = SimPool(self.ledger, spec, self.h2d)
         self._stage_p, self.staging_slots, self._stage_bytes = self._staging_slab()
+        self._stage_s: dict[int, float] = {}  # tokens -> seconds of one staged expert's launch
         self.P = len(self.pool.precisions)
         self._low = lowest_bits(self.P)  # bitmask -> best precision
         self.res = [Residency(self.pool.ready[i], self.pool.loading[i], self._ready_time(i)) for i in range(spec.layers)]
@@ -304,7 +306,11 @@ class Engine:
             bar.update(len(nm))
 
     def _server(self, c0: int, c: _Chunk, rec: Recorder) -> Callable[[int, int, float], float]:
-        """``serve(j, layer, t1)`` for step ``j`` of chunk ``c``: the general :meth:`serve_general`."""
+        """``serve(j, layer, t1)`` for step ``j`` of chunk ``c``: :func:`sim.fastpath.ready_server`
+        (steps served from READY copies) when shortcuts are on and nothing is tracked, else the
+        general :meth:`serve_general`."""
+        if self.opt.fast and not self._track:
+            return ready_server(self, c0, c, rec, self._low, self.policy.miss_rule)
         off, ex, serve = c.off, c.ex, self.serve_general
 
         def serve_step(j: int, layer: int, t1: float) -> float:
@@ -369,13 +375,16 @@ class Engine:
     def stream(self, t1: float, device_free: float, bypass: list[tuple[int, int]]) -> float:
         """Stream bypassed experts through the staging slots (module docstring, step 5);
         returns when the last one is computed."""
-        p, nbytes, submit, group_s = self._stage_p, self._stage_bytes, self.h2d.submit, self.kernels.group_s
+        nbytes, submit, one_s = self._stage_bytes, self.h2d.submit, self._stage_s
         slots = self.staging_slots
         slot_free = [t1] * slots
         for j, (_, tokens) in enumerate(bypass):
             s = j % slots
             ready = submit(slot_free[s], nbytes)
-            device_free = (ready if ready > device_free else device_free) + group_s(p, tokens, 1)
+            compute = one_s.get(tokens)
+            if compute is None:  # one launch of one staged expert (memoized by tokens)
+                compute = one_s[tokens] = self.kernels.group_s(self._stage_p, tokens, 1)
+            device_free = (ready if ready > device_free else device_free) + compute
             slot_free[s] = device_free
         self.counts["bypasses"] += len(bypass)
         self.staged_bytes += nbytes * len(bypass)

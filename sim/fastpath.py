@@ -1,5 +1,10 @@
 """Shortcuts of the replay that give the general loop's numbers bit for bit.
 
+Three of them: the vectorized replay of a static policy (:func:`static_plan`), the one-class
+server (:func:`single_class_server`, e.g. the offload caches) and, for pools with several
+precision classes, the server of steps whose experts all have a READY copy that the miss rule
+serves as it is (:func:`ready_server`, e.g. dynaexq's resident low copies).
+
 The vectorized replay of a static policy: nothing moves, so every step is known up front.
 
 When a static policy's initial placement leaves a READY copy for every expert the workload
@@ -36,6 +41,7 @@ class Engine(Protocol):
     pool: SimPool
     kernels: KernelModel
     err_table: np.ndarray
+    err_of: list[list[list[float]]]
     P: int
     staging_slots: int
 
@@ -146,26 +152,47 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
     slab goes through the engine's ``serve_general`` (HOST computes it on the host; the
     other rules raise). Same numbers as the general path, bit for bit."""
     tsum, gpu, err = single_class_steps(eng, c0, c0 + len(c.layers))
-    (ex_e, ex_t, _), off, ready, general = c.ex, c.off, eng.pool.ready, eng.serve_general
+    (ex_e, ex_t, _), off, general = c.ex, c.off, eng.serve_general
+    pool = eng.pool
+    ready, loading, done_at, advance, E = pool.ready, pool.loading, pool.done_at, pool.advance, eng.spec.experts
     end_s, stall_s, host_wait_s, errs, act = rec.end_s, rec.stall_s, rec.host_wait_s, rec.err, rec.act
-    wait = _single_wait if eng.policy.miss_rule is not MissRule.HOST else None
+    host = eng.policy.miss_rule is MissRule.HOST
     staged = eng.staging_slots > 0
     group_s, stream = eng.kernels.group_s, eng.stream
 
     def serve(j: int, layer: int, t1: float) -> float:
         a, b = off[j], off[j + 1]
-        exs = ex_e[a:b]
+        rl = ready[layer]
         start = t1
-        missing: list[int] = []
-        if not all(map(ready[layer].__getitem__, exs)):  # some needed copy is not READY
-            waited = None if wait is None else wait(eng, layer, exs, t1, staged)
-            if waited is None:
+        bypass: list[tuple[int, int]] | None = None
+        if host:
+            if not all(map(rl.__getitem__, ex_e[a:b])):  # some needed copy is not READY
                 return general(c0 + j, layer, c.ex, a, b, t1, rec)
-            start, missing = waited
-        if missing:  # no copy at all: streamed through the staging slab (``missing``: positions in ``exs``)
-            bypass = [(exs[i], ex_t[a + i]) for i in missing]
+        else:
+            # wait for the last needed copy in flight; experts with no copy at all stream
+            # through the staging slab (without one, the general path raises)
+            ll, base, wait = loading[layer], layer * E, 0.0
+            for e, t in zip(ex_e[a:b], ex_t[a:b], strict=True):
+                if rl[e]:
+                    continue
+                if not ll[e]:
+                    if not staged:
+                        return general(c0 + j, layer, c.ex, a, b, t1, rec)
+                    if bypass is None:
+                        bypass = []
+                    bypass.append((e, t))
+                    continue
+                d = done_at[base + e]
+                if d > wait:
+                    wait = d
+            if wait > t1:
+                advance(wait)  # copies due by then turn READY
+                start = wait
+        if bypass is not None:
             n = b - a - len(bypass)
-            tokens = tsum[j] - sum([t for _, t in bypass])
+            tokens = tsum[j]
+            for _, t in bypass:
+                tokens -= t
             end = stream(t1, start + group_s(0, tokens, n) if n else start, bypass)
         else:
             end = start + gpu[j]
@@ -180,26 +207,42 @@ def single_class_server(eng: Engine, c0: int, c: Any, rec: Recorder) -> Callable
     return serve
 
 
-def _single_wait(eng: Engine, layer: int, exs: list[int], t1: float, staged: bool) -> tuple[float, list[int]] | None:
-    """When compute may start: after the last needed copy in flight (copies due by then turn
-    READY), and the positions in ``exs`` of the experts to stream through the staging slab (no
-    copy at all); None when such an expert has no staging slab to go through."""
-    pool = eng.pool
-    rl, ll, done_at, base = pool.ready[layer], pool.loading[layer], pool.done_at, layer * eng.spec.experts
-    wait = 0.0
-    bypass: list[int] = []
-    for i, e in enumerate(exs):
-        if rl[e]:
-            continue
-        if not ll[e]:
-            if not staged:
-                return None
-            bypass.append(i)
-            continue
-        d = done_at[base + e]
-        if d > wait:
-            wait = d
-    if wait <= t1:
-        return t1, bypass
-    pool.advance(wait)
-    return wait, bypass
+def ready_server(eng: Engine, c0: int, c: Any, rec: Recorder, low: list[int],
+                 rule: MissRule) -> Callable[[int, int, float], float]:
+    """``serve(j, layer, t1)`` for step ``j`` of chunk ``c`` of a pool with several precision
+    classes, without check or log: a step whose needed experts all have a READY copy that the
+    miss rule serves as it is (any rule but STALL, or STALL with nothing better in flight) is
+    served from those copies at once (no wait, no host, no bypass); any other step goes
+    through the engine's ``serve_general``. Same numbers as the general path, bit for bit."""
+    (ex_e, ex_t, ex_g), off, general = c.ex, c.off, eng.serve_general
+    ready, loading, P, err_of = eng.pool.ready, eng.pool.loading, eng.P, eng.err_of
+    end_s, stall_s, host_wait_s, errs, act = rec.end_s, rec.stall_s, rec.host_wait_s, rec.err, rec.act
+    group_s, stall = eng.kernels.group_s, rule is MissRule.STALL
+
+    def serve(j: int, layer: int, t1: float) -> float:
+        a, b = off[j], off[j + 1]
+        rl, ll, errl = ready[layer], loading[layer], err_of[layer]
+        tok, cnt = [0] * P, [0] * P
+        err = 0.0
+        for e, t, g in zip(ex_e[a:b], ex_t[a:b], ex_g[a:b], strict=True):
+            r = rl[e]
+            if not r or (stall and ll[e] and low[ll[e]] < low[r]):
+                return general(c0 + j, layer, c.ex, a, b, t1, rec)
+            p = low[r]
+            tok[p] += t
+            cnt[p] += 1
+            err += g * errl[e][p]
+        gpu = 0.0
+        for p in range(P):
+            if cnt[p]:
+                gpu += group_s(p, tok[p], cnt[p])
+        end = t1 + gpu
+        end_s.append(end)
+        stall_s.append(0.0)
+        host_wait_s.append(0.0)
+        errs.append(err)
+        act.extend(tok)
+        act.append(0)
+        return end
+
+    return serve

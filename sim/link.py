@@ -22,7 +22,6 @@ class Link:
         self.name = name
         self.free_at = 0.0
         self.bytes_total = 0
-        self.busy_s = 0.0
         self.copies = 0
         self._time_of: dict[int, float] = {}
 
@@ -42,6 +41,5 @@ class Link:
         done = (now_s if now_s > free_at else free_at) + dt
         self.free_at = done
         self.bytes_total += nbytes
-        self.busy_s += dt
         self.copies += 1
         return done

@@ -1,5 +1,5 @@
 """The simulator's shortcuts (:mod:`sim.fastpath`: the vectorized static path, the one-class
-server) against its general path: every registered policy (from the registry) under every miss
+server, the server of steps with every copy READY) against its general path: every registered policy (from the registry) under every miss
 rule it supports, on the same inputs, must give the same record for every layer step, bit for bit."""
 
 from __future__ import annotations
@@ -84,3 +84,22 @@ def test_the_comparison_sees_each_shortcut(name: str, shortcut: str, views: dict
     monkeypatch.setattr(sim_engine, shortcut, skewed, raising=False)
     fast = replay(name, rule, views[1], True)
     assert fast.stall_s.sum() >= 0 and not np.array_equal(fast.end_s, general.end_s)  # type: ignore[attr-defined]
+
+
+def test_the_comparison_sees_the_ready_server(views: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dynaexq's steps go through :func:`sim.fastpath.ready_server`: one that adds 1 ns to every
+    step it serves breaks the equality."""
+    from moebits.sim import engine as sim_engine
+    from moebits.sim import fastpath
+
+    rule = policy_configs()["dynaexq"]().miss_rule
+    general = replay("dynaexq", rule, views[1], False)
+    original = fastpath.ready_server
+
+    def skewed(*args: object) -> object:
+        serve = original(*args)  # type: ignore[arg-type]
+        return lambda j, layer, t1: serve(j, layer, t1) + 1e-9
+
+    monkeypatch.setattr(sim_engine, "ready_server", skewed)
+    fast = replay("dynaexq", rule, views[1], True)
+    assert not np.array_equal(fast.end_s, general.end_s)  # type: ignore[attr-defined]

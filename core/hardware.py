@@ -125,6 +125,7 @@ class NonMoeTable:
     tokens: list[float]
     seconds: list[float]
     context: int = 0
+    hidden: int = 0     # the model width it was measured at (0: any); another width prices by roofline
 
     def __post_init__(self) -> None:
         if not self.tokens or len(self.tokens) != len(self.seconds):

@@ -140,7 +140,7 @@ def measure_attention(model: FastModel, rows: list[int], context: int, time_fn: 
     secs = []
     for t in rows:
         secs.append(_time_attention(model, _rows_buffers(model, t, context), time_fn))
-    return NonMoeTable(tokens=[float(t) for t in rows], seconds=secs, context=context)
+    return NonMoeTable(tokens=[float(t) for t in rows], seconds=secs, context=context, hidden=model.spec.hidden)
 
 
 def _rows_buffers(model: FastModel, rows: int, context: int) -> StepBuffers:

@@ -129,7 +129,7 @@ class KernelModel:
         ``pass_first`` (bool per step) is true, plus the profile's per-pass ``step_overhead_s``."""
         spec, hw = self.spec, self.hw
         tokens = np.asarray(tokens, dtype=np.float64)
-        if hw.non_moe_table is not None:
+        if hw.non_moe_table is not None and hw.non_moe_table.hidden in (0, spec.hidden):
             out = hw.non_moe_table.layer_s(tokens)
         else:
             mem = spec.non_expert_bytes_per_layer / (hw.hbm_gbps * 1e9)

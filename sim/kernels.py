@@ -27,7 +27,8 @@ Host experts (``MissRule.HOST``) run from the bf16 host copy: per expert
 
 A profile with a whole-pass graph table for the model's shape (:class:`core.hardware.GraphPassTable`,
 fitted to timed synthetic passes of the graph-captured runtime) prices every layer step from it
-instead (:meth:`KernelModel.graph_steps`): rows, KV position and the served precision mix.
+instead (:meth:`KernelModel.graph_steps`): rows, KV position and the served precision mix
+(a channel mix's per-token and per-expert costs composed from its two precisions' columns).
 
 A channel mix (:class:`core.precision.ChannelMix`, a low copy plus a fraction of channels at
 a higher precision) is two launches, its per-expert time ``mix.kernel_time_s(low, high)``
@@ -39,7 +40,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import numpy as np
-from moebits.core.hardware import HardwareProfile, KernelTable, expert_time_s
+from moebits.core.hardware import GraphPassTable, HardwareProfile, KernelTable, expert_time_s
 from moebits.core.model_spec import ModelSpec
 from moebits.core.precision import ChannelMix, get_channel_mix
 
@@ -76,25 +77,37 @@ class KernelModel:
             if table is None:
                 raise ValueError(f"hardware profile {self.hw.name!r} has no graph table for {'prefill' if is_pre else 'decode'} "
                                  f"passes of {self.spec.name}; run moebits runtime calibrate --runtime graph for this model")
-            missing = [p for p in self.precisions if p not in table.token_s]
+            missing = sorted({n for j in range(P) for n in self._names(j) if n not in table.token_s})
             if missing:
                 raise ValueError(f"hardware profile {self.hw.name!r}: graph table has no {missing}; calibrate those precisions")
             T = np.asarray(tokens, float)[sel]
             base[sel] = (table.at(table.layer_s, T) + np.asarray(context, float)[sel] * table.at(table.layer_ctx_s, T)
                          + np.where(np.asarray(pass_first, bool)[sel], table.at(table.fixed_s, T), 0.0))
-            for j, p in enumerate(self.precisions):
-                tok_s[sel, j] = table.at(table.token_s[p], T)
-                cnt_s[sel, j] = table.at(table.expert_s[p], T)
+            for j in range(P):
+                tok_s[sel, j] = self._graph_column(j, table.token_s, table, T)
+                cnt_s[sel, j] = self._graph_column(j, table.expert_s, table, T)
         return base, tok_s, cnt_s
+
+    def _names(self, p: int) -> list[str]:
+        """The plain precisions precision ``p`` is served with (both of a channel mix)."""
+        mix = self._mixes[p]
+        return [self.precisions[p]] if mix is None else [mix.low, mix.high]
+
+    def _graph_column(self, p: int, column: dict[str, list[float]], table: GraphPassTable, rows: np.ndarray) -> np.ndarray:
+        """Precision ``p``'s graph-table cost at ``rows``; a channel mix composes its two precisions'
+        costs as the per-class model does (``mix.kernel_time_s``)."""
+        mix = self._mixes[p]
+        if mix is None:
+            return table.at(column[self.precisions[p]], rows)
+        low, high = table.at(column[mix.low], rows), table.at(column[mix.high], rows)
+        return np.asarray(mix.kernel_time_s(cast(Any, low), cast(Any, high)))  # elementwise on arrays
 
     def _table(self, name: str) -> KernelTable | None:
         return self.hw.kernel_table(name, self.spec.hidden, self.spec.expert_intermediate)
 
     def source(self, p: int) -> str:
         """Where precision ``p``'s per-expert time comes from (for the run's log)."""
-        mix = self._mixes[p]
-        names = [self.precisions[p]] if mix is None else [mix.low, mix.high]
-        return "+".join("table" if self._table(n) is not None else "roofline" for n in names)
+        return "+".join("table" if self._table(n) is not None else "roofline" for n in self._names(p))
 
     def _base_per_expert_s(self, name: str, m: np.ndarray) -> np.ndarray:
         return expert_time_s(self.hw, self.spec, name, m)

@@ -9,6 +9,7 @@ pytest.importorskip("torch")
 
 from moebits.core.hardware import GraphPassTable  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
+from moebits.core.precision import ChannelMix, register_channel_mix  # noqa: E402
 from moebits.runtime.pass_designs import fit_pass_table  # noqa: E402
 from moebits.sim.kernels import KernelModel  # noqa: E402
 from test_fidelity import graph_profile  # noqa: E402,F401  (fixture)
@@ -52,3 +53,19 @@ def test_kernel_model_prices_steps_from_the_table(graph_profile) -> None:  # noq
     np.testing.assert_allclose(tok_s[:, 0], [2e-6, 2e-6 - 1e-6 / 3, 1e-6])
     with pytest.raises(ValueError, match="no graph table for prefill"):
         km.graph_steps(np.array([8]), np.ones(1, bool), np.zeros(1), np.ones(1, bool))
+
+
+def test_graph_table_prices_a_channel_mix_from_its_two_precisions(graph_profile) -> None:  # noqa: F811
+    # dynamo's partial promotions: a mix has no column of its own; it costs low + fraction * high
+    table = GraphPassTable(128, 128, 16, 4, False, [1.0, 4.0], [20e-6, 40e-6], [5e-6, 7e-6], [0.0, 0.0],
+                           {"bf16": [2e-6, 1e-6], "int4": [1e-6, 0.5e-6]}, {"bf16": [0.5e-6, 0.5e-6], "int4": [0.2e-6, 0.2e-6]})
+    hw = graph_profile.__class__(**{**graph_profile.__dict__, "graph_tables": [table]})
+    mix = register_channel_mix(ChannelMix("int4", "bf16", 0.25, 0.5))
+    km = KernelModel(hw, SPEC, ["int4", mix])
+    _, tok_s, cnt_s = km.graph_steps(np.array([1, 4]), np.zeros(2, bool), np.zeros(2), np.array([True, False]))
+    np.testing.assert_allclose(tok_s[:, 1], [1e-6 + 0.25 * 2e-6, 0.5e-6 + 0.25 * 1e-6])
+    np.testing.assert_allclose(cnt_s[:, 1], [0.2e-6 + 0.25 * 0.5e-6] * 2)
+    no_bf16 = GraphPassTable(**{**table.__dict__, "token_s": {"int4": [1e-6, 0.5e-6]}, "expert_s": {"int4": [0.2e-6, 0.2e-6]}})
+    hw_int4 = graph_profile.__class__(**{**graph_profile.__dict__, "graph_tables": [no_bf16]})
+    with pytest.raises(ValueError, match=r"graph table has no \['bf16'\]"):
+        KernelModel(hw_int4, SPEC, ["int4", mix]).graph_steps(np.array([1]), np.zeros(1, bool), np.zeros(1), np.ones(1, bool))

@@ -35,14 +35,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     body = yaml.safe_load(args.base.read_text())
     defaults = body.pop("defaults", None)
-    tables = {(t["hidden"], t["intermediate"], t["experts"], t["top_k"], t["prefill"]): t
+    tables = {(t["hidden"], t["intermediate"], t["experts"], t["top_k"], t["prefill"], tuple(t.get("classes") or ())): t
               for t in body.get("graph_tables", []) or []}
     for path in args.designs:
         d = json.loads(path.read_text())
         spec = ModelSpec(**d["meta"]["model"])
         for t in fit_tables(d["rows"], d["meta"]["precisions"], spec):
-            tables[(t.hidden, t.intermediate, t.experts, t.top_k, t.prefill)] = dataclasses.asdict(t)
-            print(f"{path.name} {'prefill' if t.prefill else 'decode'}: {len(t.rows)} row counts, fit {t.fit}")
+            tables.pop((t.hidden, t.intermediate, t.experts, t.top_k, t.prefill, ()), None)  # superseded: measured per class set
+            tables[(t.hidden, t.intermediate, t.experts, t.top_k, t.prefill, tuple(t.classes))] = dataclasses.asdict(t)
+            print(f"{path.name} {'prefill' if t.prefill else 'decode'} {'+'.join(t.classes)}: {len(t.rows)} row counts, "
+                  f"fit {t.fit}")
     hw = HardwareProfile.from_dict({**body, "graph_tables": list(tables.values())})
     if args.host_runs is not None:
         from moebits.analysis.hostcost import fit_host_costs

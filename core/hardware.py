@@ -153,6 +153,7 @@ class GraphPassTable:
     them) a pass costs ``fixed_s(T)`` plus, per layer step, ``layer_s(T) + context * layer_ctx_s(T)
     + sum_p (tok_p * token_s[p](T) + cnt_p * expert_s[p](T))``: ``tok_p`` the (row, expert) pairs
     served in precision ``p``, ``cnt_p`` the distinct experts, ``context`` the KV-cache position.
+    ``classes``: the precisions the measured pool held (the kernels are specialised on them).
     """
 
     hidden: int
@@ -167,6 +168,7 @@ class GraphPassTable:
     token_s: dict[str, list[float]]
     expert_s: dict[str, list[float]]
     fit: dict[str, float] = field(default_factory=dict)   # fit quality (e.g. cross-validated error), for the record
+    classes: list[str] = field(default_factory=list)       # the pool's precisions it was measured with ([]: any)
 
     def __post_init__(self) -> None:
         n = len(self.rows)
@@ -241,12 +243,15 @@ class HardwareProfile:
                 return t
         return None
 
-    def graph_table(self, spec: ModelSpec, prefill: bool) -> GraphPassTable | None:
-        """The whole-step graph table of ``spec``'s shape for prefill or decode passes, or None."""
-        for t in self.graph_tables:
-            if t.prefill == prefill and t.matches(spec):
-                return t
-        return None
+    def graph_table(self, spec: ModelSpec, prefill: bool, classes: list[str] | None = None) -> GraphPassTable | None:
+        """The whole-step graph table of ``spec``'s shape for prefill or decode passes, or None. The
+        fused kernels are compiled for the precisions a pool holds, so a table measured with exactly
+        ``classes`` is preferred, else the one measured with the fewest precisions that include them."""
+        fits = [t for t in self.graph_tables if t.prefill == prefill and t.matches(spec)
+                and (classes is None or not t.classes or set(classes) <= set(t.classes))]
+        if not fits:
+            return None
+        return min(fits, key=lambda t: (len(t.classes) if t.classes else 1 << 10))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (the YAML schema of ``conf/hardware/``)."""

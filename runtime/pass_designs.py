@@ -10,7 +10,7 @@ routes its rows over a random subset of ``n`` experts, ``n`` drawn per layer bet
 ``E``) plus a residency (each expert served from one precision, drawn with per-design shares)
 at a KV-cache position ``context``. Writing a design is writing the step's buffers and the
 residency table; the graph is replayed unchanged and timed with CUDA events (median of
-``reps``). No trace is involved: calibration never sees the traces it is validated on.
+``reps``), each timed replay queued behind another so that its launch is hidden as in serving. No trace is involved: calibration never sees the traces it is validated on.
 
 Per design the features of the cost model are kept per layer: tokens (``tok [L, P]``, the
 (row, expert) pairs served at each precision) and distinct experts (``cnt [L, P]``).
@@ -161,6 +161,7 @@ class DesignTimer:
             if background is not None:
                 background()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            r.run()          # a pass ahead on the stream: the timed one's launch overlaps it, as when serving
             a.record()
             r.run()
             b.record()
@@ -230,7 +231,7 @@ def fit_pass_table(rows: list[dict[str, Any]], precisions: list[str], spec: Mode
     e = np.abs(np.asarray(errs))
     return GraphPassTable(spec.hidden, spec.expert_intermediate, spec.experts, spec.top_k, prefill,
                           [float(t) for t in sizes], out["fixed"], out["layer"], out["ctx"], tok, cnt,
-                          fit={"designs": float(len(sel)), "loo_err_mean": float(e.mean()) if e.size else 0.0,
+                          classes=list(precisions), fit={"designs": float(len(sel)), "loo_err_mean": float(e.mean()) if e.size else 0.0,
                                "loo_err_p95": float(np.percentile(e, 95)) if e.size else 0.0})
 
 

@@ -60,7 +60,9 @@ class KernelModel:
         per_class = 0.0 if hw.fused_moe else self.launch_group_s
         self._launches = [per_class * (1 if m is None else 2) for m in self._mixes]
         self._memo: dict[tuple[int, int, int], float] = {}
-        self.graph = (hw.graph_table(spec, False), hw.graph_table(spec, True))   # (decode, prefill) or None
+        base = sorted({n for p, m in zip(self.precisions, self._mixes, strict=True)
+                       for n in ((p,) if m is None else (m.low, m.high))})
+        self.graph = (hw.graph_table(spec, False, base), hw.graph_table(spec, True, base))   # (decode, prefill)
         self.graphed = any(t is not None for t in self.graph)
 
     def graph_steps(self, tokens: np.ndarray, prefill: np.ndarray, context: np.ndarray,

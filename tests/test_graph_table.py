@@ -69,3 +69,18 @@ def test_graph_table_prices_a_channel_mix_from_its_two_precisions(graph_profile)
     hw_int4 = graph_profile.__class__(**{**graph_profile.__dict__, "graph_tables": [no_bf16]})
     with pytest.raises(ValueError, match=r"graph table has no \['bf16'\]"):
         KernelModel(hw_int4, SPEC, ["int4", mix]).graph_steps(np.array([1]), np.zeros(1, bool), np.zeros(1), np.ones(1, bool))
+
+
+def test_the_table_of_the_pools_class_set_is_chosen(graph_profile) -> None:  # noqa: F811
+    """The fused kernels are compiled for the precisions a pool holds: exact class set first, else the
+    smallest measured superset; a run whose precisions no table covers gets none."""
+    def table(classes: list[str], fixed: float) -> GraphPassTable:
+        return GraphPassTable(128, 128, 16, 4, False, [1.0], [fixed], [0.0], [0.0], {p: [0.0] for p in classes},
+                              {p: [0.0] for p in classes}, classes=classes)
+
+    hw = graph_profile.__class__(**{**graph_profile.__dict__, "graph_tables": [
+        table(["bf16", "int8", "int4"], 3.0), table(["int4"], 1.0), table(["bf16", "int4"], 2.0)]})
+    assert hw.graph_table(SPEC, False, ["int4"]).fixed_s == [1.0]
+    assert hw.graph_table(SPEC, False, ["bf16", "int4"]).fixed_s == [2.0]
+    assert hw.graph_table(SPEC, False, ["int8"]).fixed_s == [3.0]
+    assert hw.graph_table(SPEC, False, ["int2"]) is None

@@ -20,18 +20,18 @@ py=${PYTHON:-python3}; log=$out/run.log
 for raw in ${GFID_IMPORT:-}; do   # "FOLDER:OUT.parquet": import a raw trace here (its Parquet written by this pyarrow)
   IFS=: read -r src dst <<< "$raw"; $py -m moebits traces import "$src" -o "$dst" 2>&1 | tail -1 | tee -a "$log"
 done
-# GFID_MODELS: "NAME:LAYERS[:SCALE]" per shape (a conf/model preset or a trace .parquet)
-for m in ${GFID_MODELS:-qwen3_30b_a3b:2,8}; do
+# GFID_MODELS: "NAME:LAYERS[:SCALE]" per shape (a conf/model preset or a trace .parquet); set but empty: no designs
+for m in ${GFID_MODELS-qwen3_30b_a3b:2,8}; do
   IFS=: read -r name lay scale <<< "$m"
   timeout "${GFID_DESIGN_S:-150}" $py benchmarks/graph_designs.py --model "$name" --layers "$lay" --scale "${scale:-1}" \
     ${GFID_DESIGN_ARGS:-} --out "$out/designs_$(basename "$name" .parquet).json" 2>&1 | grep -v Warning | tee -a "$log"
 done
-for rl in ${GFID_TURNAROUND:-0 2}; do
+for rl in ${GFID_TURNAROUND-0 2}; do
   timeout 90 $py -m moebits runtime runtime.mode=REPLAY runtime.engine=GRAPH workload=synth workload.seqs=2 \
     workload.decode_tokens=64 policy=static_uniform budget=all_int4 route_lag=$rl runtime.layers="$layers" \
     runtime.kl=false progress=false hydra.run.dir="$work/turnaround_$rl" 2>&1 | grep -v Warning | tail -3 | tee -a "$log"
 done
-[ -n "${GFID_TURNAROUND-x}" ] && [ -f "$work/turnaround_0/summary.json" ] && $py - "$work" "$out/turnaround.json" <<'PY' 2>&1 | tee -a "$log"
+[ -f "$work/turnaround_0/summary.json" ] && $py - "$work" "$out/turnaround.json" <<'PY' 2>&1 | tee -a "$log"
 import json, sys, pathlib
 w = pathlib.Path(sys.argv[1]); s = {rl: json.loads((w / f"turnaround_{rl}" / "summary.json").read_text()) for rl in (0, 2)}
 keep = ("tpot_ms_mean", "tpot_ms_p50", "ttft_ms_mean", "runtime_path", "layer_steps", "device", "observe")

@@ -1,28 +1,97 @@
 """The graph path's host-side costs, fitted to measured synthetic runs (no trace).
 
-Two numbers of a :class:`core.hardware.HardwareProfile` are what the host adds to a per-layer graph
-step, which the whole-pass designs (:mod:`runtime.pass_designs`) cannot see:
+What the host adds to a graph-captured run, which the whole-pass designs (:mod:`runtime.pass_designs`)
+cannot see, fitted in this order from the runs ``moebits analysis validate`` measured on a synthetic
+workload (``benchmarks/graph_cases_calibration.txt``; each run's host log,
+:class:`runtime.host_log.HostLog`, is kept in its ``CASE.measured.npz``):
 
-- ``layer_sync_s``: per layer step on the per-layer seam (read the layer's routing back, the
-  host's decisions, launch the next graph), from a static policy on per-layer graphs: the
-  measured TPOT less the simulated one without it, per layer;
-- ``stall_sync_s``: per layer step that waits for a copy (issue, wait for it, write the table),
-  from a demand-fetch cache on per-layer graphs: the decode time left over once ``layer_sync_s``
-  is in, per waiting decode layer step.
+1. ``HostCosts.observe_s`` per policy: least squares of the seconds of every ``Driver.observe`` call
+   on ``[1, experts of the observed layer step]`` (every run of that policy, any seam);
+2. ``HostCosts.pass_s`` and ``copy_s``: least squares of each per-pass-seam pass's host work (its
+   host seconds less waiting and observing; the first two passes left out: warm-up) on
+   ``[1, copies issued]``;
+3. ``layer_sync_s`` and ``HostCosts.entry_s``: from static policies on per-layer graphs (no
+   observation, no copy), the measured TPOT less the simulated one without them, per decode layer
+   step, against the mean experts of a decode step (two batch sizes: both; one: ``entry_s`` = 0);
+4. ``stall_sync_s``: from a demand-fetch cache on per-layer graphs, the decode time left over once
+   everything above is in, per waiting decode layer step.
 
-Both come from runs measured by ``moebits analysis validate`` on a synthetic workload
-(``benchmarks/graph_cases_calibration.txt``), graded offline through :func:`analysis.fidelity.resimulate_case`.
+Steps 3 and 4 grade runs offline through :func:`analysis.fidelity.resimulate_case`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from moebits.analysis.fidelity import resimulate_case
-from moebits.core.hardware import HardwareProfile
-from moebits.drive.records import RunResult, summarize
+from moebits.core.hardware import HardwareProfile, HostCosts
+from moebits.drive.records import RunResult, load_run, summarize
+
+WARMUP_PASSES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class HostRun:
+    """One measured calibration run: its case file, arrays, policy and runtime path."""
+
+    case: Path
+    run: RunResult
+    policy: str
+    seam: str   # "per-pass" or "per-layer"
+
+
+def host_runs(measured: Path) -> list[HostRun]:
+    """Every measured case of ``measured`` that carries a host log."""
+    out = []
+    for case in sorted(measured.glob("*.case.json")):
+        run = load_run(case.with_name(case.name.removesuffix(".case.json") + ".measured.npz"))
+        if not run.host:
+            continue
+        info = run.info.get("summary", run.info)
+        out.append(HostRun(case, run, str(info.get("policy", "")), str(info.get("observe", ""))))
+    return out
+
+
+def _lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Intercept and slope of ``y`` on ``x``, both >= 0 (one distinct ``x``: the mean, slope 0)."""
+    if x.size == 0:
+        return 0.0, 0.0
+    if np.unique(x).size < 2:
+        return max(float(y.mean()), 0.0), 0.0
+    a, b = np.linalg.lstsq(np.c_[np.ones_like(x), x], y, rcond=None)[0]
+    if b < 0:
+        return max(float(y.mean()), 0.0), 0.0
+    if a < 0:
+        return 0.0, float((x * y).sum() / (x * x).sum())
+    return float(a), float(b)
+
+
+def fit_observe(runs: list[HostRun]) -> dict[str, list[float]]:
+    """Per policy, [seconds per observed layer step, seconds per observed expert]."""
+    calls: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    for r in runs:
+        if r.run.host["call_s"].size:
+            calls[r.policy].append((r.run.host["call_entries"].astype(float), r.run.host["call_s"]))
+    return {p: list(_lstsq(np.concatenate([c[0] for c in v]), np.concatenate([c[1] for c in v])))
+            for p, v in sorted(calls.items())}
+
+
+def fit_pass(runs: list[HostRun]) -> tuple[float, float]:
+    """(``pass_s``, ``copy_s``) from the per-pass-seam runs' host logs."""
+    xs, ys = [], []
+    for r in runs:
+        if r.seam != "per-pass":
+            continue
+        h = r.run.host
+        work = h["pass_s"] - h["waited_s"] - h["observe_s"]
+        xs.append(h["copies"][WARMUP_PASSES:].astype(float))
+        ys.append(work[WARMUP_PASSES:])
+    if not xs:
+        return 0.0, 0.0
+    return _lstsq(np.concatenate(xs), np.concatenate(ys))
 
 
 def _decode_passes(r: RunResult) -> int:
@@ -34,17 +103,44 @@ def _waiting_decode_steps(r: RunResult) -> int:
     return int(np.count_nonzero((r.stall_s > 0) & (r.ls_pass > 0)))
 
 
-def fit_host_costs(hw: HardwareProfile, measured: Path, layer_case: str = "cal_layer_static",
-                   stall_case: str = "cal_layer_lru") -> HardwareProfile:
-    """``hw`` with ``layer_sync_s`` and ``stall_sync_s`` fitted to the two measured cases of ``measured``."""
-    base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0)
-    meas, sim, labels = resimulate_case(measured / f"{layer_case}.case.json", base)
+def _decode_gap_per_step(case: Path, hw: HardwareProfile) -> tuple[float, float]:
+    """(measured less simulated decode seconds per decode layer step, mean experts of a decode step)."""
+    meas, sim, labels = resimulate_case(case, hw)
     layers = int(labels["layers"])
-    gap = (summarize(meas)["tpot_ms_mean"] - summarize(sim)["tpot_ms_mean"]) * 1e-3
-    layer_sync = max(0.0, gap / layers)
-    with_layer = dataclasses.replace(base, layer_sync_s=layer_sync)
-    meas, sim, _ = resimulate_case(measured / f"{stall_case}.case.json", with_layer)
-    waits = _waiting_decode_steps(sim)
-    left = (summarize(meas)["tpot_ms_mean"] - summarize(sim)["tpot_ms_mean"]) * 1e-3 * _decode_passes(sim)
-    stall_sync = max(0.0, left / waits) if waits else 0.0
+    gap = (summarize(meas)["tpot_ms_mean"] - summarize(sim)["tpot_ms_mean"]) * 1e-3 / layers
+    return gap, float(meas.requests[meas.ls_pass > 0].mean())
+
+
+def fit_host_costs(hw: HardwareProfile, measured: Path, stall_case: str = "cal_layer_lru") -> HardwareProfile:
+    """``hw`` with :class:`HostCosts`, ``layer_sync_s`` and ``stall_sync_s`` fitted to the runs in ``measured``."""
+    runs = host_runs(measured)
+    if not runs:
+        raise ValueError(f"{measured}: no measured run with a host log (CASE.measured.npz from `moebits analysis "
+                         "validate` on the graph runtime); run benchmarks/graph_cases_calibration.txt first")
+    pass_s, copy_s = fit_pass(runs)
+    hc = HostCosts(pass_s=pass_s, copy_s=copy_s, observe_s=fit_observe(runs),
+                   fit={"runs": float(len(runs))})
+    base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0, host_costs=hc)
+    static_layer = [r.case for r in runs if r.seam == "per-layer" and r.policy.startswith("static")]
+    pts = [_decode_gap_per_step(c, base) for c in static_layer]
+    sync, entry = _lstsq(np.array([p[1] for p in pts]), np.array([p[0] for p in pts])) if pts else (0.0, 0.0)
+    hc = dataclasses.replace(hc, entry_s=entry)
+    with_layer = dataclasses.replace(base, layer_sync_s=sync, host_costs=hc)
+    stall = measured / f"{stall_case}.case.json"
+    stall_sync = 0.0
+    if stall.exists():
+        meas, sim, _ = resimulate_case(stall, with_layer)
+        waits = _waiting_decode_steps(sim)
+        left = (summarize(meas)["tpot_ms_mean"] - summarize(sim)["tpot_ms_mean"]) * 1e-3 * _decode_passes(sim)
+        stall_sync = max(0.0, left / waits) if waits else 0.0
     return dataclasses.replace(with_layer, stall_sync_s=stall_sync)
+
+
+def describe(hw: HardwareProfile) -> str:
+    """One line per fitted host cost (microseconds)."""
+    hc = hw.host_costs or HostCosts()
+    lines = [f"layer_sync_s {hw.layer_sync_s * 1e6:.1f} us, stall_sync_s {hw.stall_sync_s * 1e6:.1f} us, "
+             f"pass_s {hc.pass_s * 1e6:.1f} us, copy_s {hc.copy_s * 1e6:.1f} us, entry_s {hc.entry_s * 1e6:.2f} us"]
+    lines += [f"observe {p}: {c[0] * 1e6:.1f} us/step + {c[1] * 1e6:.2f} us/expert" for p, c in hc.observe_s.items()]
+    return "\n".join(lines)
+

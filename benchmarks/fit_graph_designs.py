@@ -4,8 +4,8 @@ Reads the JSON files of ``benchmarks/graph_designs.py`` (one model shape each) a
 :class:`core.hardware.GraphPassTable` per shape for decode and one for prefill passes
 (:func:`runtime.pass_designs.fit_pass_table`), replacing the same shape's tables of ``--base``;
 with ``--host-runs DIR`` (runs measured by ``moebits analysis validate`` on the synthetic cases of
-``benchmarks/graph_cases_calibration.txt``) it also fits ``layer_sync_s`` and ``stall_sync_s``
-(:func:`analysis.hostcost.fit_host_costs`). No trace is read: the profile comes from synthetic
+``benchmarks/graph_cases_calibration.txt``) it also fits the host costs: ``host_costs``,
+``layer_sync_s`` and ``stall_sync_s`` (:func:`analysis.hostcost.fit_host_costs`). No trace is read: the profile comes from synthetic
 designs and workloads only, and is graded on traces elsewhere.
 
     python benchmarks/fit_graph_designs.py designs_*.json --host-runs val/ \\
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"fit {t.fit}")
     hw = HardwareProfile.from_dict({**body, "graph_tables": list(tables.values())})
     if args.host_runs is not None:
-        from moebits.analysis.hostcost import fit_host_costs
+        from moebits.analysis.hostcost import describe, fit_host_costs
 
         hw = fit_host_costs(hw, args.host_runs)
-        print(f"layer_sync_s {hw.layer_sync_s * 1e6:.1f} us, stall_sync_s {hw.stall_sync_s * 1e6:.1f} us")
+        print(describe(hw))
     out = hw.to_dict()
     if args.designs and "graph_tables fitted" not in out["source"]:
         out["source"] += "; graph_tables fitted to whole-pass designs (benchmarks/fit_graph_designs.py)"

@@ -26,6 +26,10 @@ the optional measured kernel tables (keyed by the expert shape they were measure
   host's decisions, the next graph's launch; charged per layer step on the per-layer seam) and
   ``stall_sync_s`` (the host's extra turnaround when a step waits for a copy: issue, wait, table
   write; charged per waiting layer step);
+- optional, fitted to a graph runtime's host log (:mod:`analysis.hostcost`): ``host_costs``
+  (:class:`HostCosts`: the controller's own host work, which a pass waits for when it is longer
+  than the device's work: per pass, per copy, per expert of a per-layer step, and per policy
+  the cost of observing a layer step);
 - ``calibration``: provenance of a measured profile (gpu, driver, torch, date, runtime path).
 
 Presets are YAML files of this schema under ``conf/hardware/``; runtime calibration writes
@@ -112,6 +116,43 @@ class KernelTable:
             slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
         above = t > xs[-1]
         return np.where(above, ys[-1] + (t - xs[-1]) * slope, out)
+
+
+@dataclass
+class HostCosts:
+    """The controller's host work on a graph-captured runtime, which the device waits for whenever it is
+    longer than the device's own work (Python decisions, bookkeeping, launches).
+
+    ``pass_s``: per pass on the per-pass seam (inputs, graph launch, routing read-back, table snapshot);
+    ``copy_s``: per copy a policy issues (promotion or prefetch: slab bookkeeping, the copy's launch, table
+    writes); ``entry_s``: per distinct expert of a layer step on the per-layer seam (the miss rule, the
+    record; on top of ``HardwareProfile.layer_sync_s``); ``observe_s``: per policy (its registry name),
+    ``[seconds per observed layer step, seconds per observed expert]`` of ``Driver.observe`` (a policy
+    not listed observes for free); ``fit``: how they were fitted, for the record.
+    """
+
+    pass_s: float = 0.0
+    copy_s: float = 0.0
+    entry_s: float = 0.0
+    observe_s: dict[str, list[float]] = field(default_factory=dict)
+    fit: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("pass_s", "copy_s", "entry_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f'host costs: "{name}" must be >= 0, got {getattr(self, name)}')
+        if not isinstance(self.observe_s, dict):
+            raise ValueError(f"host costs: observe_s must map a policy name to [seconds per step, seconds per "
+                             f"expert]; got {self.observe_s!r}")
+        for policy, c in self.observe_s.items():
+            if not isinstance(c, (list, tuple)) or len(c) != 2 or min(c) < 0:
+                raise ValueError(f"host costs: observe_s[{policy!r}] must be [seconds per step, seconds per expert], "
+                                 f"both >= 0; got {c}")
+
+    def observe(self, policy: str) -> tuple[float, float]:
+        """(seconds per observed layer step, per observed expert) of ``policy``."""
+        c = self.observe_s.get(policy)
+        return (c[0], c[1]) if c else (0.0, 0.0)
 
 
 @dataclass
@@ -212,6 +253,7 @@ class HardwareProfile:
     graph_tables: list[GraphPassTable] = field(default_factory=list)
     layer_sync_s: float = 0.0
     stall_sync_s: float = 0.0
+    host_costs: HostCosts | None = None
     calibration: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -279,6 +321,9 @@ class HardwareProfile:
             _check_keys(GraphPassTable, t, "graph pass table")
             graphs.append(GraphPassTable(**t))
         body["graph_tables"] = graphs
+        if isinstance(body.get("host_costs"), dict):
+            _check_keys(HostCosts, body["host_costs"], "host costs")
+            body["host_costs"] = HostCosts(**body["host_costs"])
         try:
             return cls(**body)
         except TypeError as exc:

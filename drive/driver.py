@@ -94,6 +94,15 @@ def applied_lag(policy: Policy, observe_lag: int) -> int:
     return 0 if policy.miss_rule is MissRule.STALL else observe_lag
 
 
+STATIC_READ_LAG = 8   # passes: a static policy's routing is read for the records only, late enough never to wait
+
+
+def read_lag(static: bool, route_lag: int) -> int:
+    """Passes after which the per-pass seam reads a pass's routing back: ``route_lag``, or for a static
+    policy (whose routing feeds the records only) at least :data:`STATIC_READ_LAG`."""
+    return max(route_lag, STATIC_READ_LAG) if static else route_lag
+
+
 def per_pass(policy: Policy, route_lag: int) -> bool:
     """Whether ``policy`` runs on the per-pass seam at ``route_lag`` passes (the graph-captured
     runtime's whole-step graphs): ``route_lag`` >= 1 and a miss rule that never waits for a copy.

@@ -99,6 +99,7 @@ class RunResult:
     info: dict[str, Any] = field(default_factory=dict)
     kl: dict[tuple[int, int], float] | None = None
     served: list[tuple[tuple[int, int, str], ...]] | None = None  # see Recorder
+    host: dict[str, np.ndarray] = field(default_factory=dict)  # the runtime's host timings (runtime.host_log)
 
     @classmethod
     def from_recorder(cls, rec: Recorder, steps: LayerSteps | StepIndex, wall_s: float,
@@ -227,14 +228,17 @@ _ARRAYS = ("ls_batch", "ls_pass", "ls_tokens", "end_s", "stall_s", "host_wait_s"
 
 
 def save_run(r: RunResult, path: Path) -> None:
-    """Write ``r``'s arrays, precisions, wall time and info to ``path`` (``.npz``; no KL, no served list)."""
+    """Write ``r``'s arrays, precisions, wall time, info and host timings to ``path`` (``.npz``; no KL, no
+    served list)."""
     meta = {"precisions": r.precisions, "wall_s": r.wall_s, "info": r.info}
-    np.savez_compressed(path, meta=np.array(json.dumps(meta, default=str)), **{k: getattr(r, k) for k in _ARRAYS})
+    arrays = {k: getattr(r, k) for k in _ARRAYS} | {f"host_{k}": v for k, v in r.host.items()}
+    np.savez_compressed(path, meta=np.array(json.dumps(meta, default=str)), **arrays)
 
 
 def load_run(path: Path) -> RunResult:
     """A :class:`RunResult` written by :func:`save_run`."""
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        return RunResult(precisions=meta["precisions"], wall_s=meta["wall_s"], info=meta["info"],
+        host = {k[5:]: z[k] for k in z.files if k.startswith("host_") and k not in _ARRAYS}
+        return RunResult(precisions=meta["precisions"], wall_s=meta["wall_s"], info=meta["info"], host=host,
                          **{k: z[k] for k in _ARRAYS})

@@ -13,7 +13,11 @@ a captured graph serves any position). The KV cache is static: ``[B, L, V, D]`` 
   position.
 * ``_attention_kernel`` (grid ``[T, Q]``): one query head of one row against its sequence's
   cache up to and including its position (causal within a prefill chunk, since the chunk's
-  keys are written first), online softmax in float32, -> ``o [T, Q * D]`` bf16.
+  keys are written first), online softmax in float32, -> ``o [T, Q * D]`` bf16. The loop stops
+  at the row's position (a bound read on the device, so a captured graph serves any position):
+  its time grows with the position, not with the cache's length (it looped over the whole
+  cache, masked, until session 4: the calibration designs, with a longer cache than a replay,
+  then priced every step of a replay too high).
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, seq_ptr, pos_ptr, o_ptr, scale, L: 
     l_i = 0.0
     acc = tl.zeros([D], dtype=tl.float32)
     base = (seq * L * V + kv) * D
-    for l0 in range(0, L, BL):  # static bound (L: cache length); positions past pos are masked (no loads)
+    for l0 in range(0, pos + 1, BL):  # up to the row's position only (the last block masked): cost grows with pos
         ll = l0 + tl.arange(0, BL)
         valid = ll <= pos
         off = base + ll.to(tl.int64)[:, None] * (V * D) + d[None, :]              # [BL, D]

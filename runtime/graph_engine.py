@@ -52,7 +52,7 @@ from moebits.core.model_spec import ModelSpec
 from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
 from moebits.drive.context import policy_name, precision_order, prepare_policy
-from moebits.drive.driver import Driver
+from moebits.drive.driver import Driver, read_lag
 from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult, StepIndex, snapshot
@@ -61,6 +61,7 @@ from moebits.runtime.engine import Clock
 from moebits.runtime.expert_mover import CudaStreams, ExpertMover, RowFn, SyncStreams
 from moebits.runtime.fast_model import FastModel
 from moebits.runtime.graph_serve import GraphMode, StepRunner
+from moebits.runtime.host_log import HostLog
 from moebits.runtime.mechanism import MoverMechanism
 from moebits.runtime.pool import DevicePool
 from moebits.runtime.residency import CLASS_BITS, KERNEL_CLASS, ResidencyTable, write_slots
@@ -86,6 +87,13 @@ class PassInput:
     ids: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     ends_pass: bool = True
+    flat: np.ndarray | None = None   # replay: layer * E + ids, flattened (:func:`flat_routing`)
+
+
+def flat_routing(ids: np.ndarray, experts: int) -> np.ndarray:
+    """``layer * experts + ids`` of routing ``ids [L, T, k]``, flattened: (layer, expert) as one index."""
+    L = ids.shape[0]
+    return (ids.reshape(L, -1).astype(np.int64) + (np.arange(L, dtype=np.int64) * experts)[:, None]).ravel()
 
 
 @dataclass
@@ -95,6 +103,40 @@ class _Pending:
     batch: int
     pass_index: int
     codes: np.ndarray  # [L, E] table codes during the pass
+
+
+@dataclass
+class _Served:
+    """A WHOLE-mode pass read back: its routing ``ids``/``weights [L, T, k]`` and the table codes it was
+    served from; its step records are built at the end of the run (off the host loop)."""
+
+    pend: _Pending
+    ids: np.ndarray
+    weights: np.ndarray
+    rows: int
+
+
+@dataclass
+class _PassRouting:
+    """One pass's routing by layer step: (layer, expert) entries in layer then expert order, the tokens and
+    summed gate of each, and where each layer's entries start (``bounds [L + 1]``)."""
+
+    layer: np.ndarray    # [n] int64
+    expert: np.ndarray   # [n] int64
+    tokens: np.ndarray   # [n] int32
+    gate: np.ndarray     # [n] float32
+    bounds: list[int]
+
+    @classmethod
+    def of(cls, ids: np.ndarray, weights: np.ndarray, layers: int, experts: int) -> _PassRouting:
+        L, E = layers, experts
+        flat = (ids.reshape(L, -1).astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=L * E)
+        used = np.flatnonzero(counts)                     # layer-major, experts ascending
+        gates = np.bincount(flat, weights=weights.reshape(-1).astype(np.float64), minlength=L * E)[used]
+        layer = used // E
+        return cls(layer, used % E, counts[used].astype(np.int32), gates.astype(np.float32),
+                   np.searchsorted(layer, np.arange(L + 1)).tolist())
 
 
 class GraphEngine:
@@ -134,10 +176,8 @@ class GraphEngine:
         per_pass = mode is GraphMode.WHOLE if per_pass is None else per_pass  # the CPU tests the per-pass seam eagerly
         self.per_layer = not per_pass or policy.miss_rule is MissRule.STALL
         self.mode = GraphMode.LAYER if mode is GraphMode.WHOLE and self.per_layer else mode
-        # a static policy's routing is read for the records only: late enough never to wait for it
-        read_lag = max(route_lag, 8) if self.driver.static else route_lag
-        self.observer = None if self.per_layer else RouteObserver(spec.layers, max_rows, spec.top_k, read_lag,
-                                                                 self.device)
+        self.observer = None if self.per_layer else RouteObserver(
+            spec.layers, max_rows, spec.top_k, read_lag(self.driver.static, route_lag), self.device)
         self.errors = error_table(spec, self.precisions, sensitivity)
         self._class_to_p = np.full(1 << CLASS_BITS, -1, np.int64)   # kernel class -> pool precision index
         for name, cls in KERNEL_CLASS.items():
@@ -148,9 +188,15 @@ class GraphEngine:
         self.rec, self.index = Recorder(list(self.precisions), served=[] if served else None), StepIndex()
         self.runners: dict[int, StepRunner] = {}
         self._pending: dict[int, _Pending] = {}
+        self._served: list[_Served] = []   # WHOLE mode: passes read back, recorded in finish (off the host loop)
+        self._codes, self._codes_version = self.table.host.copy(), self.table.version
+        self._observed = 0                 # layer steps observed on the per-pass seam (LayerObs.step)
+        self.host_log = HostLog()
         self._marks: list[Any] = []
         self.steps = self.passes = 0
         self.host_s = 0.0   # host seconds inside run_pass (waits included), for the record
+        self.route_read_s = 0.0   # per-layer seam: seconds reading a layer's routing (a sync: the device's time)
+        self.stall_wait_s = 0.0   # per-layer seam: seconds draining copies for a waiting step
         self.clock = Clock(self.device)
 
     # ---- set-up ----
@@ -184,101 +230,148 @@ class GraphEngine:
     def run_pass(self, p: PassInput) -> torch.Tensor:
         """Serve one pass; its logits buffer ``[T, N]`` (valid until the next pass of that size)."""
         t0 = time.perf_counter()
+        log = self.host_log
+        log.begin(self._waited_s(), self._copies())
         T = int(p.tokens.shape[0])
         runner = self.runner(T)
         buf = runner.buf
         if not self.per_layer:
             self._deliver(self.passes)
-            codes = self.table.host.copy()
+            if self.table.version != self._codes_version:   # the table as this pass reads it (records)
+                self._codes, self._codes_version = self.table.host.copy(), self.table.version
             if p.ids is not None:
-                self._check_resident(codes, p.ids.numpy())
-            self._pending[self.passes] = _Pending(p.batch, p.pass_index, codes)
+                self._check_resident(self._codes, p)
+            self._pending[self.passes] = _Pending(p.batch, p.pass_index, self._codes)
+            log.tick("table")
         buf.set_rows(p.tokens, p.row_seq, p.row_pos)
         if p.ids is not None and p.weights is not None:
             buf.set_routing(p.ids, p.weights)
+        log.tick("inputs")
         if self.per_layer:
             runner.run(lambda layer: self._layer_step(p, buf.ids[layer, :T], buf.weights[layer, :T], layer))
         else:
             runner.run()
+            log.tick("launch")
             assert self.observer is not None
             self.observer.record(self.passes, buf.ids, buf.weights, T)
+            log.tick("record")
         self._marks.append(self.clock.mark())
-        self.host_s += time.perf_counter() - t0
         if p.ends_pass:
             self.rec.snaps.append(self.snapshot())
+        log.tick("mark")
+        log.end(self._waited_s(), self._copies())
+        self.host_s += time.perf_counter() - t0
         self.passes += 1
         return buf.logits
 
     def _layer_step(self, p: PassInput, ids: torch.Tensor, weights: torch.Tensor, layer: int) -> None:
         """Per-layer seam: observe, act, serve per the miss rule (see the module docstring)."""
+        log = self.host_log
+        log.tick("launch")                                     # the previous piece's graph
         now = self.clock.now()
         self.mover.boundary()                                  # copies done -> READY, table written
+        t0 = time.perf_counter()
+        log.tick("boundary")
         routing = routing_of(ids, weights, self.spec.experts)  # host sync on a GPU
+        self.route_read_s += time.perf_counter() - t0
+        log.tick("route")
         ready = self.mech.ready[layer]
         hits = sum(1 for e in routing[0].tolist() if ready[e])  # before the policy acts
         if not self.driver.static:
-            self.driver.observe(LayerObs(self.steps, layer, 0 if p.pass_index == 0 else 1, p.pass_index, *routing, now))
+            self.host_log.observe(self.driver.observe, LayerObs(self.steps, layer, 0 if p.pass_index == 0 else 1,
+                                                                p.pass_index, *routing, now), len(routing[0]))
+        log.tick("observe")
         self.mover.boundary()                                  # demotions written, new copies issued
+        log.tick("issue")
         ex = (routing[0].tolist(), routing[1].tolist(), np.asarray(routing[2], np.float64).tolist())
         choice = choose(self.policy.miss_rule, self.res[layer], self._low, len(self.precisions),
                         self.errors.of[layer], self.errors.host[layer], ex, 0, len(ex[0]), track=True,
                         layer=layer, policy=self.name)
         stall = 0.0
+        log.tick("choose")
         if choice.waited:
             t0 = time.perf_counter()
             self.mover.drain()                                 # STALL: the copies land, the table points at them
             stall = time.perf_counter() - t0
+            self.stall_wait_s += stall
+            log.tick("drain")
         self._record(p, T=int(ids.shape[0]), choice=choice, ex=ex, stall=stall, hits=hits)
+        log.tick("records")
 
     def _deliver(self, serving: int, observe: bool = True) -> None:
         """Per-pass seam: observe every due pass's layer steps in order, then the boundary
         (``observe=False`` at the end of a run: records only, like the routing a lag never delivers)."""
         assert self.observer is not None
         now = self.clock.now()
-        for r in self.observer.due(serving):
+        log = self.host_log
+        due = self.observer.due(serving)
+        log.tick("route")
+        for r in due:
             self._deliver_pass(self._pending.pop(r.step), r.ids, r.weights, r.rows, now, observe)
+        log.tick("observe")
         if observe:
             self.mover.boundary(wait=True)   # the per-pass seam: copies of earlier boundaries are servable now
+            log.tick("boundary")
 
     def _deliver_pass(self, pend: _Pending, ids: np.ndarray, weights: np.ndarray, rows: int, now: float,
                       observe: bool) -> None:
-        """One pass's routing ``[L, T, k]``: every layer's observation (in order) and record, served
-        from the table codes the pass read. Counts and gates of all layers in one bincount each."""
-        L, E, P = self.spec.layers, self.spec.experts, len(self.precisions)
-        flat = (ids.reshape(L, -1).astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=L * E).reshape(L, E)
-        gates = np.bincount(flat, weights=weights.reshape(-1).astype(np.float64), minlength=L * E).reshape(L, E)
-        served_p = np.where(pend.codes >= 0, self._class_to_p[pend.codes & CLASS_MASK], -1)   # [L, E]
-        p = PassInput(pend.batch, pend.pass_index, torch.empty(rows), torch.empty(0), torch.empty(0))
+        """One pass's routing ``[L, T, k]``: every layer's observation, in order (a static policy
+        observes nothing); its records are built in :meth:`finish` (off the host loop)."""
+        self._served.append(_Served(pend, ids, weights, rows))
+        step0 = self._observed
+        self._observed += self.spec.layers
+        if not observe or self.driver.static:
+            return
+        r = _PassRouting.of(ids, weights, self.spec.layers, self.spec.experts)
+        e16, b = r.expert.astype(np.int16), r.bounds
         phase = 0 if pend.pass_index == 0 else 1
-        table = self.errors.table
-        for layer in range(L):
-            used = np.flatnonzero(counts[layer])
-            routing = (used.astype(np.int16), counts[layer, used].astype(np.int32), gates[layer, used].astype(np.float32))
-            if observe and not self.driver.static:
-                self.driver.observe(LayerObs(self.steps, layer, phase, pend.pass_index, *routing, now))
-            pl = served_p[layer, used]
-            if (pl < 0).any():
-                raise no_copy(self.name, self.policy.miss_rule, layer, int(used[np.argmax(pl < 0)]))
-            tok_l = routing[1].tolist()
-            g = np.asarray(routing[2], np.float64).tolist()
-            errs = table[layer, used, pl].tolist()
-            err = 0.0
-            for gi, ei in zip(g, errs, strict=True):   # in expert order, as the miss rule sums it
-                err += gi * ei
-            tok = np.bincount(pl, weights=routing[1], minlength=P).astype(np.int64).tolist()
-            cnt = np.bincount(pl, minlength=P).tolist()
-            choice = Choice(0.0, tok, cnt, err, [], list(zip(used.tolist(), pl.tolist(), strict=True)), [], [])
-            self._record(p, T=rows, choice=choice, ex=(used.tolist(), tok_l, g), stall=0.0, hits=len(tok_l))
+        for li in range(self.spec.layers):
+            self.host_log.observe(self.driver.observe, LayerObs(step0 + li, li, phase, pend.pass_index,
+                                                                e16[b[li] : b[li + 1]], r.tokens[b[li] : b[li + 1]],
+                                                                r.gate[b[li] : b[li + 1]], now), b[li + 1] - b[li])
 
-    def _check_resident(self, codes: np.ndarray, ids: np.ndarray) -> None:
+    def _record_served(self) -> None:
+        """The step records of every pass read back on the per-pass seam, in pass order (vectorized per
+        pass; the gate-weighted error summed in expert order, as the miss rule sums it)."""
+        L, E, P = self.spec.layers, self.spec.experts, len(self.precisions)
+        table, rec = self.errors.table, self.rec
+        zeros = [0.0] * L
+        for d in self._served:
+            r = _PassRouting.of(d.ids, d.weights, L, E)
+            codes = d.pend.codes[r.layer, r.expert]
+            if (codes < 0).any():
+                j = int(np.argmax(codes < 0))
+                raise no_copy(self.name, self.policy.miss_rule, int(r.layer[j]), int(r.expert[j]))
+            served = self._class_to_p[codes & CLASS_MASK]
+            err = np.bincount(r.layer, weights=r.gate.astype(np.float64) * table[r.layer, r.expert, served],
+                              minlength=L)
+            tok = np.zeros((L, P + 1), np.int64)
+            tok[:, :P] = np.bincount(r.layer * P + served, weights=r.tokens, minlength=L * P).reshape(L, P)
+            n = np.diff(r.bounds).tolist()
+            rec.err.extend(err.tolist())
+            rec.act.extend(tok.ravel().tolist())
+            rec.hits.extend(n)
+            rec.requests.extend(n)
+            rec.stall_s.extend(zeros)
+            rec.host_wait_s.extend(zeros)
+            for _ in range(L):
+                self.index.append(d.pend.batch, d.pend.pass_index, d.rows)
+            if rec.served is not None:
+                names = [self.precisions[int(x)] for x in served]
+                ex, tk = r.expert.tolist(), r.tokens.tolist()
+                for li in range(L):
+                    rec.served.append(tuple((ex[j], tk[j], names[j]) for j in range(r.bounds[li], r.bounds[li + 1])))
+        self.steps += L * len(self._served)
+        self._served.clear()
+
+    def _check_resident(self, codes: np.ndarray, p: PassInput) -> None:
         """A replayed pass (routing known before it runs) must find a copy of every expert it routes to."""
-        L = self.spec.layers
-        flat = ids.reshape(L, -1).astype(np.int64)
-        bad = np.take_along_axis(codes, flat, axis=1) < 0
+        assert p.ids is not None
+        flat = p.flat if p.flat is not None else flat_routing(p.ids.numpy(), self.spec.experts)
+        bad = codes.reshape(-1)[flat] < 0
         if bad.any():
-            layer, j = (int(x[0]) for x in np.nonzero(bad))
-            raise no_copy(self.name, self.policy.miss_rule, layer, int(flat[layer, j]))
+            j = int(flat[int(np.argmax(bad))])
+            raise no_copy(self.name, self.policy.miss_rule, j // self.spec.experts, j % self.spec.experts)
 
     def _record(self, p: PassInput, *, T: int, choice: Choice, ex: tuple[list, list, list], stall: float,
                 hits: int) -> None:
@@ -305,6 +398,7 @@ class GraphEngine:
         """Read the routing still in flight, complete every copy; the run's arrays."""
         if self.observer is not None:
             self._deliver(1 << 62, observe=False)
+            self._record_served()
         self.mover.drain()
         ends = self.clock.resolve(self._marks)
         self.rec.end_s = np.repeat(np.asarray(ends, np.float64), self.spec.layers)
@@ -312,4 +406,14 @@ class GraphEngine:
                  "route_wait_s": self.observer.wait_s if self.observer is not None else 0.0,
                  "copy_wait_s": self.mover.stats.wait_s,
                  "host_ms_per_pass": 1e3 * self.host_s / max(self.passes, 1)}
-        return RunResult.from_recorder(self.rec, self.index, self.clock.now(), {**extra, **(info or {})})
+        out = RunResult.from_recorder(self.rec, self.index, self.clock.now(), {**extra, **(info or {})})
+        out.host = self.host_log.arrays()
+        return out
+
+    def _waited_s(self) -> float:
+        """Host seconds spent waiting for the device so far (routing read-back, copies)."""
+        route = self.observer.wait_s if self.observer is not None else self.route_read_s
+        return route + self.mover.stats.wait_s + self.stall_wait_s
+
+    def _copies(self) -> int:
+        return self.counts["promotions"] + self.counts["prefetches"]

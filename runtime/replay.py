@@ -16,7 +16,7 @@ import torch
 from moebits.core.routing import LayerSteps
 from moebits.drive.records import RunResult
 from moebits.runtime.engine import RuntimeEngine
-from moebits.runtime.graph_engine import GraphEngine, PassInput
+from moebits.runtime.graph_engine import GraphEngine, PassInput, flat_routing
 from tqdm import tqdm
 
 
@@ -115,7 +115,7 @@ def _pass_input(engine: GraphEngine, view: LayerSteps, i: int, n: int) -> PassIn
     pin = engine.device.type == "cuda"  # pinned: copied without a stream sync
     t, s, p, i_t, w_t = (x.pin_memory() if pin else x for x in (torch.zeros(T, dtype=torch.long), seq, pos,
                                                                    torch.from_numpy(ids), torch.from_numpy(w)))
-    return PassInput(batch, pidx, t, s, p, i_t, w_t)
+    return PassInput(batch, pidx, t, s, p, i_t, w_t, flat=flat_routing(ids, engine.spec.experts))
 
 
 def _fill_tokens(inputs: list[PassInput], vocab: int, seed: int) -> None:

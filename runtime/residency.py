@@ -91,6 +91,7 @@ class ResidencyTable:
         self.host = np.full((layers, experts), -1, dtype=np.int64)
         self.codes = torch.full((layers, experts), -1, dtype=torch.int32, device=device)
         self._staged: dict[int, int] = {}
+        self.version = 0   # flushes that wrote something (a host-side copy of the codes is current while equal)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -120,6 +121,7 @@ class ResidencyTable:
         v_t = torch.tensor(vals, dtype=torch.int32).pin_memory() if pin else torch.tensor(vals, dtype=torch.int32)
         self.codes.view(-1).index_copy_(0, i_t.to(dev, non_blocking=True), v_t.to(dev, non_blocking=True))
         self._staged.clear()
+        self.version += 1
         return idx
 
     def where(self, layer: int, expert: int) -> tuple[str, int]:

@@ -45,7 +45,10 @@ class RouteObserver:
         shape = (self.slots, layers, rows, top_k)
         self.ids = torch.zeros(shape, dtype=torch.int32, pin_memory=pin)
         self.weights = torch.zeros(shape, dtype=torch.float32, pin_memory=pin)
+        self._ids_np, self._weights_np = self.ids.numpy(), self.weights.numpy()   # the same memory
         self.cuda = pin
+        self._events = [torch.cuda.Event() for _ in range(self.slots)] if pin else [None] * self.slots
+        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pending: deque[tuple[int, int, Any]] = deque()   # (step, live rows, event)
         self.wait_s = 0.0
 
@@ -54,11 +57,15 @@ class RouteObserver:
         if len(self._pending) >= self.slots:
             raise RuntimeError("route ring overrun: observe steps (due) before recording more")
         slot = step % self.slots
-        self._slot(self.ids, slot, live_rows).copy_(ids[:, :live_rows], non_blocking=True)
-        self._slot(self.weights, slot, live_rows).copy_(weights[:, :live_rows], non_blocking=True)
-        ev = None
-        if self.cuda:
-            ev = torch.cuda.Event()
+        key = (slot, live_rows, ids.data_ptr())
+        views = self._views.get(key)
+        if views is None:   # the slot's ring views and the source views, made once per (slot, rows, buffer)
+            views = self._views[key] = (self._slot(self.ids, slot, live_rows), ids[:, :live_rows],
+                                        self._slot(self.weights, slot, live_rows), weights[:, :live_rows])
+        views[0].copy_(views[1], non_blocking=True)
+        views[2].copy_(views[3], non_blocking=True)
+        ev = self._events[slot]   # free: the slot's previous step was read (due) before this one was recorded
+        if ev is not None:
             ev.record()
         self._pending.append((step, live_rows, ev))
 
@@ -72,8 +79,10 @@ class RouteObserver:
                 ev.synchronize()
                 self.wait_s += time.perf_counter() - t0
             slot = step % self.slots
-            out.append(StepRouting(step, self._slot(self.ids, slot, rows).numpy().copy(),
-                                   self._slot(self.weights, slot, rows).numpy().copy(), rows))
+            n = self._ids_np.shape[1] * rows * self._ids_np.shape[3]
+            shape = (self._ids_np.shape[1], rows, self._ids_np.shape[3])
+            out.append(StepRouting(step, self._ids_np[slot].reshape(-1)[:n].reshape(shape).copy(),
+                                   self._weights_np[slot].reshape(-1)[:n].reshape(shape).copy(), rows))
         return out
 
     @staticmethod

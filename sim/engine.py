@@ -153,6 +153,10 @@ class Engine:
         self.res = [Residency(self.pool.ready[i], self.pool.loading[i], self._ready_time(i)) for i in range(spec.layers)]
         self.kernels = KernelModel(hw, spec, self.pool.precisions)
         self._graph = self._graph_costs() if self.kernels.graphed else None
+        self.host_costs = hw.host_costs if self._graph is not None else None   # the controller's host work
+        if self.host_costs is not None:
+            self.pool.issue_s = self.host_costs.copy_s
+            self.per_pass = self.per_pass or self.whole_steps   # a static policy's passes wait for the host too
         if self._graph is not None or hw.stall_sync_s:
             self.opt = dataclasses.replace(self.opt, fast=False)  # the shortcuts price with the per-class model
         errors = error_table(spec, self.pool.precisions, sensitivity)
@@ -187,9 +191,23 @@ class Engine:
         """Seconds of every layer step outside its experts (the pass's fixed part at its first step);
         on a graph profile's per-layer seam plus the host turnaround ``layer_sync_s``."""
         if self._graph is not None:
-            return self._graph[0] + (self.hw.layer_sync_s if per_layer_seam else 0.0)
+            return self._graph[0] + (self.hw.layer_sync_s + self._layer_host_s() if per_layer_seam else 0.0)
         ends = self.pass_ends()
         return self.kernels.non_moe_s(np.asarray(self.view.ls_tokens), np.r_[True, ends[:-1]] if ends.size else ends)
+
+    def _layer_host_s(self) -> np.ndarray | float:
+        """Per layer step on the per-layer seam, the host costs that grow with its experts: the miss rule
+        and record (``entry_s``), the policy's observation (``observe_s``); copies are charged as issued."""
+        hc = self.host_costs
+        if hc is None:
+            return 0.0
+        entries = np.diff(np.asarray(self.view.offsets, np.int64)).astype(np.float64)
+        per_step, per_expert = (0.0, 0.0) if self.driver.static else hc.observe(self.name)
+        return per_step + (hc.entry_s + per_expert) * entries
+
+    def copies_issued(self) -> int:
+        """Copies the policy has issued so far (promotions and prefetches)."""
+        return self.counts["promotions"] + self.counts["prefetches"]
 
     def _ready_time(self, layer: int) -> Callable[[int, int], float]:
         ready_time = self.pool.ready_time
@@ -277,6 +295,8 @@ class Engine:
         ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate
         pending, advance, timeout = pool.pending, pool.advance, env.timeout
         ready, hits = pool.ready, rec.hits
+        copy_s = self.host_costs.copy_s if self.host_costs is not None else 0.0
+        issued = self.copies_issued()
         t = now = 0.0
         for c0 in range(0, v.layer_steps, CHUNK):
             c = self._chunk(c0, min(v.layer_steps, c0 + CHUNK), non_moe, ends)
@@ -295,6 +315,10 @@ class Engine:
                 if observe is not None:
                     pi, a, b = passes[j], lo + off[j], lo + off[j + 1]
                     observe(LayerObs(c0 + j, layer, 1 if pi else 0, pi, ex_expert[a:b], ex_tokens[a:b], ex_gate[a:b], t1))
+                    if copy_s:   # the host issues the new copies before the step's experts are launched
+                        k = self.copies_issued()
+                        t1 += copy_s * (k - issued)
+                        issued = k
                 t = serve(j, layer, t1)
                 if pe[j]:
                     rec.snaps.append(self.snapshot())

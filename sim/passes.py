@@ -13,8 +13,13 @@ streams:
   once for the first p passes); there the driver observes every due pass's layer steps in
   order (``obs.now_s`` = the boundary), then the host waits for the copies issued at earlier
   boundaries (``copy_wait_s``: how long past the routing it waited), which turn READY, and the
-  policy's copies are queued on the link at the boundary. Host work (Python, launches) is not
-  modelled: it is hidden while p >= 2 keeps the host a pass ahead, and it is what p = 1 costs;
+  policy's copies are queued on the link at the boundary. A static policy's routing is read
+  :func:`drive.driver.read_lag` passes later (records only) and it observes nothing;
+- with the profile's :class:`core.hardware.HostCosts` the host's own work is in the loop: each
+  observed layer step costs the policy's ``observe_s``, each pass ``pass_s`` plus ``copy_s`` per
+  copy issued at its boundary, and pass n is launched only when the host is done with it: a
+  controller slower than the device makes the device idle (without host costs, host work is
+  free: hidden while p >= 2 keeps the host a pass ahead);
 - a copy into a slab freed at boundary n starts after pass n - 1 ends (the slab's fence,
   :class:`sim.pool.SimPool`).
 
@@ -29,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import simpy
+from moebits.drive.driver import read_lag
 from moebits.drive.records import Recorder
 from moebits.policies.base import LayerObs
 from tqdm import tqdm
@@ -47,27 +53,38 @@ def check_whole_passes(view: Any, layers: int) -> None:
 def replay_passes(eng: Engine, env: simpy.Environment, rec: Recorder,
                   bar: tqdm) -> Generator[simpy.Event, Any, None]:
     """Serve ``eng.view`` pass by pass on the per-pass seam; see the module docstring."""
-    v, pool, L, lag = eng.view, eng.pool, eng.spec.layers, eng.route_lag
+    v, pool, L = eng.view, eng.pool, eng.spec.layers
+    lag = read_lag(eng.driver.static, eng.route_lag)
     check_whole_passes(v, L)
     non_moe = eng.step_non_moe_s(per_layer_seam=False)
-    observe = eng.driver.observe
+    observe = None if eng.driver.static else eng.driver.observe
+    hc = eng.host_costs
+    obs_step, obs_expert = hc.observe(eng.name) if hc is not None and observe is not None else (0.0, 0.0)
+    entries = np.diff(np.asarray(v.offsets, np.int64))
     pool.fences = {}
     end_of: list[float] = []   # device end of every pass
     host = now = 0.0
     observed = 0               # passes whose routing the policy has seen
+    copies = eng.copies_issued()
     for n, i0 in enumerate(range(0, v.layer_steps, L)):
         if n >= lag:
             host = max(host, end_of[n - lag])
         pool.fence_s = end_of[n - 1] if n else 0.0
         issued = len(pool.pending)            # copies of earlier boundaries: servable from this pass
         while observed <= n - lag:
-            _observe_pass(v, observed * L, L, host, observe)
+            if observe is not None:
+                _observe_pass(v, observed * L, L, host, observe)
+                host += obs_step * L + obs_expert * float(entries[observed * L : observed * L + L].sum())
             observed += 1
         if issued:
             landed = pool.pending[issued - 1][0]
             eng.copy_wait_s += max(0.0, landed - host)
             host = max(host, landed)
             pool.advance(landed)
+        if hc is not None:
+            k = eng.copies_issued()
+            host += hc.pass_s + hc.copy_s * (k - copies)
+            copies = k
         t = max(end_of[-1] if end_of else 0.0, host)
         t = _serve_pass(eng, rec, i0, L, non_moe, t)
         end_of.append(t)

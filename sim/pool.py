@@ -62,6 +62,7 @@ class SimPool:
         self._info = {n: (p, 1 << p, self.slab_bytes[p], ~(1 << p)) for p, n in enumerate(self.precisions)}
         self.fences: dict[int, float] | None = None   # slab -> earliest start of its next copy (per-pass seam)
         self.fence_s = 0.0                              # the fence a DEMOTE sets now
+        self.issue_s = 0.0                              # host seconds to issue one copy (HostCosts.copy_s)
 
     def place(self, key: ExpertKey, precision: str) -> int | Refusal:
         """An untimed initial load: the copy is READY at once and moves no counted bytes."""
@@ -118,7 +119,8 @@ class SimPool:
                 refused(a, slab)  # type: ignore[arg-type]
                 continue
             p, bit, nbytes, _ = info[precision]
-            done = submit(now_s if fences is None else max(now_s, fences.pop(slab, now_s)), nbytes)  # type: ignore[call-overload]
+            start = now_s + self.issue_s * (n_promote + n_prefetch + 1)   # the host issues the copies one by one
+            done = submit(start if fences is None else max(start, fences.pop(slab, start)), nbytes)  # type: ignore[call-overload]
             loaded += nbytes
             loading[layer][expert] |= bit
             done_at[(layer * E + expert) * P + p] = done

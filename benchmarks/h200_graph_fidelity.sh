@@ -6,7 +6,7 @@
 #   2. the per-layer seam's host turnaround: a synthetic workload (no trace) with a static policy on per-layer
 #      graphs (route_lag=0) and whole-step graphs (route_lag=2) -> OUTDIR/turnaround.json;
 #   3. moebits analysis validate on the cases of the GFID_CASES files (default benchmarks/graph_cases.txt; each line
-#      sets its runtime.layers) through the graph
+#      sets its runtime.layers), then again on those of the GFID_REPEAT files (as CASE_r2: repeatability), through the graph
 #      runtime -> OUTDIR/validate.tgz (every measured run, re-simulated offline with
 #      `moebits analysis validate --resim DIR --hardware PROFILE`).
 set -u
@@ -44,5 +44,11 @@ cat ${GFID_CASES:-benchmarks/graph_cases.txt} > "$work/cases.txt"
 t=$(left); echo "validating with ${t}s left" | tee -a "$log"
 timeout $(( t > 10 ? t : 10 )) $py -m moebits analysis validate --hardware conf/hardware/calibrated_h200.yaml \
   --out "$work/val" --cases-file "$work/cases.txt" -- runtime.engine=GRAPH progress=false ${GFID_OVERRIDES:-} 2>&1 | grep --line-buffered -v Warning | tee -a "$log"
+if [ -n "${GFID_REPEAT:-}" ]; then   # the same cases measured again (CASE_r2): how far two identical runs differ
+  grep -hv '^\s*#' $GFID_REPEAT | grep -v '^\s*$' | sed -E 's/^([A-Za-z0-9_]+)/\1_r2/' > "$work/repeat.txt"
+  t=$(left); echo "repeating with ${t}s left" | tee -a "$log"
+  timeout $(( t > 10 ? t : 10 )) $py -m moebits analysis validate --hardware conf/hardware/calibrated_h200.yaml \
+    --out "$work/val" --cases-file "$work/repeat.txt" -- runtime.engine=GRAPH progress=false ${GFID_OVERRIDES:-} 2>&1 | grep --line-buffered -v Warning | tee -a "$log"
+fi
 tar czf "$out/validate.tgz" -C "$work" val
 echo "done in $(( $(date +%s) - start ))s" | tee -a "$log"; ls -la "$out" | tee -a "$log"

@@ -124,6 +124,7 @@ class ExpertMover:
     _seq: int = 0
     _fence_of: dict[int, Any] = field(default_factory=dict)   # slab -> fence its next copy waits for
     _freed: list[int] = field(default_factory=list)
+    _best_first: list[str] | None = None   # the pool's precisions, most bits first
 
     def promote(self, key: ExpertKey, precision: str) -> Refusal | None:
         """Reserve a slab for ``key`` in ``precision``; the copy is issued at the next boundary."""
@@ -216,7 +217,9 @@ class ExpertMover:
     def point_at_best(self, key: ExpertKey) -> None:
         """Stage the table entry of ``key`` to its highest-precision READY copy (if any)."""
         ledger = self.pool.ledger
-        for p in sorted(ledger.precisions(), key=lambda n: -get_precision(n).bits):
+        if self._best_first is None:
+            self._best_first = sorted(ledger.precisions(), key=lambda n: -get_precision(n).bits)
+        for p in self._best_first:
             if ledger.is_ready(key, p):
                 slab = ledger.slab_of(key, p)
                 assert slab is not None

@@ -21,6 +21,7 @@ table names, in float32: the CPU path, and the oracle every kernel is tested aga
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +93,12 @@ class ResidencyTable:
         self.codes = torch.full((layers, experts), -1, dtype=torch.int32, device=device)
         self._staged: dict[int, int] = {}
         self.version = 0   # flushes that wrote something (a host-side copy of the codes is current while equal)
+        cuda = torch.device(device).type == "cuda"
+        # a flush copies the whole table from one of these pinned buffers (one copy, no index kernel); a buffer is
+        # rewritten only once the copy that read it has run (its event)
+        self._ring = [torch.empty((layers, experts), dtype=torch.int32, pin_memory=True) for _ in range(4)] if cuda else []
+        self._ring_ev: list[Any] = [None] * len(self._ring)
+        self._flushes = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -113,13 +120,19 @@ class ResidencyTable:
         if not self._staged:
             return []
         idx = list(self._staged)
-        vals = [self._staged[i] for i in idx]
-        self.host.reshape(-1)[idx] = vals
-        dev = self.codes.device
-        pin = dev.type == "cuda"
-        i_t = torch.tensor(idx, dtype=torch.long).pin_memory() if pin else torch.tensor(idx, dtype=torch.long)
-        v_t = torch.tensor(vals, dtype=torch.int32).pin_memory() if pin else torch.tensor(vals, dtype=torch.int32)
-        self.codes.view(-1).index_copy_(0, i_t.to(dev, non_blocking=True), v_t.to(dev, non_blocking=True))
+        self.host.reshape(-1)[idx] = [self._staged[i] for i in idx]
+        if self._ring:
+            k = self._flushes % len(self._ring)
+            if self._ring_ev[k] is not None:
+                self._ring_ev[k].synchronize()   # the copy that last read this buffer (long done, normally)
+            buf = self._ring[k]
+            np.copyto(buf.numpy(), self.host, casting="unsafe")
+            self.codes.copy_(buf, non_blocking=True)
+            ev = self._ring_ev[k] = self._ring_ev[k] or torch.cuda.Event()
+            ev.record()
+        else:
+            self.codes.copy_(torch.from_numpy(self.host.astype(np.int32)))
+        self._flushes += 1
         self._staged.clear()
         self.version += 1
         return idx

@@ -2,7 +2,8 @@
 
 What the host adds to a graph-captured run, which the whole-pass designs (:mod:`runtime.pass_designs`)
 cannot see, fitted in this order from the runs ``moebits analysis validate`` measured on a synthetic
-workload (``benchmarks/graph_cases_calibration.txt``; each run's host log,
+workload (``benchmarks/graph_cases_calibration.txt``, cases named ``cal_*``: other cases in the folder are
+ignored; each run's host log,
 :class:`runtime.host_log.HostLog`, is kept in its ``CASE.measured.npz``):
 
 1. ``HostCosts.observe_s`` per policy: least squares of the seconds of every ``Driver.observe`` call
@@ -43,10 +44,14 @@ class HostRun:
     seam: str   # "per-pass" or "per-layer"
 
 
-def host_runs(measured: Path) -> list[HostRun]:
-    """Every measured case of ``measured`` that carries a host log."""
+CALIBRATION_PREFIX = "cal_"   # calibration cases are named so (benchmarks/graph_cases_calibration.txt)
+
+
+def host_runs(measured: Path, prefix: str = CALIBRATION_PREFIX) -> list[HostRun]:
+    """Every measured case of ``measured`` named ``prefix``* that carries a host log (the calibration
+    cases: validation cases in the same folder are never fitted to)."""
     out = []
-    for case in sorted(measured.glob("*.case.json")):
+    for case in sorted(measured.glob(f"{prefix}*.case.json")):
         run = load_run(case.with_name(case.name.removesuffix(".case.json") + ".measured.npz"))
         if not run.host:
             continue

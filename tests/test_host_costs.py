@@ -319,14 +319,17 @@ def test_fit_pass_recovers_pass_and_copy_costs() -> None:
     assert fit_pass([one]) == (pytest.approx(54e-6), 0.0)                   # one copy count: mean, slope 0
 
 
-def test_host_runs_reads_only_cases_with_a_host_log(tmp_path: Path) -> None:
+def test_host_runs_reads_only_calibration_cases_with_a_host_log(tmp_path: Path) -> None:
+    """Calibration cases (cal_*) with a host log; a validation case in the same folder is never fitted to."""
     info = {"summary": {"policy": "dynaexq", "observe": "per-pass"}}
-    save_run(run_with_host(_calls([1, 2], 1e-5, 1e-6), info), tmp_path / "a.measured.npz")
-    save_run(run_with_host({}, info), tmp_path / "b.measured.npz")
-    for case in ("a", "b"):
+    save_run(run_with_host(_calls([1, 2], 1e-5, 1e-6), info), tmp_path / "cal_a.measured.npz")
+    save_run(run_with_host({}, info), tmp_path / "cal_b.measured.npz")
+    save_run(run_with_host(_calls([3], 1e-5, 1e-6), info), tmp_path / "trace_c.measured.npz")
+    for case in ("cal_a", "cal_b", "trace_c"):
         (tmp_path / f"{case}.case.json").write_text("{}")
     runs = host_runs(tmp_path)
-    assert [(r.case.name, r.policy, r.seam) for r in runs] == [("a.case.json", "dynaexq", "per-pass")]
+    assert [(r.case.name, r.policy, r.seam) for r in runs] == [("cal_a.case.json", "dynaexq", "per-pass")]
+    assert [r.case.name for r in host_runs(tmp_path, prefix="")] == ["cal_a.case.json", "trace_c.case.json"]
     np.testing.assert_array_equal(runs[0].run.host["call_entries"], [1, 2])
 
 
@@ -391,3 +394,14 @@ def test_graph_engine_logs_host_work_per_pass_and_per_observation(name: str, vie
         assert h["copies"].sum() > 0
     else:
         assert h["call_s"].size == 0 and not policy.observed and h["copies"].sum() == 0
+
+
+def test_the_timed_replay_loop_runs_without_garbage_collection() -> None:
+    import gc
+
+    from moebits.runtime.replay import no_gc_pauses
+
+    assert gc.isenabled()
+    with no_gc_pauses():
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -142,3 +142,20 @@ def test_attention_shape_follows_the_spec() -> None:
 
     s = attn_shape(get_model_spec("Qwen3-30B-A3B"))
     assert (s.heads, s.kv_heads, s.head_dim) == (32, 4, 128)   # the model's own config
+
+
+def test_repeatability_pairs_a_case_with_its_second_measurement() -> None:
+    from moebits.analysis.fidelity import repeatability
+
+    rows = [{"case": "a", "tpot_ms_measured": 1.0, "tpot_p50_ms_measured": 0.9, "tpot_err": 0.1, "tpot_p50_err": 0.0},
+            {"case": "a_r2", "tpot_ms_measured": 3.0, "tpot_p50_ms_measured": 0.9, "tpot_err": -0.5,
+             "tpot_p50_err": 0.0},
+            {"case": "b", "tpot_ms_measured": 2.0, "tpot_p50_ms_measured": 2.0, "tpot_err": 0.02, "tpot_p50_err": 0.01}]
+    for r in rows:
+        r |= {"step_err_p95": 0.01, "decisions_match": True}
+    rep = repeatability(rows)
+    assert [r["case"] for r in rep] == ["a"]
+    assert rep[0]["tpot_spread"] == pytest.approx(1.0) and rep[0]["tpot_p50_spread"] == 0.0
+    text = summary_md(rows)
+    assert "Repeatability (1 cases measured twice)" in text
+    assert "Mean |TPOT error| 6.00%" in text   # the repeat (a_r2) is not graded twice

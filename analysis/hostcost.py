@@ -11,13 +11,15 @@ ignored; each run's host log,
 2. ``HostCosts.pass_s`` and ``copy_s``: least squares of each per-pass-seam pass's host work (its
    host seconds less waiting and observing; the first two passes left out: warm-up) on
    ``[1, copies issued]``;
-3. ``layer_sync_s`` and ``HostCosts.entry_s``: from static policies on per-layer graphs (no
+3. ``pass_io_s``: a static policy on whole-step graphs (device-bound: the host waits), the measured
+   median TPOT less the simulated one: the pass's own copies outside its graph;
+4. ``layer_sync_s`` and ``HostCosts.entry_s``: from static policies on per-layer graphs (no
    observation, no copy), the measured TPOT less the simulated one without them, per decode layer
    step, against the mean experts of a decode step (two batch sizes: both; one: ``entry_s`` = 0);
-4. ``stall_sync_s``: from a demand-fetch cache on per-layer graphs, the decode time left over once
+5. ``stall_sync_s``: from a demand-fetch cache on per-layer graphs, the decode time left over once
    everything above is in, per waiting decode layer step.
 
-Steps 3 and 4 grade runs offline through :func:`analysis.fidelity.resimulate_case`.
+Steps 3 to 5 grade runs offline through :func:`analysis.fidelity.resimulate_case`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from moebits.analysis.fidelity import resimulate_case
+from moebits.analysis.fidelity import CALIBRATION_PREFIX, resimulate_case
 from moebits.core.hardware import HardwareProfile, HostCosts
 from moebits.drive.records import RunResult, load_run, summarize
 
@@ -42,9 +44,6 @@ class HostRun:
     run: RunResult
     policy: str
     seam: str   # "per-pass" or "per-layer"
-
-
-CALIBRATION_PREFIX = "cal_"   # calibration cases are named so (benchmarks/graph_cases_calibration.txt)
 
 
 def host_runs(measured: Path, prefix: str = CALIBRATION_PREFIX) -> list[HostRun]:
@@ -116,7 +115,13 @@ def _decode_gap_per_step(case: Path, hw: HardwareProfile) -> tuple[float, float]
     return gap, float(meas.requests[meas.ls_pass > 0].mean())
 
 
-def fit_host_costs(hw: HardwareProfile, measured: Path, stall_case: str = "cal_layer_lru") -> HardwareProfile:
+def _p50_gap_s(meas: RunResult, sim: RunResult) -> float:
+    """Measured less simulated median TPOT, seconds."""
+    return (summarize(meas)["tpot_ms_p50"] - summarize(sim)["tpot_ms_p50"]) * 1e-3
+
+
+def fit_host_costs(hw: HardwareProfile, measured: Path, stall_case: str = "cal_layer_lru",
+                   io_case_name: str = "cal_whole_static") -> HardwareProfile:
     """``hw`` with :class:`HostCosts`, ``layer_sync_s`` and ``stall_sync_s`` fitted to the runs in ``measured``."""
     runs = host_runs(measured)
     if not runs:
@@ -125,7 +130,11 @@ def fit_host_costs(hw: HardwareProfile, measured: Path, stall_case: str = "cal_l
     pass_s, copy_s = fit_pass(runs)
     hc = HostCosts(pass_s=pass_s, copy_s=copy_s, observe_s=fit_observe(runs),
                    fit={"runs": float(len(runs))})
-    base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0, host_costs=hc)
+    base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0, pass_io_s=0.0, host_costs=hc)
+    io_case = measured / f"{io_case_name}.case.json"
+    if io_case.exists():
+        meas, sim, _ = resimulate_case(io_case, base)
+        base = dataclasses.replace(base, pass_io_s=max(0.0, _p50_gap_s(meas, sim)))
     static_layer = [r.case for r in runs if r.seam == "per-layer" and r.policy.startswith("static")]
     pts = [_decode_gap_per_step(c, base) for c in static_layer]
     sync, entry = _lstsq(np.array([p[1] for p in pts]), np.array([p[0] for p in pts])) if pts else (0.0, 0.0)
@@ -145,6 +154,7 @@ def describe(hw: HardwareProfile) -> str:
     """One line per fitted host cost (microseconds)."""
     hc = hw.host_costs or HostCosts()
     lines = [f"layer_sync_s {hw.layer_sync_s * 1e6:.1f} us, stall_sync_s {hw.stall_sync_s * 1e6:.1f} us, "
+             f"pass_io_s {hw.pass_io_s * 1e6:.1f} us, "
              f"pass_s {hc.pass_s * 1e6:.1f} us, copy_s {hc.copy_s * 1e6:.1f} us, entry_s {hc.entry_s * 1e6:.2f} us"]
     lines += [f"observe {p}: {c[0] * 1e6:.1f} us/step + {c[1] * 1e6:.2f} us/expert" for p, c in hc.observe_s.items()]
     return "\n".join(lines)

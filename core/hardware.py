@@ -26,7 +26,9 @@ the optional measured kernel tables (keyed by the expert shape they were measure
   host's decisions, the next graph's launch; charged per layer step on the per-layer seam) and
   ``stall_sync_s`` (the host's extra turnaround when a step waits for a copy: issue, wait, table
   write; charged per waiting layer step);
-- optional, fitted to a graph runtime's host log (:mod:`analysis.hostcost`): ``host_costs``
+- optional, fitted to synthetic runs of a graph runtime (:mod:`analysis.hostcost`): ``pass_io_s``
+  (the device time of a pass's own copies outside its captured graph: the inputs uploaded before
+  it, the routing read back after it) and ``host_costs``
   (:class:`HostCosts`: the controller's own host work, which a pass waits for when it is longer
   than the device's work: per pass, per copy, per expert of a per-layer step, and per policy
   the cost of observing a layer step);
@@ -253,6 +255,7 @@ class HardwareProfile:
     graph_tables: list[GraphPassTable] = field(default_factory=list)
     layer_sync_s: float = 0.0
     stall_sync_s: float = 0.0
+    pass_io_s: float = 0.0
     host_costs: HostCosts | None = None
     calibration: dict[str, str] = field(default_factory=dict)
 
@@ -261,7 +264,7 @@ class HardwareProfile:
             if getattr(self, name) <= 0:
                 raise ValueError(f'"{name}" must be > 0 in hardware profile {self.name!r}.')
         for name in ("launch_s", "expert_overhead_s", "host_overhead_s", "expert_launch_ops", "non_moe_launches",
-                     "step_overhead_s", "layer_sync_s", "stall_sync_s"):
+                     "step_overhead_s", "layer_sync_s", "stall_sync_s", "pass_io_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f'"{name}" must be >= 0 in hardware profile {self.name!r}.')
         if self.peak_tflops.get("bf16", 0) <= 0:

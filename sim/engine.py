@@ -296,6 +296,8 @@ class Engine:
         pending, advance, timeout = pool.pending, pool.advance, env.timeout
         ready, hits = pool.ready, rec.hits
         copy_s = self.host_costs.copy_s if self.host_costs is not None else 0.0
+        io_s = self.hw.pass_io_s if self.host_costs is not None else 0.0
+        firsts = set(np.flatnonzero(np.r_[True, ends[:-1]]).tolist()) if io_s else set()   # first step of each pass
         issued = self.copies_issued()
         t = now = 0.0
         for c0 in range(0, v.layer_steps, CHUNK):
@@ -304,6 +306,8 @@ class Engine:
             lo, off, (exs, _, _), layers, passes, nm, pe = c
             for j in range(len(nm)):
                 t1 = t + nm[j]
+                if io_s and c0 + j in firsts:   # the pass's own copies (inputs up) before its first graph
+                    t1 += io_s
                 if pending and pending[0][0] <= t1:
                     advance(t1)
                 layer = layers[j]

@@ -19,7 +19,8 @@ streams:
   observed layer step costs the policy's ``observe_s``, each pass ``pass_s`` plus ``copy_s`` per
   copy issued at its boundary, and pass n is launched only when the host is done with it: a
   controller slower than the device makes the device idle (without host costs, host work is
-  free: hidden while p >= 2 keeps the host a pass ahead);
+  free: hidden while p >= 2 keeps the host a pass ahead); with them each pass also pays its own
+  copies on the device (``pass_io_s``: inputs up, routing down, outside its graph);
 - a copy into a slab freed at boundary n starts after pass n - 1 ends (the slab's fence,
   :class:`sim.pool.SimPool`).
 
@@ -59,6 +60,7 @@ def replay_passes(eng: Engine, env: simpy.Environment, rec: Recorder,
     non_moe = eng.step_non_moe_s(per_layer_seam=False)
     observe = None if eng.driver.static else eng.driver.observe
     hc = eng.host_costs
+    io_s = eng.hw.pass_io_s if hc is not None else 0.0
     obs_step, obs_expert = hc.observe(eng.name) if hc is not None and observe is not None else (0.0, 0.0)
     entries = np.diff(np.asarray(v.offsets, np.int64))
     pool.fences = {}
@@ -86,6 +88,7 @@ def replay_passes(eng: Engine, env: simpy.Environment, rec: Recorder,
             host += hc.pass_s + hc.copy_s * (k - copies)
             copies = k
         t = max(end_of[-1] if end_of else 0.0, host)
+        t += io_s   # the pass's own copies (inputs up, routing down) around its graph
         t = _serve_pass(eng, rec, i0, L, non_moe, t)
         end_of.append(t)
         rec.snaps.append(eng.snapshot())

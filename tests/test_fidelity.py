@@ -158,4 +158,4 @@ def test_repeatability_pairs_a_case_with_its_second_measurement() -> None:
     assert rep[0]["tpot_spread"] == pytest.approx(1.0) and rep[0]["tpot_p50_spread"] == 0.0
     text = summary_md(rows)
     assert "Repeatability (1 cases measured twice)" in text
-    assert "Mean |TPOT error| 6.00%" in text   # the repeat (a_r2) is not graded twice
+    assert "mean |TPOT error| 6.00%" in text   # the repeat (a_r2) is not graded twice

@@ -167,6 +167,22 @@ def test_zero_host_costs_change_nothing(view: Any, name: str) -> None:
     assert _decisions(r, s) == _decisions(base, base_s)
 
 
+@pytest.mark.parametrize(("name", "route_lag"), [("static_uniform", 2), ("dynaexq", 2), ("lru_offload", 0)])
+def test_every_pass_pays_its_own_copies(view: Any, name: str, route_lag: int) -> None:
+    """``pass_io_s`` (the pass's inputs up and routing down) lengthens every pass by itself, on both seams."""
+    io_s = 3e-4
+    kw = {"staging_experts": 0, "scope": CacheScope.GLOBAL} if name == "lru_offload" else {}
+    eng, r, s, _ = simulate(view, name, HostCosts(), route_lag=route_lag, **kw)
+    hw_io = dataclasses.replace(graph_hw(HostCosts()), pass_io_s=io_s)
+    policy = build_policy(_cfg(name, **kw))
+    e2 = Engine(view, SPEC, hw_io, policy, int(BUDGET[1] * SPEC.all_experts_bytes(BUDGET[0])), seed=5,
+                profile=view if policy.needs_profile else None, route_lag=route_lag)
+    r2 = e2.run()
+    s2 = summarize(r2)
+    assert _tpot_s(s2) - _tpot_s(s) == pytest.approx(io_s, rel=0.02)
+    assert _decisions(r2, s2) == _decisions(r, s)
+
+
 def test_per_pass_seam_charges_every_copy_and_observation(view: Any) -> None:
     """Host-bound passes: the last pass ends later by exactly the copies' and the observations' host work
     (the policy observes the first passes - route_lag passes; every copy is charged at its boundary)."""

@@ -95,7 +95,7 @@ class SimPool:
         ready, loading, done_at, pending = self.ready, self.loading, self.done_at, self.pending
         L, E, P = self.layers, self.experts, self._P
         peak, loaded = self.peak_bytes, 0
-        fences = self.fences
+        fences, issue_s = self.fences, self.issue_s
         n_promote = n_prefetch = n_demote = 0
         for a in actions:
             kind, key, precision = a
@@ -119,7 +119,7 @@ class SimPool:
                 refused(a, slab)  # type: ignore[arg-type]
                 continue
             p, bit, nbytes, _ = info[precision]
-            start = now_s + self.issue_s * (n_promote + n_prefetch + 1)   # the host issues the copies one by one
+            start = now_s + issue_s * (n_promote + n_prefetch + 1) if issue_s else now_s   # issued one by one
             done = submit(start if fences is None else max(start, fences.pop(slab, start)), nbytes)  # type: ignore[call-overload]
             loaded += nbytes
             loading[layer][expert] |= bit

@@ -8,7 +8,8 @@ Subcommands (each a module ``analysis/cli_<name>.py`` with ``register(subparsers
 - ``study``: all three of prepare, the experiment's sweep and its report, in one command;
 - ``quality``: measured KL / bits per byte of every policy x budget on the trained MoE.
 - ``validate``: one trace through the runtime and the simulator, compared (:mod:`analysis.fidelity`);
-- ``fidelity``: the table of those comparisons.
+- ``fidelity``: the table of those comparisons;
+- ``calibrate-host``: the graph runtime's host costs, measured on synthetic runs and fitted into a profile.
 
 A ``ValueError`` (bad input: a missing directory, no runs, an unreadable trace) prints one
 line ``error: ...`` and exits 2, never a traceback.
@@ -20,6 +21,7 @@ import argparse
 import sys
 
 from moebits.analysis import (
+    cli_calibrate_host,
     cli_fidelity,
     cli_prepare,
     cli_quality,
@@ -31,7 +33,8 @@ from moebits.analysis import (
 from moebits.core.cli import run_subcommand, subcommand_parser
 from moebits.traces.format import TraceError
 
-COMMANDS = (cli_prepare, cli_trace_stats, cli_report, cli_study, cli_quality, cli_validate, cli_fidelity)
+COMMANDS = (cli_prepare, cli_trace_stats, cli_report, cli_study, cli_quality, cli_validate, cli_fidelity,
+            cli_calibrate_host)
 
 
 def build_parser() -> argparse.ArgumentParser:

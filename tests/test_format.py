@@ -59,6 +59,25 @@ def test_round_trip(tmp_path: Path, gates: bool) -> None:
         assert back.gate is not None and np.array_equal(back.gate, t.gate)
     else:
         assert back.gate is None
+
+
+def test_a_trace_without_gates_is_read_without_decoding_its_gate_column(tmp_path: Path, monkeypatch) -> None:
+    """An all-null gate column is known from the file's statistics and never decoded (a pyarrow build on the
+    GPU host failed to decode one)."""
+    path = write_trace(_trace(False), tmp_path / "t.parquet")
+    read = pq.ParquetFile.read
+
+    def no_gate(self, columns=None, **kw):   # decoding the gate column is the failure being avoided
+        if columns is None or "gate" in columns:
+            raise pa.ArrowInvalid("cannot decode gate")
+        return read(self, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read", no_gate)
+    back = read_trace(path)
+    assert back.gate is None and back.rows == 384
+    with_gates = write_trace(_trace(True), tmp_path / "g.parquet")   # a trace with gates still decodes them
+    with pytest.raises(TraceError, match="cannot decode gate"):
+        read_trace(with_gates)
     assert (back.rows, back.num_seqs, back.tokens(Phase.PREFILL), back.tokens(Phase.DECODE)) == (384, 3, 6, 6)
 
 

@@ -259,9 +259,30 @@ def _read_table(path: Path) -> pa.Table:
     if path.is_dir():
         raise TraceError(f"{path}: is a directory, expected a .parquet trace (import folders with `moebits traces import`)")
     try:
-        return pq.read_table(path)
+        pf = pq.ParquetFile(path)
+        if not _gates_all_null(pf):
+            return pf.read()
+        # a trace without gates: its gate column is never decoded (some pyarrow builds fail on an all-null
+        # fixed_size_list<float16> column); the nulls are rebuilt in memory
+        field_ = pf.schema_arrow.field("gate")
+        table = pf.read(columns=[n for n in pf.schema_arrow.names if n != "gate"])
+        return table.append_column(field_, pa.nulls(table.num_rows, field_.type))
     except (pa.ArrowException, OSError) as exc:
         raise TraceError(f"{path}: not a readable Parquet file ({exc}); truncated or not a trace?") from None
+
+
+def _gates_all_null(pf: pq.ParquetFile) -> bool:
+    """Whether the file's statistics say every row's ``gate`` is null (False when unknown)."""
+    md = pf.metadata
+    cols = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == "gate"]
+    if len(cols) != 1 or md.num_rows == 0:
+        return False
+    for rg in range(md.num_row_groups):
+        col = md.row_group(rg).column(cols[0])
+        stats = col.statistics
+        if stats is None or not stats.has_null_count or stats.null_count != col.num_values:
+            return False
+    return True
 
 
 def _column_types(table: pa.Table, where: str, k_hint: int) -> None:

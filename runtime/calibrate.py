@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else CONF_HW / f"{args.name or hw.name}.yaml"
     hw = dataclasses.replace(hw, name=out.stem)  # hydra presets are named after their file
     print(f"wrote {write_profile(hw, out)}")
+    if opt.runtime == "graph":
+        print(f"next: the host side (per pass, per copy, per policy observation), measured on synthetic runs:\n"
+              f"  moebits analysis calibrate-host --hardware {out} --out {out}")
 
 
 if __name__ == "__main__":

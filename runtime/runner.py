@@ -43,8 +43,9 @@ from moebits.runtime.engine import RuntimeEngine
 from moebits.runtime.host_store import HostStore, random_weights
 from moebits.runtime.quant import QuantMethod
 from moebits.runtime.replay import replay
-from moebits.traces.replay import ReplayView, calibration_profile, load_view
-from moebits.traces.workload import load_workload
+from moebits.traces.format import read_trace
+from moebits.traces.replay import ReplayView, build_view, calibration_profile, load_view
+from moebits.traces.workload import first_layers, load_workload
 from tqdm import tqdm
 
 GROUP = 128  # hidden and intermediate sizes round up to this (the int4/int8 quantization group)
@@ -153,15 +154,25 @@ def build_engine(cfg: RuntimeRunConfig, spec: ModelSpec, budget: int, store: Hos
 
 
 def replay_profile(cfg: RuntimeRunConfig, view: ReplayView, src: str, policy: Policy) -> tuple[Any, str | None]:
-    """The profiling trace a replayed run gives its policy, and where it came from."""
-    profile = load_view(cfg.workload.profile_path, 1) if cfg.workload.profile_path else None
+    """The profiling trace a replayed run gives its policy, and where it came from (cut to the replayed
+    view's layers when the replay runs fewer: ``runtime.layers``, or the CPU's default)."""
+    layers = int(np.max(view.ls_layer, initial=0)) + 1
+    profile = _profile_view(cfg.workload.profile_path, layers) if cfg.workload.profile_path else None
     profile_src = cfg.workload.profile_path
     cal = calibration_profile(view, src) if profile is None else None
     if cal is not None and policy.needs_profile:
-        profile, profile_src = load_view(cal, 1), f"{cal} (the trace's CALIBRATION profile)"
+        profile, profile_src = _profile_view(cal, layers), f"{cal} (the trace's CALIBRATION profile)"
     elif profile is None and policy.needs_profile:
         profile, profile_src = view, "in-sample (the replayed trace)"
     return profile, profile_src
+
+
+def _profile_view(path: str | Path, layers: int) -> ReplayView:
+    """The profiling trace at ``path`` as a view of its first ``layers`` MoE layers."""
+    view = load_view(path, 1)
+    if int(np.max(view.ls_layer, initial=0)) < layers:
+        return view
+    return build_view(first_layers(read_trace(path), layers), 1)
 
 
 def run_replay(cfg: RuntimeRunConfig, device: torch.device) -> tuple[RunResult, dict[str, Any]]:

@@ -159,3 +159,14 @@ def test_repeatability_pairs_a_case_with_its_second_measurement() -> None:
     text = summary_md(rows)
     assert "Repeatability (1 cases measured twice)" in text
     assert "mean |TPOT error| 6.00%" in text   # the repeat (a_r2) is not graded twice
+
+
+def test_a_calibration_profile_is_cut_to_the_replayed_layers(tmp_path: Path) -> None:
+    """The trained model's trace replayed on 2 of its 8 layers (the CPU's default) with a policy that reads the
+    trace's CALIBRATION profile: the profile is cut to the same 2 layers in the runtime and the simulator."""
+    torch.set_num_threads(1)
+    case = ["model=trace", "workload=file", "workload.path=train/data/traces/evaluation_code.parquet",
+            "workload.max_seqs=1", "policy=static_frequency", "budget=bf16_50pct", "route_lag=2",
+            "runtime.engine=GRAPH", "progress=false"]
+    c = validate(case, read_profile(Path("conf/hardware/calibrated_h200.yaml")), tmp_path, label="sf")
+    assert c.row["decisions_match"] and c.row["layers"] == 2

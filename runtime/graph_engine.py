@@ -130,7 +130,7 @@ class _PassRouting:
     @classmethod
     def of(cls, ids: np.ndarray, weights: np.ndarray, layers: int, experts: int) -> _PassRouting:
         L, E = layers, experts
-        flat = (ids.reshape(L, -1).astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[:, None]).ravel()
+        flat = flat_routing(ids, E)
         counts = np.bincount(flat, minlength=L * E)
         used = np.flatnonzero(counts)                     # layer-major, experts ascending
         gates = np.bincount(flat, weights=weights.reshape(-1).astype(np.float64), minlength=L * E)[used]
@@ -194,7 +194,6 @@ class GraphEngine:
         self.host_log = HostLog()
         self._marks: list[Any] = []
         self.steps = self.passes = 0
-        self.host_s = 0.0   # host seconds inside run_pass (waits included), for the record
         self.route_read_s = 0.0   # per-layer seam: seconds reading a layer's routing (a sync: the device's time)
         self.stall_wait_s = 0.0   # per-layer seam: seconds draining copies for a waiting step
         self.clock = Clock(self.device)
@@ -229,7 +228,6 @@ class GraphEngine:
     # ---- passes ----
     def run_pass(self, p: PassInput) -> torch.Tensor:
         """Serve one pass; its logits buffer ``[T, N]`` (valid until the next pass of that size)."""
-        t0 = time.perf_counter()
         log = self.host_log
         log.begin(self._waited_s(), self._copies())
         T = int(p.tokens.shape[0])
@@ -260,7 +258,6 @@ class GraphEngine:
             self.rec.snaps.append(self.snapshot())
         log.tick("mark")
         log.end(self._waited_s(), self._copies())
-        self.host_s += time.perf_counter() - t0
         self.passes += 1
         return buf.logits
 
@@ -405,7 +402,7 @@ class GraphEngine:
         extra = {"graph": self.mode.value, "observe": "per-layer" if self.per_layer else "per-pass",
                  "route_wait_s": self.observer.wait_s if self.observer is not None else 0.0,
                  "copy_wait_s": self.mover.stats.wait_s,
-                 "host_ms_per_pass": 1e3 * self.host_s / max(self.passes, 1)}
+                 "host_ms_per_pass": 1e3 * sum(self.host_log.pass_s) / max(self.passes, 1)}
         out = RunResult.from_recorder(self.rec, self.index, self.clock.now(), {**extra, **(info or {})})
         out.host = self.host_log.arrays()
         return out

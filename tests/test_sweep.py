@@ -196,21 +196,22 @@ def test_resume_composes_only_jobs_whose_inputs_changed(tmp_path: Path) -> None:
     assert any(i.startswith("file:/") and i.endswith("/tq/a.yaml") or i.endswith("/tq/b.yaml") for i in fp)
     assert "file:sim/engine.py" not in fp and "file:policies/dynaexq.py" not in fp  # not what configs are made of
 
-    (extra / "a.yaml").write_text("# @package _global_\nworkload:\n  decode_tokens: 4\n")
-    before = len(read_ledger(out))
-    assert sim(*args, cwd=tmp_path).returncode == 0
-    runs = _invocation(out, before)
-    assert sorted(runs.items()) == [("+tq=a,seed=0", (False, True)), ("+tq=a,seed=1", (False, True)),
-                                    ("+tq=b,seed=0", (True, False)), ("+tq=b,seed=1", (True, False))]
+    def edit_and_resume(preset: str, text: str) -> list[tuple[str, tuple[bool, bool]]]:
+        """Rewrite ``preset``.yaml, resume the sweep; (job, (reused, launched)) of that resume, sorted."""
+        (extra / f"{preset}.yaml").write_text("# @package _global_\n" + text)
+        before = len(read_ledger(out))
+        assert sim(*args, cwd=tmp_path).returncode == 0
+        return sorted(_invocation(out, before).items())
+
+    assert edit_and_resume("a", "workload:\n  decode_tokens: 4\n") == [
+        ("+tq=a,seed=0", (False, True)), ("+tq=a,seed=1", (False, True)),
+        ("+tq=b,seed=0", (True, False)), ("+tq=b,seed=1", (True, False))]
     rerun = next(p for p in out.iterdir() if {"+tq=a", "seed=0"} <= set(p.name.split(",")))
     assert "decode_tokens: 4" in (rerun / ".hydra" / "config.yaml").read_text()
 
-    (extra / "b.yaml").write_text("# @package _global_\n# a comment\nworkload:\n  decode_tokens: 3\n")
-    before = len(read_ledger(out))
-    assert sim(*args, cwd=tmp_path).returncode == 0
-    runs = _invocation(out, before)
-    assert sorted(runs.items()) == [("+tq=a,seed=0", (True, False)), ("+tq=a,seed=1", (True, False)),
-                                    ("+tq=b,seed=0", (True, True)), ("+tq=b,seed=1", (True, True))]
+    assert edit_and_resume("b", "# a comment\nworkload:\n  decode_tokens: 3\n") == [
+        ("+tq=a,seed=0", (True, False)), ("+tq=a,seed=1", (True, False)),
+        ("+tq=b,seed=0", (True, True)), ("+tq=b,seed=1", (True, True))]
 
     before = len(read_ledger(out))  # the composed jobs recorded their new footprint
     assert sim(*args, cwd=tmp_path).returncode == 0

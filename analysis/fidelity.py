@@ -17,6 +17,10 @@ decode) and one fidelity row:
   far two identical measured runs differ, the floor under any simulator's error;
 - ``step_err_p95`` / ``step_err_max``: 95th percentile / max of the per-pass relative latency error;
 - ``stall_s``, ``h2d_bytes``, ``promotions``: both sides, measured and simulated;
+- ``host_speed``: the host's speed during the measured run relative to the one the profile's host costs were
+  fitted at (the runtime's probe, :func:`runtime.host_log.host_probe_s`; > 1: faster): the simulator prices
+  that run's host work at that speed (:meth:`core.hardware.HardwareProfile.at_host_speed`), unless asked
+  not to (``host_speed=False``: the profile's reference host);
 - ``decisions_match``: the served precision mix of every layer step and the driver's counters
   (promotions, prefetches, demotions, refusals) at every pass end are identical. When they are
   not, ``first_divergence`` names the first pass and what differs: measured timing (a copy that
@@ -146,6 +150,15 @@ def compose(overrides: list[str]) -> Any:
     return cfg
 
 
+def at_run_speed(hw: HardwareProfile, meas: RunResult, use: bool = True) -> tuple[HardwareProfile, dict[str, Any]]:
+    """``hw`` priced at the host speed ``meas`` was measured at (when ``use`` and both probes are known),
+    and the row's labels for it."""
+    probe, ref = meas.host_probe_s(), (hw.host_costs.probe_s if hw.host_costs else 0.0)
+    labels = {"host_probe_us": None if probe is None else probe * 1e6,
+              "host_speed": ref / probe if probe and ref else None, "host_speed_applied": bool(use and probe and ref)}
+    return (hw.at_host_speed(probe) if use else hw), labels
+
+
 def simulate_like(cfg: Any, device_type: str, hw: HardwareProfile, summary: dict[str, Any]) -> tuple[RunResult, dict[str, Any]]:
     """The simulator on exactly what the runtime replayed on a ``device_type`` machine (same shapes
     and view, budget bytes, policy, table, profile, seed and lags), priced by ``hw`` (:func:`moe_only`
@@ -175,7 +188,8 @@ def simulate_like(cfg: Any, device_type: str, hw: HardwareProfile, summary: dict
     return sim, labels
 
 
-def validate(overrides: list[str], hw: HardwareProfile, out_dir: Path, label: str = "") -> Comparison:
+def validate(overrides: list[str], hw: HardwareProfile, out_dir: Path, label: str = "",
+             host_speed: bool = True) -> Comparison:
     """The live replay of ``overrides`` (``moebits runtime`` keys), then the simulator on what it
     replayed, compared. Writes ``out_dir``: the measured run first (``LABEL.measured.npz`` +
     ``LABEL.case.json``, kept even when the simulation fails; :func:`resimulate` grades them
@@ -192,8 +206,9 @@ def validate(overrides: list[str], hw: HardwareProfile, out_dir: Path, label: st
     save_run(meas, out_dir / f"{stem}.measured.npz")
     (out_dir / f"{stem}.case.json").write_text(json.dumps(
         {"case": case, "overrides": overrides, "device_type": device_type}, indent=1))
-    sim, labels = simulate_like(cfg, device_type, hw, summary)
-    return _report(meas, sim, {"case": case, **labels, "overrides": " ".join(overrides)}, hw, out_dir)
+    hw_run, speed = at_run_speed(hw, meas, host_speed)
+    sim, labels = simulate_like(cfg, device_type, hw_run, summary)
+    return _report(meas, sim, {"case": case, **labels, **speed, "overrides": " ".join(overrides)}, hw, out_dir)
 
 
 def _device_type(labels: dict[str, Any]) -> str:
@@ -210,7 +225,7 @@ def _report(meas: RunResult, sim: RunResult, labels: dict[str, Any], hw: Hardwar
     return cmp
 
 
-def resimulate(measured_dir: Path, hw: HardwareProfile, out_dir: Path) -> list[Comparison]:
+def resimulate(measured_dir: Path, hw: HardwareProfile, out_dir: Path, host_speed: bool = True) -> list[Comparison]:
     """Every measured case of ``measured_dir`` (written by :func:`validate`) simulated again with
     ``hw`` and compared: a new profile graded on old measurements, no GPU needed."""
     cases = sorted(measured_dir.glob("*.case.json"))
@@ -218,18 +233,20 @@ def resimulate(measured_dir: Path, hw: HardwareProfile, out_dir: Path) -> list[C
         raise ValueError(f"no *.case.json in {measured_dir} (run moebits analysis validate first)")
     out = []
     for path in cases:
-        meas, sim, labels = resimulate_case(path, hw)
+        meas, sim, labels = resimulate_case(path, hw, host_speed)
         out.append(_report(meas, sim, labels, hw, out_dir))
     return out
 
 
-def resimulate_case(path: Path, hw: HardwareProfile) -> tuple[RunResult, RunResult, dict[str, Any]]:
-    """One measured case (its ``CASE.case.json``) simulated again with ``hw``: (measured, simulated, labels)."""
+def resimulate_case(path: Path, hw: HardwareProfile, host_speed: bool = True) -> tuple[RunResult, RunResult, dict[str, Any]]:
+    """One measured case (its ``CASE.case.json``) simulated again with ``hw`` (at the run's host speed unless
+    ``host_speed`` is False): (measured, simulated, labels)."""
     case = json.loads(path.read_text())
     meas = load_run(path.with_name(path.name.removesuffix(".case.json") + ".measured.npz"))
     cfg = compose(case["overrides"])
-    sim, labels = simulate_like(cfg, case["device_type"], hw, meas.info.get("summary", meas.info))
-    return meas, sim, {"case": case["case"], **labels, "overrides": " ".join(case["overrides"])}
+    hw_run, speed = at_run_speed(hw, meas, host_speed)
+    sim, labels = simulate_like(cfg, case["device_type"], hw_run, meas.info.get("summary", meas.info))
+    return meas, sim, {"case": case["case"], **labels, **speed, "overrides": " ".join(case["overrides"])}
 
 
 def _slug(text: str) -> str:

@@ -20,6 +20,12 @@ ignored; each run's host log,
    everything above is in, per waiting decode layer step.
 
 Steps 3 to 5 grade runs offline through :func:`analysis.fidelity.resimulate_case`.
+
+Host speed: every run carries the runtime's host probe (:func:`runtime.host_log.host_probe_s`, before and
+after its timed loop). The costs are fitted at the median probe of the calibration runs
+(``HostCosts.probe_s``): each run's host seconds are scaled by that probe over its own first, and the runs
+re-simulated in steps 3 to 5 are priced at their own speed (:meth:`core.hardware.HardwareProfile.at_host_speed`).
+Runs measured before the probe existed are fitted as measured (``probe_s`` 0: never rescaled).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class HostRun:
     run: RunResult
     policy: str
     seam: str   # "per-pass" or "per-layer"
+    to_ref: float = 1.0   # the run's host seconds times this: at the calibration's reference speed
 
 
 def host_runs(measured: Path, prefix: str = CALIBRATION_PREFIX) -> list[HostRun]:
@@ -56,7 +63,15 @@ def host_runs(measured: Path, prefix: str = CALIBRATION_PREFIX) -> list[HostRun]
             continue
         info = run.info.get("summary", run.info)
         out.append(HostRun(case, run, str(info.get("policy", "")), str(info.get("observe", ""))))
-    return out
+    ref = reference_probe_s(out)
+    return [dataclasses.replace(r, to_ref=ref / p) if ref and (p := r.run.host_probe_s()) else r for r in out]
+
+
+def reference_probe_s(runs: list[HostRun]) -> float:
+    """The median host probe of ``runs`` (seconds): the speed their costs are fitted at; 0 when any run
+    has no probe (measured before the probe: fitted as measured)."""
+    probes = [r.run.host_probe_s() or 0.0 for r in runs]
+    return float(np.median(probes)) if probes and all(probes) else 0.0
 
 
 def _lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -78,7 +93,7 @@ def fit_observe(runs: list[HostRun]) -> dict[str, list[float]]:
     calls: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     for r in runs:
         if r.run.host["call_s"].size:
-            calls[r.policy].append((r.run.host["call_entries"].astype(float), r.run.host["call_s"]))
+            calls[r.policy].append((r.run.host["call_entries"].astype(float), r.run.host["call_s"] * r.to_ref))
     return {p: list(_lstsq(np.concatenate([c[0] for c in v]), np.concatenate([c[1] for c in v])))
             for p, v in sorted(calls.items())}
 
@@ -92,7 +107,7 @@ def fit_pass(runs: list[HostRun]) -> tuple[float, float]:
         h = r.run.host
         work = h["pass_s"] - h["waited_s"] - h["observe_s"]
         xs.append(h["copies"][WARMUP_PASSES:].astype(float))
-        ys.append(work[WARMUP_PASSES:])
+        ys.append(work[WARMUP_PASSES:] * r.to_ref)
     if not xs:
         return 0.0, 0.0
     return _lstsq(np.concatenate(xs), np.concatenate(ys))
@@ -107,11 +122,12 @@ def _waiting_decode_steps(r: RunResult) -> int:
     return int(np.count_nonzero((r.stall_s > 0) & (r.ls_pass > 0)))
 
 
-def _decode_gap_per_step(case: Path, hw: HardwareProfile) -> tuple[float, float]:
-    """(measured less simulated decode seconds per decode layer step, mean experts of a decode step)."""
-    meas, sim, labels = resimulate_case(case, hw)
+def _decode_gap_per_step(run: HostRun, hw: HardwareProfile) -> tuple[float, float]:
+    """(measured less simulated decode seconds per decode layer step at the reference host speed, mean experts
+    of a decode step)."""
+    meas, sim, labels = resimulate_case(run.case, hw)
     layers = int(labels["layers"])
-    gap = (summarize(meas)["tpot_ms_mean"] - summarize(sim)["tpot_ms_mean"]) * 1e-3 / layers
+    gap = (summarize(meas)["tpot_ms_mean"] - summarize(sim)["tpot_ms_mean"]) * 1e-3 / layers * run.to_ref
     return gap, float(meas.requests[meas.ls_pass > 0].mean())
 
 
@@ -129,24 +145,24 @@ def fit_host_costs(hw: HardwareProfile, measured: Path, stall_case: str = "cal_l
                          "validate` on the graph runtime); run benchmarks/graph_cases_calibration.txt first")
     pass_s, copy_s = fit_pass(runs)
     hc = HostCosts(pass_s=pass_s, copy_s=copy_s, observe_s=fit_observe(runs),
-                   fit={"runs": float(len(runs))})
+                   fit={"runs": float(len(runs))}, probe_s=reference_probe_s(runs))
     base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0, pass_io_s=0.0, host_costs=hc)
     io_case = measured / f"{io_case_name}.case.json"
     if io_case.exists():
         meas, sim, _ = resimulate_case(io_case, base)
         base = dataclasses.replace(base, pass_io_s=max(0.0, _p50_gap_s(meas, sim)))
-    static_layer = [r.case for r in runs if r.seam == "per-layer" and r.policy.startswith("static")]
+    static_layer = [r for r in runs if r.seam == "per-layer" and r.policy.startswith("static")]
     pts = [_decode_gap_per_step(c, base) for c in static_layer]
     sync, entry = _lstsq(np.array([p[1] for p in pts]), np.array([p[0] for p in pts])) if pts else (0.0, 0.0)
     hc = dataclasses.replace(hc, entry_s=entry)
     with_layer = dataclasses.replace(base, layer_sync_s=sync, host_costs=hc)
-    stall = measured / f"{stall_case}.case.json"
+    stall = [r for r in runs if r.case.name == f"{stall_case}.case.json"]
     stall_sync = 0.0
-    if stall.exists():
-        meas, sim, _ = resimulate_case(stall, with_layer)
+    if stall:
+        meas, sim, _ = resimulate_case(stall[0].case, with_layer)
         waits = _waiting_decode_steps(sim)
         left = (summarize(meas)["tpot_ms_mean"] - summarize(sim)["tpot_ms_mean"]) * 1e-3 * _decode_passes(sim)
-        stall_sync = max(0.0, left / waits) if waits else 0.0
+        stall_sync = max(0.0, left / waits * stall[0].to_ref) if waits else 0.0
     return dataclasses.replace(with_layer, stall_sync_s=stall_sync)
 
 
@@ -155,7 +171,8 @@ def describe(hw: HardwareProfile) -> str:
     hc = hw.host_costs or HostCosts()
     lines = [f"layer_sync_s {hw.layer_sync_s * 1e6:.1f} us, stall_sync_s {hw.stall_sync_s * 1e6:.1f} us, "
              f"pass_io_s {hw.pass_io_s * 1e6:.1f} us, "
-             f"pass_s {hc.pass_s * 1e6:.1f} us, copy_s {hc.copy_s * 1e6:.1f} us, entry_s {hc.entry_s * 1e6:.2f} us"]
+             f"pass_s {hc.pass_s * 1e6:.1f} us, copy_s {hc.copy_s * 1e6:.1f} us, entry_s {hc.entry_s * 1e6:.2f} us, "
+             f"host probe {hc.probe_s * 1e6:.1f} us"]
     lines += [f"observe {p}: {c[0] * 1e6:.1f} us/step + {c[1] * 1e6:.2f} us/expert" for p, c in hc.observe_s.items()]
     return "\n".join(lines)
 

@@ -130,7 +130,8 @@ class HostCosts:
     writes); ``entry_s``: per distinct expert of a layer step on the per-layer seam (the miss rule, the
     record; on top of ``HardwareProfile.layer_sync_s``); ``observe_s``: per policy (its registry name),
     ``[seconds per observed layer step, seconds per observed expert]`` of ``Driver.observe`` (a policy
-    not listed observes for free); ``fit``: how they were fitted, for the record.
+    not listed observes for free); ``fit``: how they were fitted, for the record; ``probe_s``: the host speed
+    they hold at (``runtime.host_log.host_probe_s`` seconds; 0: unknown, never rescaled).
     """
 
     pass_s: float = 0.0
@@ -138,9 +139,10 @@ class HostCosts:
     entry_s: float = 0.0
     observe_s: dict[str, list[float]] = field(default_factory=dict)
     fit: dict[str, float] = field(default_factory=dict)
+    probe_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("pass_s", "copy_s", "entry_s"):
+        for name in ("pass_s", "copy_s", "entry_s", "probe_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f'host costs: "{name}" must be >= 0, got {getattr(self, name)}')
         if not isinstance(self.observe_s, dict):
@@ -155,6 +157,12 @@ class HostCosts:
         """(seconds per observed layer step, per observed expert) of ``policy``."""
         c = self.observe_s.get(policy)
         return (c[0], c[1]) if c else (0.0, 0.0)
+
+    def scaled(self, factor: float) -> HostCosts:
+        """Every cost ``factor`` times longer (a host ``factor`` times slower)."""
+        return dataclasses.replace(self, pass_s=self.pass_s * factor, copy_s=self.copy_s * factor,
+                                   entry_s=self.entry_s * factor, probe_s=self.probe_s * factor,
+                                   observe_s={p: [c[0] * factor, c[1] * factor] for p, c in self.observe_s.items()})
 
 
 @dataclass
@@ -287,6 +295,18 @@ class HardwareProfile:
             if (t.precision, t.hidden, t.intermediate) == (precision, hidden, intermediate):
                 return t
         return None
+
+    def at_host_speed(self, probe_s: float | None) -> HardwareProfile:
+        """This profile on a host whose speed probe reads ``probe_s`` (``runtime.host_log.host_probe_s``): the
+        host-side costs (``host_costs``, ``layer_sync_s``, ``stall_sync_s``) scaled by ``probe_s`` over the probe
+        they were fitted at; the device side (``pass_io_s`` included) unchanged. Unchanged when either probe is
+        unknown."""
+        hc = self.host_costs
+        if hc is None or not hc.probe_s or not probe_s:
+            return self
+        f = probe_s / hc.probe_s
+        return dataclasses.replace(self, host_costs=hc.scaled(f), layer_sync_s=self.layer_sync_s * f,
+                                   stall_sync_s=self.stall_sync_s * f)
 
     def graph_table(self, spec: ModelSpec, prefill: bool, classes: list[str] | None = None) -> GraphPassTable | None:
         """The whole-step graph table of ``spec``'s shape for prefill or decode passes, or None. The

@@ -129,6 +129,12 @@ class RunResult:
     def layer_steps(self) -> int:
         return int(self.end_s.shape[0])
 
+    def host_probe_s(self) -> float | None:
+        """The host speed the run was measured at (mean of the runtime's ``runtime.host_log.host_probe_s``
+        around its timed loop, seconds); None for a run without probes (simulated, or measured before them)."""
+        p = self.host.get("probe_s")
+        return float(np.mean(p)) if p is not None and np.size(p) else None
+
     def pass_starts(self) -> np.ndarray:
         """Index of the first layer step of every pass."""
         key = self.ls_batch.astype(np.int64) * (int(self.ls_pass.max(initial=0)) + 1) + self.ls_pass

@@ -11,6 +11,12 @@ numbers are fitted (:mod:`analysis.hostcost`) to what this log records on synthe
   tick, summed per name over the pass), as ``sec_<name>`` arrays: where the host time goes.
 
 Timing costs one ``perf_counter`` call per tick and two per observation.
+
+The host's own speed moves between runs on a shared machine (on the H200 host identical runs' host
+sections differed up to 2.9x, every section by the same factor): :func:`host_probe_s` times a fixed
+CPU workload of the kind the host loop does (interpreter and small-numpy calls, no device), and the
+log keeps it before and after the timed loop (``probe_s``); the simulator prices a run's host work at
+that speed (:meth:`core.hardware.HardwareProfile.at_host_speed`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class HostLog:
     call_s: list[float] = field(default_factory=list)
     call_entries: list[int] = field(default_factory=list)
     sections: dict[str, list[float]] = field(default_factory=dict)   # name -> seconds per pass
+    probe_s: list[float] = field(default_factory=list)              # host_probe_s before and after the loop
     _open: tuple[float, float, int, int, int] | None = None   # pass start: (t, waited, calls, entries, copies)
     _last: float = 0.0
     _sec: dict[str, float] = field(default_factory=dict)
@@ -48,6 +55,10 @@ class HostLog:
         self.call_s.append(time.perf_counter() - t0)
         self.call_entries.append(entries)
         self._entries += entries
+
+    def probe(self) -> None:
+        """Time the host's speed now (:func:`host_probe_s`) and keep it."""
+        self.probe_s.append(host_probe_s())
 
     def begin(self, waited_s: float, copies: int) -> None:
         """A pass starts; ``waited_s``/``copies``: the run's waiting seconds and copies so far."""
@@ -82,7 +93,36 @@ class HostLog:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The log as arrays (:attr:`drive.records.RunResult.host`)."""
-        out = {k: np.asarray(getattr(self, k), np.float64) for k in ("pass_s", "waited_s", "observe_s", "call_s")}
+        out = {k: np.asarray(getattr(self, k), np.float64) for k in ("pass_s", "waited_s", "observe_s", "call_s",
+                                                                      "probe_s")}
         out |= {k: np.asarray(getattr(self, k), np.int64) for k in ("steps", "entries", "copies", "call_entries")}
         out |= {f"sec_{k}": np.asarray(v, np.float64) for k, v in self.sections.items()}
         return out
+
+
+PROBE_ITEMS = 256   # one probe: a pass over this many items plus 16 small numpy calls (~40 us on the H200 host)
+
+
+def _probe_once(items: list[int], arr: np.ndarray) -> int:
+    counts: dict[int, int] = {}
+    acc = 0
+    for i, x in enumerate(items):
+        counts[x & 63] = counts.get(x & 63, 0) + i
+        acc += (x * 3) % 7
+    for _ in range(8):
+        acc += int(np.bincount(arr, minlength=64).argmax()) + int(arr.sum())
+    return acc + len(counts)
+
+
+def host_probe_s(reps: int = 31) -> float:
+    """Median seconds of one fixed host workload (:func:`_probe_once`): the host's speed now. Pure CPU,
+    no device call, ~1.5 ms in all; a slower host (a busy neighbour, a lower clock) gives a larger value."""
+    items = list(range(PROBE_ITEMS))
+    arr = np.arange(PROBE_ITEMS, dtype=np.int64) % 64
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        _probe_once(items, arr)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+

@@ -102,9 +102,11 @@ def graph_replay(engine: GraphEngine, view: LayerSteps, *, seed: int = 0, progre
     for rows in sorted({int(t) for t in np.unique(view.ls_tokens)}):
         engine.runner(rows)       # capture every pass size before the clock starts
     with no_gc_pauses():
+        engine.host_log.probe()   # the host's speed around the timed loop (runtime.host_log.host_probe_s)
         engine.start()
         for p in tqdm(inputs, desc=f"graph replay {engine.name}", disable=not progress, unit="pass"):
             engine.run_pass(p)
+        engine.host_log.probe()
     return engine.finish()
 
 

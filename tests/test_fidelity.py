@@ -4,6 +4,7 @@ outputs (fidelity.json, plot, table) are written. Timing bounds only on a GPU (`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from moebits.analysis.fidelity import (  # noqa: E402
     summary_md,
     validate,
 )
-from moebits.core.hardware import HardwareProfile  # noqa: E402
+from moebits.core.hardware import HardwareProfile, HostCosts  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
 from moebits.drive.records import COUNTERS, RunResult  # noqa: E402
 from moebits.runtime.calibrate import (  # noqa: E402
@@ -33,6 +34,7 @@ from moebits.runtime.calibrate import (  # noqa: E402
 
 SPEC = ModelSpec("cal", layers=1, experts=16, top_k=4, hidden=128, expert_intermediate=128, attention_params=65536,
                  vocab_size=64)
+ROOT = Path(__file__).resolve().parents[1]
 CASE = ["workload.max_seqs=1", "progress=false", "runtime.layers=1"]
 
 
@@ -106,7 +108,8 @@ def test_validate_end_to_end_on_cpu(tmp_path: Path, graph_profile: HardwareProfi
     assert len(c.passes) == c.row["passes"] == 129  # one sequence: prefill + 128 decode passes
 
 
-def test_graph_path_validates_and_resimulates_on_cpu(tmp_path: Path, graph_profile: HardwareProfile) -> None:
+def test_graph_path_validates_and_resimulates_on_cpu(tmp_path: Path, graph_profile: HardwareProfile,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """runtime.engine=GRAPH on the per-pass seam (route_lag 2): decisions match the simulator's
     sim.passes; the measured run is kept and graded again offline (--resim) with the same rows."""
     torch.set_num_threads(1)
@@ -116,19 +119,41 @@ def test_graph_path_validates_and_resimulates_on_cpu(tmp_path: Path, graph_profi
     assert c.row["runtime_path"] == "graph_eager" and c.row["route_lag"] == 2 and c.row["promotions_measured"] > 0
     again = resimulate(tmp_path / "m", graph_profile, tmp_path / "r")
     assert len(again) == 1 and again[0].row["decisions_match"]
-    for key in ("tpot_ms_measured", "tpot_ms_simulated", "promotions_simulated", "passes"):
+    for key in ("tpot_ms_measured", "tpot_ms_simulated", "promotions_simulated", "passes", "host_probe_us"):
         assert again[0].row[key] == c.row[key], key
+    assert c.row["host_probe_us"] > 0 and c.row["host_speed"] is None   # the profile's host costs: no probe
+    # host costs fitted at half the run's probe: the run's host was 2x slower, and the simulator is handed
+    # the profile priced so (host_speed=False: as fitted)
+    import moebits.analysis.fidelity as fid
+
+    hc = HostCosts(pass_s=2e-3, observe_s={"dynaexq": [1e-3, 0.0]}, probe_s=c.row["host_probe_us"] * 0.5e-6)
+    seen: list[HardwareProfile] = []
+    real = fid.simulate_like
+    monkeypatch.setattr(fid, "simulate_like", lambda cfg, dev, hw, summary: (seen.append(hw), real(cfg, dev, hw, summary))[1])
+    slow = resimulate(tmp_path / "m", dataclasses.replace(graph_profile, host_costs=hc), tmp_path / "s")[0].row
+    ref = resimulate(tmp_path / "m", dataclasses.replace(graph_profile, host_costs=hc), tmp_path / "t",
+                     host_speed=False)[0].row
+    assert slow["host_speed"] == pytest.approx(0.5) and slow["host_speed_applied"] and not ref["host_speed_applied"]
+    assert [h.host_costs.pass_s for h in seen if h.host_costs] == [pytest.approx(4e-3), 2e-3]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fidelity_on_the_gpu_loose_bounds(tmp_path: Path) -> None:
-    """Calibrate the graph path quickly (whole-pass designs) and validate static int4 and dynaexq on
+    """Calibrate the graph path quickly (whole-pass designs, then the host side on two synthetic cases of
+    benchmarks/graph_cases_calibration.txt) and validate static int4 and dynaexq on the embedded trace on
     whole-step graphs: decisions match, TPOT within 10%."""
     path = tmp_path / "cal.yaml"
+    from moebits.analysis.__main__ import main as analysis_main
     from moebits.runtime.calibrate import main
 
     main(["--runtime", "graph", "--quick", "--precisions", "bf16,int4", "--out", str(path)])
+    cal = [ln for ln in (ROOT / "benchmarks" / "graph_cases_calibration.txt").read_text().splitlines()
+           if ln.split()[:1] in (["cal_whole_static"], ["cal_whole_dynaexq"])]
+    (tmp_path / "cal.txt").write_text("\n".join(cal) + "\n")
+    assert analysis_main(["calibrate-host", "--hardware", str(path), "--out", str(path), "--measured",
+                          str(tmp_path / "host"), "--cases-file", str(tmp_path / "cal.txt")]) == 0
+    assert read_profile(path).host_costs is not None and read_profile(path).host_costs.probe_s > 0
     for case in (["policy=static_uniform", "budget=all_int4"], ["policy=dynaexq", "budget=bf16_50pct"]):
         c = validate([*case, "runtime.engine=GRAPH", "route_lag=2", "runtime.layers=8", "workload.max_seqs=1",
                       "progress=false"], read_profile(path), tmp_path, label=case[0])

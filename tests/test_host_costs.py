@@ -349,6 +349,46 @@ def test_host_runs_reads_only_calibration_cases_with_a_host_log(tmp_path: Path) 
     np.testing.assert_array_equal(runs[0].run.host["call_entries"], [1, 2])
 
 
+def test_the_fit_prices_every_run_at_the_calibration_speed() -> None:
+    """Two runs of one policy, the second on a host twice as slow (its probe twice as long): fitted at the
+    median probe, both give the same costs; a set with a run that has no probe is fitted as measured."""
+    from moebits.analysis.hostcost import reference_probe_s
+
+    fast = _calls([2, 4, 6], 3e-5, 2e-6) | _passes([0, 0, 1, 2, 3], 40e-6, 7e-6) | {"probe_s": np.array([1e-5, 1e-5])}
+    slow = {k: (v * 2 if k in ("call_s", "pass_s", "waited_s", "observe_s") else v) for k, v in fast.items()}
+    slow["probe_s"] = np.array([1.9e-5, 2.1e-5])
+    runs = [_hr(fast, "dynaexq"), _hr(slow, "dynaexq")]
+    ref = reference_probe_s(runs)
+    assert ref == pytest.approx(1.5e-5)
+    runs = [dataclasses.replace(r, to_ref=ref / r.run.host_probe_s()) for r in runs]
+    np.testing.assert_allclose(fit_observe(runs)["dynaexq"], [1.5 * 3e-5, 1.5 * 2e-6], rtol=1e-8)
+    assert fit_pass(runs) == pytest.approx((1.5 * 40e-6, 1.5 * 7e-6), rel=1e-8)
+    assert reference_probe_s([*runs, _hr(_calls([1], 1e-5, 0.0), "dynaexq")]) == 0.0
+
+
+def test_a_profile_at_another_host_speed_scales_the_host_side_only() -> None:
+    hc = HostCosts(pass_s=4e-5, copy_s=7e-6, entry_s=2e-7, observe_s={"dynaexq": [3e-5, 2e-6]}, probe_s=1e-5)
+    hw = dataclasses.replace(graph_hw(hc), layer_sync_s=6e-5, stall_sync_s=8e-5, pass_io_s=1.2e-5)
+    slow = hw.at_host_speed(2.5e-5)
+    assert slow.host_costs is not None
+    assert (slow.host_costs.pass_s, slow.host_costs.copy_s, slow.host_costs.entry_s) == pytest.approx((1e-4, 1.75e-5, 5e-7))
+    assert slow.host_costs.observe_s == {"dynaexq": [pytest.approx(7.5e-5), pytest.approx(5e-6)]}
+    assert (slow.layer_sync_s, slow.stall_sync_s) == pytest.approx((1.5e-4, 2e-4))
+    assert slow.pass_io_s == hw.pass_io_s and slow.graph_tables == hw.graph_tables   # the device side stays
+    assert slow.host_costs.probe_s == pytest.approx(2.5e-5)     # now priced at that probe
+    assert slow.at_host_speed(1e-5).host_costs.pass_s == pytest.approx(4e-5)   # and back
+    assert hw.at_host_speed(None) is hw                          # a run without a probe: as fitted
+    unknown = dataclasses.replace(hw, host_costs=dataclasses.replace(hc, probe_s=0.0))
+    assert unknown.at_host_speed(2.5e-5) is unknown              # costs fitted without a probe: never rescaled
+
+
+def test_host_probe_times_a_fixed_workload() -> None:
+    from moebits.runtime.host_log import host_probe_s
+
+    p = host_probe_s(reps=5)
+    assert 1e-7 < p < 0.1
+
+
 def test_describe_lists_every_cost() -> None:
     hw = dataclasses.replace(graph_hw(HostCosts(pass_s=4e-5, copy_s=7e-6, entry_s=2.5e-7,
                                                 observe_s={"dynaexq": [3e-5, 2e-6]})), layer_sync_s=1e-5)
@@ -392,7 +432,9 @@ def test_graph_engine_logs_host_work_per_pass_and_per_observation(name: str, vie
     h, passes = result.host, view.layer_steps // SPEC.layers
     sections = {k for k in h if k.startswith("sec_")}
     assert set(h) - sections == {"pass_s", "waited_s", "observe_s", "steps", "entries", "copies", "call_s",
-                                 "call_entries"}
+                                 "call_entries", "probe_s"}
+    assert h["probe_s"].shape == (2,) and (h["probe_s"] > 0).all()          # before and after the timed loop
+    assert result.host_probe_s() == pytest.approx(float(h["probe_s"].mean()))
     assert {"sec_route", "sec_observe", "sec_boundary", "sec_inputs", "sec_launch", "sec_record"} <= sections
     for k in ("pass_s", "waited_s", "observe_s", "steps", "entries", "copies", *sections):
         assert h[k].shape == (passes,), k

@@ -50,6 +50,9 @@ class Streams(Protocol):
     def done(self, event: Any) -> bool:
         """Whether ``event`` has fired (never waits)."""
 
+    def wait(self, event: Any) -> None:
+        """Work enqueued on the compute stream from now on starts after ``event`` (a device-side wait)."""
+
 
 class SyncStreams:
     """CPU: copies run at once, events are always done."""
@@ -64,18 +67,26 @@ class SyncStreams:
     def done(self, event: Any) -> bool:
         return True
 
+    def wait(self, event: Any) -> None:
+        return None
+
 
 class CudaStreams:
-    """A dedicated copy stream; fences on the current (compute) stream."""
+    """A dedicated copy stream; fences on the current (compute) stream. ``chunk_bytes`` > 0: a copy goes as
+    pieces of at most that many bytes (one DMA each), so that a small copy on another stream (a pass's
+    inputs, a table write) waits behind one piece rather than a whole expert."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, chunk_bytes: int = 0) -> None:
         self.stream = torch.cuda.Stream(device)
+        self.chunk_bytes = chunk_bytes
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any | None) -> Any:
         if after is not None:
             self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=True)
+            n, step = dst.numel(), self.chunk_bytes or dst.numel()
+            for a in range(0, n, step):
+                dst[a:a + step].copy_(src[a:a + step], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         return ev
@@ -87,6 +98,10 @@ class CudaStreams:
 
     def done(self, event: Any) -> bool:
         return event is None or bool(event.query())
+
+    def wait(self, event: Any) -> None:
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
 
 
 @dataclass

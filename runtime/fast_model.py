@@ -180,6 +180,11 @@ class FastModel:
         """Layer ``i``'s routed experts, added into the residual stream."""
         self.moe.experts(b.xn, b.ids[i], b.weights[i], self.table.codes[i], b.r, b.h, zero_out=False)
 
+    def staged_experts(self, i: int, b: StepBuffers, codes: torch.Tensor) -> None:
+        """Layer ``i``'s experts that ``codes [E]`` names (the others -1: they add nothing), added into the
+        residual stream: a bypassed expert served from a staging slot, before the layer's own experts."""
+        self.moe.experts(b.xn, b.ids[i], b.weights[i], codes, b.r, b.h, zero_out=False)
+
     def head(self, b: StepBuffers) -> None:
         """Final norm and LM head -> ``b.logits [T, N]``."""
         self.attn.rmsnorm(b.r, self.w.norm, b.xn, self.shape.eps)

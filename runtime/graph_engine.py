@@ -31,14 +31,23 @@ Two ways of observing routing:
   each layer step was served from is read from the table as the pass saw it, so the step table
   is exact. This is the fast GPU mode.
 
+A policy's staging slab (``staging_experts`` > 0, :meth:`policies.base.Policy.staging`): spare slots of
+the pool (:meth:`runtime.pool.DevicePool.staging_slot`). On the per-layer seam only (a bypassed expert is
+known once its layer's routing is read): after the miss rule (and a STALL drain), each bypassed expert
+``j`` (ascending id) is copied into slot ``j mod S`` once the launch that last read that slot is done (a
+fence), and served by one launch of the layer's fused kernel over a code row naming only it
+(:meth:`runtime.fast_model.FastModel.staged_experts`), all before the layer's graph computes its cached
+experts. The simulator prices the same order on a graph profile (:mod:`sim.engine`, step 5).
+
 Not supported (one clear error): ``MissRule.HOST`` (the graph path computes no expert on the
-host), a staging slab for bypassed experts (``staging_experts`` > 0: not streamed here) and
-channel-mix precisions (the fused kernels have no class for them). The eager runtime
-(:class:`runtime.engine.RuntimeEngine`) serves all three.
+host), a staging slab on the per-pass seam (``route_lag`` >= 1 with a policy that never waits: run it
+with ``route_lag=0``) and channel-mix precisions (the fused kernels have no class for them). The eager
+runtime (:class:`runtime.engine.RuntimeEngine`) serves all three.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,12 +68,12 @@ from moebits.drive.records import Recorder, RunResult, StepIndex, snapshot
 from moebits.policies.base import LayerObs, MissRule, Policy
 from moebits.runtime.engine import Clock
 from moebits.runtime.expert_mover import CudaStreams, ExpertMover, RowFn, SyncStreams
-from moebits.runtime.fast_model import FastModel
+from moebits.runtime.fast_model import FastModel, StepBuffers
 from moebits.runtime.graph_serve import GraphMode, StepRunner
 from moebits.runtime.host_log import HostLog
 from moebits.runtime.mechanism import MoverMechanism
 from moebits.runtime.pool import DevicePool
-from moebits.runtime.residency import CLASS_BITS, KERNEL_CLASS, ResidencyTable, write_slots
+from moebits.runtime.residency import CLASS_BITS, KERNEL_CLASS, ResidencyTable, encode, write_slots
 from moebits.runtime.route_observer import RouteObserver, routing_of
 
 WeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> (gate_up [E, 2I, H], down [E, H, I])
@@ -155,26 +164,34 @@ class GraphEngine:
                                      sensitivity=sensitivity, slack_bytes=SLACK_BYTES, hardware=hardware)
         self.precisions = precision_order(self.ledger.precisions())
         staging = policy.staging()
-        if staging is not None and staging.count:
-            raise ValueError(f"policy {policy_name(policy)}: the graph path streams no bypassed expert through a "
-                             "staging slab; set its staging_experts to 0 or run it in the eager runtime")
+        self.staging = (staging.precision, staging.count) if staging is not None and staging.count else None
+        if self.staging and self.staging[0] not in self.precisions:
+            raise ValueError(f"policy {policy_name(policy)}: staging precision {self.staging[0]} has no slab class")
         bad = [p for p in self.precisions if p not in KERNEL_CLASS]
         if bad:
             raise ValueError(f"the graph path's kernels have no class for {bad}; run this policy in the eager runtime")
         self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.name, self.counts = self.driver.name, self.driver.counts
-        self.pool = DevicePool(self.ledger, spec, self.device)
+        self.pool = DevicePool(self.ledger, spec, self.device, staging=self.staging)
         self.table = ResidencyTable(spec.layers, spec.experts, self.device)
         self.model = make_model(self.pool, self.table)
         self.model.forced = replay
         cuda = self.device.type == "cuda"
-        self.mover = ExpertMover(self.pool, self.table, rows, CudaStreams(self.device) if cuda else SyncStreams())
+        chunk = int(os.environ.get("MOEBITS_COPY_CHUNK_BYTES", "0"))   # experiment knob (benchmarks/copy_bubble.sh)
+        self.mover = ExpertMover(self.pool, self.table, rows, CudaStreams(self.device, chunk) if cuda else SyncStreams())
         keys = [[ExpertKey(layer, e) for e in range(spec.experts)] for layer in range(spec.layers)]
         self.mech = MoverMechanism(self.mover, self.precisions, keys)
         self.driver.attach(self.mech)
         self.mech.write_placed(self._writer(weights))
         per_pass = mode is GraphMode.WHOLE if per_pass is None else per_pass  # the CPU tests the per-pass seam eagerly
         self.per_layer = not per_pass or policy.miss_rule is MissRule.STALL
+        if self.staging and not self.per_layer:
+            raise ValueError(f"policy {policy_name(policy)}: a staging slab streams bypassed experts on the per-layer "
+                             "seam only; run it with route_lag=0 (or staging_experts=0)")
+        self._stage_p = self.precisions.index(self.staging[0]) if self.staging else -1
+        self._stage_codes = self._staging_codes()      # [S, E, E]: row (s, e) names expert e in slot s only
+        self._stage_fence: list[Any] = [None] * (self.staging[1] if self.staging else 0)
+        self.staged_bytes = 0
         self.mode = GraphMode.LAYER if mode is GraphMode.WHOLE and self.per_layer else mode
         self.observer = None if self.per_layer else RouteObserver(
             spec.layers, max_rows, spec.top_k, read_lag(self.driver.static, route_lag), self.device)
@@ -208,6 +225,16 @@ class GraphEngine:
                 cache[layer] = weights(layer)
             write_slots(self.pool, precision, [self.pool.slot(s)[1] for s in slabs], *cache[layer], experts)
         return write
+
+    def _staging_codes(self) -> torch.Tensor | None:
+        """Per staging slot ``s`` and expert ``e``, the code row of a launch serving only ``e`` from slot ``s``."""
+        if not self.staging:
+            return None
+        S, E = self.staging[1], self.spec.experts
+        codes = torch.full((S, E, E), -1, dtype=torch.int32)
+        for s in range(S):
+            codes[s, torch.arange(E), torch.arange(E)] = encode(self.staging[0], self.pool.staging_slot(s))
+        return codes.to(self.device)
 
     def _ready_time(self, layer: int) -> Callable[[int, int], float]:
         ready_time = self.mech.ready_time
@@ -246,7 +273,7 @@ class GraphEngine:
             buf.set_routing(p.ids, p.weights)
         log.tick("inputs")
         if self.per_layer:
-            runner.run(lambda layer: self._layer_step(p, buf.ids[layer, :T], buf.weights[layer, :T], layer))
+            runner.run(lambda layer: self._layer_step(p, buf, T, layer))
         else:
             runner.run()
             log.tick("launch")
@@ -261,8 +288,9 @@ class GraphEngine:
         self.passes += 1
         return buf.logits
 
-    def _layer_step(self, p: PassInput, ids: torch.Tensor, weights: torch.Tensor, layer: int) -> None:
+    def _layer_step(self, p: PassInput, buf: StepBuffers, T: int, layer: int) -> None:
         """Per-layer seam: observe, act, serve per the miss rule (see the module docstring)."""
+        ids, weights = buf.ids[layer, :T], buf.weights[layer, :T]
         log = self.host_log
         log.tick("launch")                                     # the previous piece's graph
         now = self.clock.now()
@@ -283,7 +311,7 @@ class GraphEngine:
         ex = (routing[0].tolist(), routing[1].tolist(), np.asarray(routing[2], np.float64).tolist())
         choice = choose(self.policy.miss_rule, self.res[layer], self._low, len(self.precisions),
                         self.errors.of[layer], self.errors.host[layer], ex, 0, len(ex[0]), track=True,
-                        layer=layer, policy=self.name)
+                        layer=layer, policy=self.name, stage_p=self._stage_p)
         stall = 0.0
         log.tick("choose")
         if choice.waited:
@@ -292,8 +320,26 @@ class GraphEngine:
             stall = time.perf_counter() - t0
             self.stall_wait_s += stall
             log.tick("drain")
-        self._record(p, T=int(ids.shape[0]), choice=choice, ex=ex, stall=stall, hits=hits)
+        if choice.bypass:
+            self._stream(layer, buf, choice.bypass)
+            log.tick("stage")
+        self._record(p, T=T, choice=choice, ex=ex, stall=stall, hits=hits)
         log.tick("records")
+
+    def _stream(self, layer: int, buf: StepBuffers, bypass: list[tuple[int, int]]) -> None:
+        """Bypassed experts of ``layer`` through the staging slots (see the module docstring): copy, wait, one launch."""
+        assert self.staging is not None and self._stage_codes is not None
+        precision, S = self.staging
+        streams = self.mover.streams
+        for j, (e, _) in enumerate(bypass):
+            s = j % S
+            row = self.mover.rows(ExpertKey(layer, e), precision)
+            ev = streams.copy(self.pool.staging_bytes(s), row, self._stage_fence[s])
+            streams.wait(ev)
+            self.model.staged_experts(layer, buf, self._stage_codes[s, e])
+            self._stage_fence[s] = streams.fence()
+            self.staged_bytes += row.numel()
+        self.counts["bypasses"] += len(bypass)
 
     def _deliver(self, serving: int, observe: bool = True) -> None:
         """Per-pass seam: observe every due pass's layer steps in order, then the boundary
@@ -379,7 +425,12 @@ class GraphEngine:
         rec.stall_s.append(stall)
         rec.host_wait_s.append(0.0)
         rec.err.append(choice.err)
-        rec.act.extend(choice.tok)
+        tok = choice.tok
+        if choice.bypass:   # streamed experts count at the staging precision
+            tok = list(tok)
+            for _, n in choice.bypass:
+                tok[self._stage_p] += n
+        rec.act.extend(tok)
         rec.act.append(0)
         if rec.served is not None:
             rec.served.append(served_row(choice, ex[1], 0, self.precisions))
@@ -388,8 +439,8 @@ class GraphEngine:
     # ---- end ----
     def snapshot(self) -> tuple[int, ...]:
         """Counters in :data:`drive.records.COUNTERS` order."""
-        w = self.mover.stats.h2d_bytes
-        return snapshot((w, 0, w), self.counts, (self.ledger.used_bytes, self.mech.peak_bytes))
+        w = self.mover.stats.h2d_bytes   # weight copies; staged experts move over the link too
+        return snapshot((w + self.staged_bytes, 0, w), self.counts, (self.ledger.used_bytes, self.mech.peak_bytes))
 
     def finish(self, info: dict[str, Any] | None = None) -> RunResult:
         """Read the routing still in flight, complete every copy; the run's arrays."""

@@ -22,6 +22,11 @@ fixed stride. Every field of a class is then one strided view ``[P, N, C]`` over
 the grouped kernels read; slab ``s`` of the class is slot ``s - first`` of those stacks.
 Which slab holds which expert is the :class:`core.slabs.SlabLedger`'s business (deterministic
 lowest-id allocation); nothing here allocates after start-up.
+
+A policy's *staging slab* (``staging``: ``count`` slots of one precision for bypassed experts, its
+bytes part of the budget but not of the ledger's plan) is laid out as spare slots after that
+class's ledger slabs (a class of its own when the plan has none of that precision): slots
+``count .. count + spare - 1`` of the class's stacks, with no slab id (:meth:`DevicePool.staging_slot`).
 """
 
 from __future__ import annotations
@@ -182,50 +187,79 @@ class ClassRegion:
     count: int
     base: int
     stride: int
+    spare: int = 0   # staging slots after the ledger's slabs (slots count .. count + spare - 1; no slab id)
+
+    @property
+    def slots(self) -> int:
+        return self.count + self.spare
 
 
-def carve(ledger: SlabLedger, layouts: dict[str, SlabLayout], class_align: int, stride_align: int) -> list[ClassRegion]:
-    """Class regions in plan order; slab ids run consecutively through the classes, as the ledger numbers them."""
+def carve(ledger: SlabLedger, layouts: dict[str, SlabLayout], class_align: int, stride_align: int,
+          staging: tuple[str, int] | None = None) -> list[ClassRegion]:
+    """Class regions in plan order; slab ids run consecutively through the classes, as the ledger numbers them.
+    ``staging`` (precision, slots): spare slots after that class's slabs (a last class when the plan has none)."""
     regions, first, end = [], 0, 0
-    for name, cls in ledger.classes.items():
+    counts = [(name, cls.count, cls.slab_bytes) for name, cls in ledger.classes.items()]
+    if staging is not None and staging[0] not in ledger.classes:
+        counts.append((staging[0], 0, layouts[staging[0]].nbytes))
+    for name, count, slab_bytes in counts:
         lay = layouts[name]
-        stride = _round_up(max(cls.slab_bytes, lay.nbytes), max(stride_align, lay.align))
+        spare = staging[1] if staging is not None and staging[0] == name else 0
+        stride = _round_up(max(slab_bytes, lay.nbytes), max(stride_align, lay.align))
         base = _round_up(end, max(class_align, lay.align))
-        regions.append(ClassRegion(name, first, cls.count, base, stride))
-        first += cls.count
-        end = base + stride * cls.count
+        regions.append(ClassRegion(name, first, count, base, stride, spare))
+        first += count
+        end = base + stride * (count + spare)
     return regions
 
 
 class DevicePool:
     """The expert slab pool's storage on ``device``; see the module docstring."""
 
-    def __init__(self, ledger: SlabLedger, spec: ModelSpec, device: torch.device | str) -> None:
+    def __init__(self, ledger: SlabLedger, spec: ModelSpec, device: torch.device | str,
+                 staging: tuple[str, int] | None = None) -> None:
         self.ledger = ledger
         self.device = torch.device(device)
-        self.layouts = {p: slab_layout(p, spec.hidden, spec.expert_intermediate) for p in ledger.classes}
+        self.staging = staging if staging is not None and staging[1] > 0 else None
+        names = [*ledger.classes] + ([self.staging[0]] if self.staging and self.staging[0] not in ledger.classes else [])
+        self.layouts = {p: slab_layout(p, spec.hidden, spec.expert_intermediate) for p in names}
         for p, lay in self.layouts.items():  # a channel mix: its planned bytes, rounded up to its alignment
+            if p not in ledger.classes:
+                continue
             planned = ledger.classes[p].slab_bytes
             if lay.nbytes != (planned if get_channel_mix(p) is None else _round_up(planned, lay.align)):
                 raise PoolError(f"the plan's {p} slab is {planned} bytes but a packed "
                                 f"{spec.hidden}x{spec.expert_intermediate} expert takes {lay.nbytes}")
         self.regions = self._fit(ledger)
-        self.nbytes = max((r.base + r.stride * r.count for r in self.regions), default=0)
+        self.nbytes = max((r.base + r.stride * r.slots for r in self.regions), default=0)
         self.buffer = torch.zeros(max(self.nbytes, 1), dtype=torch.uint8, device=self.device)  # the one allocation
         self.region = {r.precision: r for r in self.regions}
         self._class_of: list[ClassRegion] = [r for r in self.regions for _ in range(r.count)]
-        self.stacks = {r.precision: self.layouts[r.precision].stacks(self.buffer, r.base, r.count, r.stride)
+        self.stacks = {r.precision: self.layouts[r.precision].stacks(self.buffer, r.base, r.slots, r.stride)
                        for r in self.regions}
 
     def _fit(self, ledger: SlabLedger) -> list[ClassRegion]:
-        """Aligned regions if they fit the budget, else the tightest layout that does."""
+        """Aligned regions if they fit the budget (the staging slab's bytes on top of the plan's), else the
+        tightest layout that does."""
+        budget = ledger.budget_bytes + (self.staging[1] * self.layouts[self.staging[0]].nbytes if self.staging else 0)
         for class_align, stride_align in ((CLASS_ALIGN, STRIDE_ALIGN), (1, 1)):
-            regions = carve(ledger, self.layouts, class_align, stride_align)
-            total = max((r.base + r.stride * r.count for r in regions), default=0)
-            if total <= ledger.budget_bytes:
+            regions = carve(ledger, self.layouts, class_align, stride_align, self.staging)
+            total = max((r.base + r.stride * r.slots for r in regions), default=0)
+            if total <= budget:
                 return regions
-        raise PoolError(f"the slab plan needs {total} bytes once aligned, more than the budget of "
-                        f"{ledger.budget_bytes} bytes")
+        raise PoolError(f"the slab plan needs {total} bytes once aligned, more than the budget of {budget} bytes")
+
+    def staging_slot(self, i: int) -> int:
+        """The class slot of staging slot ``i`` (in the staging precision's stacks and table codes)."""
+        assert self.staging is not None and 0 <= i < self.staging[1], f"no staging slot {i}"
+        return self.region[self.staging[0]].count + i
+
+    def staging_bytes(self, i: int) -> torch.Tensor:
+        """The raw bytes of staging slot ``i`` (a 1-D uint8 view; a bypassed expert's copy lands here)."""
+        assert self.staging is not None
+        r = self.region[self.staging[0]]
+        start = r.base + self.staging_slot(i) * r.stride
+        return self.buffer[start:start + self.layouts[r.precision].nbytes]
 
     @property
     def slabs(self) -> int:

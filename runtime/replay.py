@@ -12,6 +12,7 @@ and the engine serves it with the trace's own routing as the policy's observatio
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -137,9 +138,10 @@ def _pass_input(engine: GraphEngine, view: LayerSteps, i: int, n: int) -> PassIn
         prompt = int(view.ls_tokens[i - int(view.ls_pass[i]) * engine.spec.layers])  # this batch's prefill pass
         seq, pos = torch.arange(T, dtype=torch.int32), torch.full((T,), prompt + pidx - 1, dtype=torch.int32)
     ids, w = pass_routing(view, i, engine.spec.layers, engine.spec.top_k)
-    pin = engine.device.type == "cuda"  # pinned: copied without a stream sync
-    t, s, p, i_t, w_t = (x.pin_memory() if pin else x for x in (torch.zeros(T, dtype=torch.long), seq, pos,
-                                                                   torch.from_numpy(ids), torch.from_numpy(w)))
+    cuda = engine.device.type == "cuda"  # pinned: copied without a stream sync; on the device: no DMA per pass
+    on_device = cuda and os.environ.get("MOEBITS_INPUTS", "host") == "device"   # experiment knob (copy_bubble.sh)
+    t, s, p, i_t, w_t = (x.to(engine.device) if on_device else x.pin_memory() if cuda else x
+                         for x in (torch.zeros(T, dtype=torch.long), seq, pos, torch.from_numpy(ids), torch.from_numpy(w)))
     return PassInput(batch, pidx, t, s, p, i_t, w_t, flat=flat_routing(ids, engine.spec.experts))
 
 

@@ -157,13 +157,16 @@ def serve_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, c
                     pool: DevicePool) -> torch.Tensor:
     """The MoE layer in float32 from the slabs ``codes [E]`` names: ``x [T, H]`` -> ``[T, H]`` float32.
 
-    ``ids``/``weights [T, k]``. Reads ids and codes on the host (syncs): CPU path and test oracle.
+    ``ids``/``weights [T, k]``; an expert coded -1 adds nothing. Reads ids and codes on the host (syncs): CPU path
+    and test oracle.
     """
     xf = x.float()
     out = torch.zeros_like(xf)
     code_of = codes.tolist()
     inter = pool.layouts[next(iter(pool.layouts))].intermediate
     for e in torch.unique(ids).tolist():
+        if code_of[e] < 0:   # no resident copy: adds nothing, as in the fused kernels
+            continue
         tok, j = torch.nonzero(ids == e, as_tuple=True)
         gu, dn = expert_weights(pool, *decode(int(code_of[e])))
         a = xf[tok] @ gu.T                                                     # [n, 2I]

@@ -32,7 +32,11 @@ Timing of one layer step, starting at ``t0`` (the end of the previous one):
    is queued on the host-to-device link when slot ``j mod S`` is free (at ``t1``, or once the
    expert before it in that slot is computed), and it is computed, one launch per expert,
    when its copy is done and the device is free (after the step's cached experts); the step
-   ends when the last one is computed.
+   ends when the last one is computed. On a graph profile (the graph-captured runtime,
+   :mod:`runtime.graph_engine`) the staged launches come first, from ``start``: the host issues
+   each copy and launch (``HostCosts.copy_s`` apiece), a launch costs one expert of the graph
+   table plus ``launch_s``, and the cached experts start once both the staged launches and the
+   host are done (:meth:`Engine.stream_first`).
 
 Hit rate: a layer step requests each distinct expert it needs once; a request hits when the
 expert has a READY copy (any precision) when the step's routing is known (at ``t1``, before
@@ -376,11 +380,18 @@ class Engine:
             for p in range(self.P):
                 if cnt[p]:
                     gpu += group_s(p, tok[p], cnt[p])
-        gpu_end = start + gpu
-        if bypass:
-            gpu_end = self.stream(t1, gpu_end, bypass)
+        if bypass and self._graph is not None:   # the graph runtime: staged launches first, then the layer's graph
+            staged_end, host_end = self.stream_first(start, bypass, i)
+            start_c = staged_end if staged_end > host_end else host_end
+            gpu_end = start_c + gpu
             for _, n in bypass:
                 tok[self._stage_p] += n
+        elif bypass:
+            gpu_end = self.stream(t1, start + gpu, bypass)
+            for _, n in bypass:
+                tok[self._stage_p] += n
+        else:
+            gpu_end = start + gpu
         end = gpu_end
         host_tokens = 0
         if host:
@@ -417,6 +428,25 @@ class Engine:
         self.counts["bypasses"] += len(bypass)
         self.staged_bytes += nbytes * len(bypass)
         return device_free
+
+    def stream_first(self, t0: float, bypass: list[tuple[int, int]], i: int) -> tuple[float, float]:
+        """The graph runtime's staging (module docstring, step 5): from ``t0`` the host issues, per bypassed
+        expert, its copy and launch (``HostCosts.copy_s`` each); copy ``j`` is queued once the host issued it and
+        slot ``j mod S`` is free, the launch runs when the copy is done and the device is free (graph-table
+        seconds of one expert plus a launch). Returns (device free, host done)."""
+        nbytes, submit, slots = self._stage_bytes, self.h2d.submit, self.staging_slots
+        issue_s = self.host_costs.copy_s if self.host_costs is not None else 0.0
+        ts, cs = self._graph[1][i][self._stage_p], self._graph[2][i][self._stage_p]   # type: ignore[index]
+        slot_free, device_free, host = [t0] * slots, t0, t0
+        for j, (_, tokens) in enumerate(bypass):
+            s = j % slots
+            host += issue_s
+            ready = submit(host if host > slot_free[s] else slot_free[s], nbytes)
+            device_free = (ready if ready > device_free else device_free) + tokens * ts + cs + self.hw.launch_s
+            slot_free[s] = device_free
+        self.counts["bypasses"] += len(bypass)
+        self.staged_bytes += nbytes * len(bypass)
+        return device_free, host
 
     def _pname(self, p: int) -> str:
         return "host" if p < 0 else self.pool.precisions[p]

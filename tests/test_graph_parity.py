@@ -6,10 +6,14 @@ routing forced into the fast model's routing buffers. Parity means what ``test_p
 the same policy calls with the same answers, and per layer step the same tokens, phase and
 precision served (``_compare``), with observation lag 0 and > 0.
 
+The per-layer seam runs every policy with its preset's staging slab (bypassed experts streamed through
+spare pool slots); the per-pass seam, which cannot stream a bypassed expert, runs them with
+``staging_experts=0`` in both engines.
+
 Not covered, and why: ``MissRule.HOST`` (the graph path computes no expert on the host),
-``dynamo`` (channel-mix copies: the fused kernels have no class for them) and staging slabs for
-bypassed experts (caching policies run here with ``staging_experts=0``, in both engines). The
-eager runtime serves all three; the graph path refuses them with one clear error, tested below.
+``dynamo`` (channel-mix copies: the fused kernels have no class for them) and a staging slab on the
+per-pass seam. The eager runtime serves all three; the graph path refuses them with one clear error,
+tested below.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def graph_cases() -> list[Any]:
 
 
 def no_staging(cfg: Any) -> Any:
-    """The config without a staging slab (the graph path streams no bypassed expert), same in both engines."""
+    """The config without a staging slab (the per-pass seam streams no bypassed expert), same in both engines."""
     return dataclasses.replace(cfg, staging_experts=0) if hasattr(cfg, "staging_experts") else cfg
 
 
@@ -94,7 +98,7 @@ def _graph_run(cfg: Any, budget: tuple[str, float], path: Path, parts: tuple, la
 def test_graph_path_decides_as_the_simulator(name: str, rule: MissRule, lag: int, monkeypatch: pytest.MonkeyPatch,
                                              trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
     torch.set_num_threads(1)
-    cfg, budget = no_staging(policy_config(name, rule)), BUDGETS.get(name, BUDGET)
+    cfg, budget = policy_config(name, rule), BUDGETS.get(name, BUDGET)
     try:
         sim = _sim_run(monkeypatch, cfg, budget, trace_path, lag)
     except (PolicyError, InfeasibleError) as exc:  # the same contract error in both engines: a demand-fetch
@@ -142,11 +146,66 @@ def test_unsupported_policies_are_one_clear_error(trace_path: Path, model_parts:
     view = load_view(trace_path, 1, cache=False)
     with pytest.raises(ValueError, match="MissRule.HOST runs in the eager runtime"):
         graph_engine(build_policy(policy_config("lru_offload", MissRule.HOST)), BUDGET, view, model_parts, 0)
-    with pytest.raises(ValueError, match="staging slab"):
-        graph_engine(build_policy(policy_config("lru_offload", MissRule.STALL)), BUDGET, view, model_parts, 0)
+    with pytest.raises(ValueError, match="per-layer seam only; run it with route_lag=0"):
+        graph_engine(build_policy(policy_config("hobbit", MissRule.SERVE_LOWER)), BUDGETS.get("hobbit", BUDGET), view,
+                     model_parts, 0, route_lag=2)
     with pytest.raises(ValueError, match="no class for"):
         graph_engine(build_policy(policy_config("dynamo", MissRule.SERVE_LOWER)), BUDGETS["dynamo"], view,
                      model_parts, 0)
+
+
+def test_staged_experts_compute_what_resident_ones_do(trace_path: Path, model_parts: tuple) -> None:  # noqa: F811
+    """A bf16 cache too small for its layer steps (misses streamed through 2 staging slots) gives, pass for pass,
+    the logits of every expert resident in bf16: a staged launch serves exactly its expert, once."""
+    from moebits.runtime.replay import _fill_tokens, _pass_input
+
+    torch.set_num_threads(1)
+    view = load_view(trace_path, 1, cache=False)
+    cache = graph_engine(build_policy(policy_config("lru_offload", MissRule.STALL)), ("bf16", 0.3), view,
+                         model_parts, 0)
+    full = graph_engine(build_policy(dataclasses.replace(policy_config("static_uniform", MissRule.SERVE_LOWER),
+                                                         precision="bf16")), ("bf16", 1.0), view, model_parts, 0)
+    L = SPEC.layers
+    inputs = [_pass_input(cache, view, i, p) for p, i in enumerate(range(0, view.layer_steps, L))]
+    _fill_tokens(inputs, SPEC.vocab_size, 0)
+    for p in inputs:   # the same sums in another order at most (staged experts first)
+        torch.testing.assert_close(cache.run_pass(p).float().clone(), full.run_pass(p).float(), rtol=1e-2, atol=1e-2)
+    assert cache.counts["bypasses"] > 0 and cache.staged_bytes == cache.counts["bypasses"] * SPEC.expert_bytes("bf16")
+    assert cache.snapshot()[0] == cache.mover.stats.h2d_bytes + cache.staged_bytes   # the link carried both
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_staged_experts_on_cuda(tmp_path: Path) -> None:
+    """Per-layer graphs, Triton kernels: a bf16 cache streaming misses through 2 staging slots gives the logits
+    of every expert resident in bf16, pass for pass (the staged launches are eager, between the graphs)."""
+    from moebits.runtime.graph_serve import GraphMode
+    from moebits.runtime.replay import _fill_tokens, _pass_input
+    from moebits.traces.format import write_trace
+    from moebits.traces.zipf import synth_trace
+
+    spec = dataclasses.replace(SPEC, hidden=256)
+    trace = synth_trace(spec, np.random.default_rng(3), seqs=2, prompt_tokens=4, decode_tokens=12, skew=1.2, reuse=0.4)
+    view = load_view(write_trace(trace, tmp_path / "t.parquet"), 1, cache=False)
+    model, weights = hf.build_random_model(dataclasses.replace(spec, name="Qwen3-30B-A3B"), arch="qwen3_moe",
+                                           device="cuda", dtype=torch.bfloat16, full_hidden=2048, std=0.05)
+    store = HostStore(spec, pin=True, quant_device="cuda").fill_bf16(weights)
+    rows, seqs, max_len = replay_shape(view)
+    fw, shape = FastWeights.from_hf(model), AttnShape.from_hf_config(model.config)
+
+    def engine(cfg: Any, fraction: float) -> GraphEngine:
+        def make(pool: Any, table: Any) -> FastModel:
+            return FastModel(fw, spec, shape, pool, table, use_triton=True, max_seqs=seqs, max_len=max_len)
+        return GraphEngine(spec, build_policy(cfg), int(fraction * spec.all_experts_bytes("bf16")), make, weights,
+                           store.row, device="cuda", mode=GraphMode.LAYER, route_lag=0, replay=True, max_rows=rows)
+
+    cache = engine(policy_config("lru_offload", MissRule.STALL), 0.3)
+    full = engine(dataclasses.replace(policy_config("static_uniform", MissRule.SERVE_LOWER), precision="bf16"), 1.0)
+    inputs = [_pass_input(cache, view, i, p) for p, i in enumerate(range(0, view.layer_steps, spec.layers))]
+    _fill_tokens(inputs, spec.vocab_size, 0)
+    for p in inputs:
+        torch.testing.assert_close(cache.run_pass(p).float().clone(), full.run_pass(p).float(), rtol=2e-2, atol=2e-2)
+    assert cache.counts["bypasses"] > 0
 
 
 @pytest.mark.gpu

@@ -252,6 +252,27 @@ def test_entry_and_copy_costs_on_the_per_layer_seam(view: Any) -> None:
     assert _decisions(r, s) == _decisions(base, base_s) == _decisions(rc, sc)
 
 
+def test_staged_experts_are_issued_by_the_host_before_the_cached_ones(view: Any) -> None:
+    """A cache with a staging slab on a graph profile: the host issues every copy, a bypassed expert's too
+    (``copy_s`` each), the staged launches run before the layer's cached experts; decisions unchanged."""
+    kw = {"staging_experts": 2, "precision": "bf16"}
+    budget = ("bf16", 0.3)
+
+    def run(hc: HostCosts | None) -> tuple[Engine, RunResult, dict[str, Any]]:
+        policy = build_policy(_cfg("lru_offload", **kw))
+        eng = Engine(view, SPEC, graph_hw(hc), policy, int(budget[1] * SPEC.all_experts_bytes(budget[0])), seed=5)
+        r = eng.run()
+        return eng, r, summarize(r)
+
+    eng0, base, base_s = run(None)
+    eng1, r, s = run(HostCosts(copy_s=1e-3))
+    assert eng1.counts["bypasses"] == eng0.counts["bypasses"] > 0 and s["promotions"] > 0
+    issued = s["promotions"] + s["prefetches"] + eng1.counts["bypasses"]
+    assert r.end_s[-1] - base.end_s[-1] == pytest.approx(1e-3 * issued, rel=1e-2)   # host-bound: ~1 ms apiece
+    assert _decisions(r, s) == _decisions(base, base_s)
+    assert s["h2d_bytes"] == s["h2d_weight_bytes"] + eng1.counts["bypasses"] * SPEC.expert_bytes("bf16")
+
+
 def test_a_static_policy_pays_entries_but_no_observation_per_layer(view: Any) -> None:
     _, base, base_s, _ = simulate(view, "static_uniform", None, 0)
     _, obs, _, _ = simulate(view, "static_uniform", HostCosts(observe_s={"static_uniform": [1e-3, 1e-3]}), 0)

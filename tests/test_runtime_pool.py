@@ -66,28 +66,41 @@ plans = st.lists(st.tuples(st.sampled_from(PRECS), st.integers(0, 3)), min_size=
 
 
 @settings(max_examples=25, deadline=None)
-@given(plan=plans, slack=st.integers(0, 4096), seed=st.integers(0, 2**16))
-def test_pool_invariants(plan: list[tuple[str, int]], slack: int, seed: int) -> None:
+@given(plan=plans, slack=st.integers(0, 4096), seed=st.integers(0, 2**16),
+       staging=st.tuples(st.sampled_from(PRECS), st.integers(0, 3)))
+def test_pool_invariants(plan: list[tuple[str, int]], slack: int, seed: int, staging: tuple[str, int]) -> None:
+    """Slabs and staging slots (spare slots of their class, bytes on top of the plan's budget) lie inside the
+    one buffer, never overlap, keep their contents, and the class stacks see each at its slot."""
     classes = [SlabClass(p, SPEC.expert_bytes(p), n) for p, n in plan]
     budget = sum(c.slab_bytes * c.count for c in classes) + slack + 1
-    pool = DevicePool(SlabLedger(classes, budget), SPEC, "cpu")
-    assert pool.buffer.numel() <= budget and pool.nbytes <= budget               # one buffer, within budget
-    spans = sorted(pool.span(s) for s in range(pool.slabs))
-    assert all(0 <= a < b <= pool.buffer.numel() for a, b in spans)              # every slab inside the buffer
+    pool = DevicePool(SlabLedger(classes, budget), SPEC, "cpu", staging=staging)
+    S = staging[1]
+    assert pool.buffer.numel() <= budget + S * SPEC.expert_bytes(staging[0])     # one buffer, within budget
+    views = [pool.slab_bytes(s) for s in range(pool.slabs)] + [pool.staging_bytes(i) for i in range(S)]
+    where = [(staging[0], pool.staging_slot(i)) for i in range(S)]
+    spans = sorted((v.data_ptr() - pool.buffer.data_ptr(), v.data_ptr() - pool.buffer.data_ptr() + v.numel())
+                   for v in views)
+    assert all(0 <= a < b <= pool.buffer.numel() for a, b in spans)              # every slot inside the buffer
     assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:], strict=False))     # views never overlap
     gen = torch.Generator().manual_seed(seed)
-    blobs = [torch.randint(0, 256, (pool.slab_bytes(s).numel(),), dtype=torch.uint8, generator=gen)
-             for s in range(pool.slabs)]
+    blobs = [torch.randint(0, 256, (v.numel(),), dtype=torch.uint8, generator=gen) for v in views]
+    for v, blob in zip(views, blobs, strict=True):
+        v.copy_(blob)
+    for v, blob in zip(views, blobs, strict=True):                              # contents survive other writes
+        assert torch.equal(v, blob)
     for s in range(pool.slabs):
-        pool.slab_bytes(s).copy_(blobs[s])
-    for s in range(pool.slabs):                                                  # contents survive other writes
-        assert torch.equal(pool.slab_bytes(s), blobs[s])
         precision, slot = pool.slot(s)
         own, stacked = pool.slab_stacks(s), pool.stacks[precision]
         for a, b in zip(own, stacked, strict=True):                              # class stacks see the slab
             for name, t in vars(a).items():
                 if isinstance(t, torch.Tensor):
                     assert torch.equal(t[0].view(torch.uint8), getattr(b, name)[slot].view(torch.uint8))
+    for i, (precision, slot) in enumerate(where):                                # ... and every staging slot
+        fields = [t[slot] for stack in pool.stacks[precision] for t in vars(stack).values() if isinstance(t, torch.Tensor)]
+        start = pool.staging_bytes(i).data_ptr()
+        assert min(f.data_ptr() for f in fields) == start
+        assert max(f.data_ptr() + f.numel() * f.element_size() for f in fields) == start + pool.staging_bytes(i).numel()
+        assert slot >= pool.region[precision].count                             # after the ledger's slabs
 
 
 @settings(max_examples=20, deadline=None)

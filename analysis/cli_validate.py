@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resim", type=Path, default=None, metavar="MEASURED_DIR",
                    help="no runtime: simulate again every case measured into MEASURED_DIR (its *.measured.npz and "
                    "*.case.json) with --hardware and compare; writes to --out")
+    p.add_argument("--reference-host", action="store_true",
+                   help="price every run's host work at the speed the profile's host costs were fitted at, not at the "
+                   "run's own host probe (runtime/host_log.py host_probe_s)")
     p.add_argument("overrides", nargs="*", help="moebits runtime overrides (policy=..., budget=..., workload...)")
     p.set_defaults(func=run)
 
@@ -72,14 +75,14 @@ def read_cases(path: Path | None, case: str, overrides: list[str]) -> list[tuple
 def run(args: argparse.Namespace) -> int:
     hw = load_hardware(args.hardware)
     if args.resim is not None:
-        rows = [c.row for c in resimulate(args.resim, hw, args.out)]
+        rows = [c.row for c in resimulate(args.resim, hw, args.out, host_speed=not args.reference_host)]
         (args.out / "fidelity.md").write_text(summary_md(json.loads((args.out / "fidelity.json").read_text())))
         print(summary_md(rows))
         return 0 if all(r["decisions_match"] for r in rows) else 1
     ok = True
     for case, overrides in read_cases(args.cases_file, args.case, list(args.overrides)):
         try:
-            r = validate(overrides, hw, args.out, case).row
+            r = validate(overrides, hw, args.out, case, host_speed=not args.reference_host).row
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others' rows
             if args.cases_file is None:
                 raise

@@ -131,7 +131,9 @@ class HostCosts:
     record; on top of ``HardwareProfile.layer_sync_s``); ``observe_s``: per policy (its registry name),
     ``[seconds per observed layer step, seconds per observed expert]`` of ``Driver.observe`` (a policy
     not listed observes for free); ``fit``: how they were fitted, for the record; ``probe_s``: the host speed
-    they hold at (``runtime.host_log.host_probe_s`` seconds; 0: unknown, never rescaled).
+    they hold at (``runtime.host_log.host_probe_s`` seconds; 0: unknown, never rescaled); ``speed_exponent``:
+    on a host whose probe reads ``p``, every cost is ``(p / probe_s) ** speed_exponent`` times longer (1: in
+    proportion; below 1: part of the host work, driver calls and syncs, does not follow the CPU's speed).
     """
 
     pass_s: float = 0.0
@@ -140,9 +142,10 @@ class HostCosts:
     observe_s: dict[str, list[float]] = field(default_factory=dict)
     fit: dict[str, float] = field(default_factory=dict)
     probe_s: float = 0.0
+    speed_exponent: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("pass_s", "copy_s", "entry_s", "probe_s"):
+        for name in ("pass_s", "copy_s", "entry_s", "probe_s", "speed_exponent"):
             if getattr(self, name) < 0:
                 raise ValueError(f'host costs: "{name}" must be >= 0, got {getattr(self, name)}')
         if not isinstance(self.observe_s, dict):
@@ -158,10 +161,14 @@ class HostCosts:
         c = self.observe_s.get(policy)
         return (c[0], c[1]) if c else (0.0, 0.0)
 
-    def scaled(self, factor: float) -> HostCosts:
-        """Every cost ``factor`` times longer (a host ``factor`` times slower)."""
+    def speed_factor(self, probe_s: float) -> float:
+        """How many times longer every cost is on a host whose probe reads ``probe_s``."""
+        return (probe_s / self.probe_s) ** self.speed_exponent
+
+    def scaled(self, factor: float, probe_s: float | None = None) -> HostCosts:
+        """Every cost ``factor`` times longer (now held at ``probe_s``, when given)."""
         return dataclasses.replace(self, pass_s=self.pass_s * factor, copy_s=self.copy_s * factor,
-                                   entry_s=self.entry_s * factor, probe_s=self.probe_s * factor,
+                                   entry_s=self.entry_s * factor, probe_s=self.probe_s if probe_s is None else probe_s,
                                    observe_s={p: [c[0] * factor, c[1] * factor] for p, c in self.observe_s.items()})
 
 
@@ -298,14 +305,14 @@ class HardwareProfile:
 
     def at_host_speed(self, probe_s: float | None) -> HardwareProfile:
         """This profile on a host whose speed probe reads ``probe_s`` (``runtime.host_log.host_probe_s``): the
-        host-side costs (``host_costs``, ``layer_sync_s``, ``stall_sync_s``) scaled by ``probe_s`` over the probe
-        they were fitted at; the device side (``pass_io_s`` included) unchanged. Unchanged when either probe is
-        unknown."""
+        host-side costs (``host_costs``, ``layer_sync_s``, ``stall_sync_s``) scaled by
+        :meth:`HostCosts.speed_factor`; the device side (``pass_io_s`` included) unchanged. Unchanged when either
+        probe is unknown."""
         hc = self.host_costs
         if hc is None or not hc.probe_s or not probe_s:
             return self
-        f = probe_s / hc.probe_s
-        return dataclasses.replace(self, host_costs=hc.scaled(f), layer_sync_s=self.layer_sync_s * f,
+        f = hc.speed_factor(probe_s)
+        return dataclasses.replace(self, host_costs=hc.scaled(f, probe_s), layer_sync_s=self.layer_sync_s * f,
                                    stall_sync_s=self.stall_sync_s * f)
 
     def graph_table(self, spec: ModelSpec, prefill: bool, classes: list[str] | None = None) -> GraphPassTable | None:

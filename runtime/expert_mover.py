@@ -72,21 +72,17 @@ class SyncStreams:
 
 
 class CudaStreams:
-    """A dedicated copy stream; fences on the current (compute) stream. ``chunk_bytes`` > 0: a copy goes as
-    pieces of at most that many bytes (one DMA each), so that a small copy on another stream (a pass's
-    inputs, a table write) waits behind one piece rather than a whole expert."""
+    """A dedicated copy stream; fences on the current (compute) stream. (Copies in 1 MiB pieces were tried
+    against the copy bubble, benchmarks/copy_bubble.sh: no change on the H200; one copy each.)"""
 
-    def __init__(self, device: torch.device, chunk_bytes: int = 0) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device)
-        self.chunk_bytes = chunk_bytes
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any | None) -> Any:
         if after is not None:
             self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
-            n, step = dst.numel(), self.chunk_bytes or dst.numel()
-            for a in range(0, n, step):
-                dst[a:a + step].copy_(src[a:a + step], non_blocking=True)
+            dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         return ev

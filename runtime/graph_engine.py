@@ -47,7 +47,6 @@ runtime (:class:`runtime.engine.RuntimeEngine`) serves all three.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,8 +176,7 @@ class GraphEngine:
         self.model = make_model(self.pool, self.table)
         self.model.forced = replay
         cuda = self.device.type == "cuda"
-        chunk = int(os.environ.get("MOEBITS_COPY_CHUNK_BYTES", "0"))   # experiment knob (benchmarks/copy_bubble.sh)
-        self.mover = ExpertMover(self.pool, self.table, rows, CudaStreams(self.device, chunk) if cuda else SyncStreams())
+        self.mover = ExpertMover(self.pool, self.table, rows, CudaStreams(self.device) if cuda else SyncStreams())
         keys = [[ExpertKey(layer, e) for e in range(spec.experts)] for layer in range(spec.layers)]
         self.mech = MoverMechanism(self.mover, self.precisions, keys)
         self.driver.attach(self.mech)

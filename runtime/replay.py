@@ -130,7 +130,8 @@ def no_gc_pauses() -> Iterator[None]:
 
 
 def _pass_input(engine: GraphEngine, view: LayerSteps, i: int, n: int) -> PassInput:
-    """The pass whose first layer step is ``i``: rows (sequence, position) and routing, pinned on a GPU."""
+    """The pass whose first layer step is ``i``: rows (sequence, position) and routing, on the engine's device
+    (``MOEBITS_INPUTS=host``: pinned host memory, uploaded per pass)."""
     batch, pidx, T = int(view.ls_batch[i]), int(view.ls_pass[i]), int(view.ls_tokens[i])
     if pidx == 0:
         seq, pos = torch.zeros(T, dtype=torch.int32), torch.arange(T, dtype=torch.int32)
@@ -138,9 +139,12 @@ def _pass_input(engine: GraphEngine, view: LayerSteps, i: int, n: int) -> PassIn
         prompt = int(view.ls_tokens[i - int(view.ls_pass[i]) * engine.spec.layers])  # this batch's prefill pass
         seq, pos = torch.arange(T, dtype=torch.int32), torch.full((T,), prompt + pidx - 1, dtype=torch.int32)
     ids, w = pass_routing(view, i, engine.spec.layers, engine.spec.top_k)
-    cuda = engine.device.type == "cuda"  # pinned: copied without a stream sync; on the device: no DMA per pass
-    on_device = cuda and os.environ.get("MOEBITS_INPUTS", "host") == "device"   # experiment knob (copy_bubble.sh)
-    t, s, p, i_t, w_t = (x.to(engine.device) if on_device else x.pin_memory() if cuda else x
+    # on the device before the clock starts, as a serving engine's inputs are (sampled tokens, positions and the
+    # router's output never leave the GPU): uploaded per pass, these small copies queued on the copy engine
+    # behind the expert copies of the boundary before the pass (+33% on those passes, benchmarks/copy_bubble.sh)
+    on_device = os.environ.get("MOEBITS_INPUTS", "device") == "device"   # "host": pinned uploads (copy_bubble.sh)
+    pin = engine.device.type == "cuda" and not on_device
+    t, s, p, i_t, w_t = (x.pin_memory() if pin else x.to(engine.device)
                          for x in (torch.zeros(T, dtype=torch.long), seq, pos, torch.from_numpy(ids), torch.from_numpy(w)))
     return PassInput(batch, pidx, t, s, p, i_t, w_t, flat=flat_routing(ids, engine.spec.experts))
 

@@ -356,6 +356,15 @@ def test_fit_pass_recovers_pass_and_copy_costs() -> None:
     assert fit_pass([one]) == (pytest.approx(54e-6), 0.0)                   # one copy count: mean, slope 0
 
 
+def test_fit_pass_charges_a_copy_where_it_lands_too() -> None:
+    """A copy costs the host 40 us at issue and 12 us one boundary later (landing): the fit finds the pass's
+    own cost and charges both at issue (``copy_s`` = 52 us)."""
+    k = np.array([0, 0, 8, 0, 8, 1, 0, 7, 0, 8, 3, 0], np.int64)
+    h = _passes(k.tolist(), 100e-6, 0.0)
+    h["pass_s"] = h["pass_s"] + 40e-6 * k + 12e-6 * np.r_[0, k[:-1]]
+    assert fit_pass([_hr(h, "dynaexq")]) == pytest.approx((100e-6, 52e-6), rel=1e-6)
+
+
 def test_host_runs_reads_only_calibration_cases_with_a_host_log(tmp_path: Path) -> None:
     """Calibration cases (cal_*) with a host log; a validation case in the same folder is never fitted to."""
     info = {"summary": {"policy": "dynaexq", "observe": "per-pass"}}
@@ -401,6 +410,16 @@ def test_a_profile_at_another_host_speed_scales_the_host_side_only() -> None:
     assert hw.at_host_speed(None) is hw                          # a run without a probe: as fitted
     unknown = dataclasses.replace(hw, host_costs=dataclasses.replace(hc, probe_s=0.0))
     assert unknown.at_host_speed(2.5e-5) is unknown              # costs fitted without a probe: never rescaled
+
+
+def test_a_speed_exponent_below_one_scales_host_costs_less_than_the_probe() -> None:
+    hc = HostCosts(pass_s=1e-4, observe_s={"dynaexq": [1e-5, 0.0]}, probe_s=1e-5, speed_exponent=0.5)
+    hw = dataclasses.replace(graph_hw(hc), layer_sync_s=4e-5)
+    slow = hw.at_host_speed(4e-5)                                # a probe 4x longer: costs 4 ** 0.5 = 2x
+    assert slow.host_costs is not None and slow.host_costs.pass_s == pytest.approx(2e-4)
+    assert slow.layer_sync_s == pytest.approx(8e-5) and slow.host_costs.observe_s["dynaexq"][0] == pytest.approx(2e-5)
+    with pytest.raises(ValueError, match="speed_exponent"):
+        HostCosts(speed_exponent=-1.0)
 
 
 def test_host_probe_times_a_fixed_workload() -> None:

@@ -159,6 +159,12 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
             expert_intermediate=1408, shared_experts=1, shared_intermediate=5632,
             attention_params=_gqa(2048, 16, 16, 128), vocab_size=151936,
         ),
+        # the trained moebits MoE (train/model.py's default size), as its captured traces record it
+        # (train/data/traces/*.parquet; tests check they agree): for synthetic workloads on its shape
+        ModelSpec(
+            "moebits-default", layers=8, experts=32, top_k=4, hidden=128, expert_intermediate=128,
+            attention_params=40960, vocab_size=256,
+        ),
     )
 }
 

@@ -102,6 +102,7 @@ def graph_replay(engine: GraphEngine, view: LayerSteps, *, seed: int = 0, progre
     _fill_tokens(inputs, engine.spec.vocab_size, seed)
     for rows in sorted({int(t) for t in np.unique(view.ls_tokens)}):
         engine.runner(rows)       # capture every pass size before the clock starts
+    pin_host_thread()
     with no_gc_pauses():
         engine.host_log.probe()   # the host's speed around the timed loop (runtime.host_log.host_probe_s)
         engine.start()
@@ -109,6 +110,14 @@ def graph_replay(engine: GraphEngine, view: LayerSteps, *, seed: int = 0, progre
             engine.run_pass(p)
         engine.host_log.probe()
     return engine.finish()
+
+
+def pin_host_thread() -> None:
+    """``MOEBITS_PIN_CPU=N``: run the host loop on CPU ``N`` only (an experiment, ``benchmarks/host_modes.sh``: the
+    H200 machine's host speed has two modes ~2x apart, docs/FIDELITY.md session 5; does one core keep one mode?)."""
+    cpu = os.environ.get("MOEBITS_PIN_CPU")
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(cpu)})
 
 
 @contextmanager

@@ -68,6 +68,13 @@ def test_every_model_preset_has_a_yaml() -> None:
     assert {preset_stem(n) for n in MODEL_PRESETS} <= set(presets("model"))
 
 
+def test_the_trained_model_preset_is_the_spec_its_traces_record() -> None:
+    from moebits.traces.format import read_trace
+
+    trace = read_trace(Path(__file__).parents[1] / "train" / "data" / "traces" / "evaluation_code.parquet")
+    assert trace.spec == MODEL_PRESETS["moebits-default"]
+
+
 @pytest.mark.parametrize("name", presets("hardware"))
 def test_hardware_presets(hydra_ctx: None, name: str) -> None:
     hw = run_config(f"hardware={name}").hardware

@@ -11,7 +11,8 @@ ignored; each run's host log,
 2. ``HostCosts.pass_s`` and ``copy_s``: least squares of each per-pass-seam pass's host work (its
    host seconds less waiting and observing; the first two passes left out: warm-up) on
    ``[1, copies issued, copies issued one boundary earlier]`` (a copy's bookkeeping when it lands);
-   ``copy_s`` = both slopes, charged at issue;
+   ``copy_s`` = both slopes, charged at issue; ``stage_s``: the per-layer runs' ``stage`` section per expert
+   streamed through a staging slab;
 3. ``pass_io_s``: a static policy on whole-step graphs (device-bound: the host waits), the measured
    median TPOT less the simulated one: the pass's own copies outside its graph;
 4. ``layer_sync_s`` and ``HostCosts.entry_s``: from static policies on per-layer graphs (no
@@ -128,6 +129,18 @@ def fit_pass(runs: list[HostRun]) -> tuple[float, float]:
     return _lstsq(x[:, 0], y)
 
 
+def fit_stage(runs: list[HostRun]) -> float:
+    """``stage_s``: the per-layer-seam runs' host seconds in their ``stage`` section (a bypassed expert's copy and
+    launch, issued by the host) per expert streamed; 0 without such runs (the simulator then charges ``copy_s``)."""
+    secs = bypassed = 0.0
+    for r in runs:
+        h = r.run.host
+        if r.seam == "per-layer" and "sec_stage" in h:
+            secs += float(h["sec_stage"].sum()) * r.to_ref
+            bypassed += summarize(r.run)["bypasses"]
+    return secs / bypassed if bypassed else 0.0
+
+
 def _decode_passes(r: RunResult) -> int:
     starts = r.pass_starts()
     return int(np.count_nonzero(r.ls_pass[starts] > 0))
@@ -192,7 +205,7 @@ def _fit_at(hw: HardwareProfile, measured: Path, runs: list[HostRun], exponent: 
             io_case_name: str) -> HardwareProfile:
     """The fit of the module docstring, host seconds normalized with ``exponent``."""
     pass_s, copy_s = fit_pass(runs)
-    hc = HostCosts(pass_s=pass_s, copy_s=copy_s, observe_s=fit_observe(runs),
+    hc = HostCosts(pass_s=pass_s, copy_s=copy_s, observe_s=fit_observe(runs), stage_s=fit_stage(runs),
                    fit={"runs": float(len(runs))}, probe_s=reference_probe_s(runs), speed_exponent=exponent)
     base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0, pass_io_s=0.0, host_costs=hc)
     io_case = measured / f"{io_case_name}.case.json"
@@ -219,7 +232,8 @@ def describe(hw: HardwareProfile) -> str:
     hc = hw.host_costs or HostCosts()
     lines = [f"layer_sync_s {hw.layer_sync_s * 1e6:.1f} us, stall_sync_s {hw.stall_sync_s * 1e6:.1f} us, "
              f"pass_io_s {hw.pass_io_s * 1e6:.1f} us, "
-             f"pass_s {hc.pass_s * 1e6:.1f} us, copy_s {hc.copy_s * 1e6:.1f} us, entry_s {hc.entry_s * 1e6:.2f} us, "
+             f"pass_s {hc.pass_s * 1e6:.1f} us, copy_s {hc.copy_s * 1e6:.1f} us, stage_s {hc.stage_s * 1e6:.1f} us, "
+             f"entry_s {hc.entry_s * 1e6:.2f} us, "
              f"host probe {hc.probe_s * 1e6:.1f} us, speed exponent {hc.speed_exponent:g}"]
     lines += [f"observe {p}: {c[0] * 1e6:.1f} us/step + {c[1] * 1e6:.2f} us/expert" for p, c in hc.observe_s.items()]
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 # between them; host and device timing drift between calls far apart, docs/FIDELITY.md session 5). Each part fits
 # one 10-minute call; results go to OUTDIR as at most 8 files (tarballs), for the device tool to bring back.
 #   part 1: host modes (benchmarks/host_modes.sh: does MOEBITS_PIN_CPU keep one host speed?), the whole-pass designs
-#           (benchmarks/h200_all_designs.sh, GPU tests first), the calibration cases (all three shapes)
+#           (benchmarks/h200_all_designs.sh, GPU tests first), the 21 calibration cases (all three shapes, staging)
 #           -> OUTDIR/part1.tgz
 #   part 2: every validation case (Qwen3, trained model, Llama-4, 48 layers, coverage, staging), then as many of
 #           the b1 cases again (CASE_r2) as time allows -> OUTDIR/part2.tgz

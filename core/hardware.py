@@ -127,7 +127,8 @@ class HostCosts:
 
     ``pass_s``: per pass on the per-pass seam (inputs, graph launch, routing read-back, table snapshot);
     ``copy_s``: per copy a policy issues (promotion or prefetch: slab bookkeeping, the copy's launch, table
-    writes); ``entry_s``: per distinct expert of a layer step on the per-layer seam (the miss rule, the
+    writes); ``stage_s``: per expert streamed through a staging slab on the per-layer seam (its copy and its
+    launch, both issued by the host; 0: ``copy_s``); ``entry_s``: per distinct expert of a layer step on the per-layer seam (the miss rule, the
     record; on top of ``HardwareProfile.layer_sync_s``); ``observe_s``: per policy (its registry name),
     ``[seconds per observed layer step, seconds per observed expert]`` of ``Driver.observe`` (a policy
     not listed observes for free); ``fit``: how they were fitted, for the record; ``probe_s``: the host speed
@@ -143,9 +144,10 @@ class HostCosts:
     fit: dict[str, float] = field(default_factory=dict)
     probe_s: float = 0.0
     speed_exponent: float = 1.0
+    stage_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("pass_s", "copy_s", "entry_s", "probe_s", "speed_exponent"):
+        for name in ("pass_s", "copy_s", "entry_s", "probe_s", "speed_exponent", "stage_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f'host costs: "{name}" must be >= 0, got {getattr(self, name)}')
         if not isinstance(self.observe_s, dict):
@@ -168,7 +170,7 @@ class HostCosts:
     def scaled(self, factor: float, probe_s: float | None = None) -> HostCosts:
         """Every cost ``factor`` times longer (now held at ``probe_s``, when given)."""
         return dataclasses.replace(self, pass_s=self.pass_s * factor, copy_s=self.copy_s * factor,
-                                   entry_s=self.entry_s * factor, probe_s=self.probe_s if probe_s is None else probe_s,
+                                   stage_s=self.stage_s * factor, entry_s=self.entry_s * factor, probe_s=self.probe_s if probe_s is None else probe_s,
                                    observe_s={p: [c[0] * factor, c[1] * factor] for p, c in self.observe_s.items()})
 
 

@@ -34,7 +34,7 @@ Timing of one layer step, starting at ``t0`` (the end of the previous one):
    when its copy is done and the device is free (after the step's cached experts); the step
    ends when the last one is computed. On a graph profile (the graph-captured runtime,
    :mod:`runtime.graph_engine`) the staged launches come first, from ``start``: the host issues
-   each copy and launch (``HostCosts.copy_s`` apiece), a launch costs one expert of the graph
+   each copy and launch (``HostCosts.stage_s`` apiece), a launch costs one expert of the graph
    table plus ``launch_s``, and the cached experts start once both the staged launches and the
    host are done (:meth:`Engine.stream_first`).
 
@@ -431,11 +431,12 @@ class Engine:
 
     def stream_first(self, t0: float, bypass: list[tuple[int, int]], i: int) -> tuple[float, float]:
         """The graph runtime's staging (module docstring, step 5): from ``t0`` the host issues, per bypassed
-        expert, its copy and launch (``HostCosts.copy_s`` each); copy ``j`` is queued once the host issued it and
-        slot ``j mod S`` is free, the launch runs when the copy is done and the device is free (graph-table
-        seconds of one expert plus a launch). Returns (device free, host done)."""
+        expert, its copy and launch (``HostCosts.stage_s`` each, else ``copy_s``); copy ``j`` is queued once the
+        host issued it and slot ``j mod S`` is free, the launch runs when the copy is done and the device is free
+        (graph-table seconds of one expert plus a launch). Returns (device free, host done)."""
         nbytes, submit, slots = self._stage_bytes, self.h2d.submit, self.staging_slots
-        issue_s = self.host_costs.copy_s if self.host_costs is not None else 0.0
+        hc = self.host_costs
+        issue_s = (hc.stage_s or hc.copy_s) if hc is not None else 0.0
         ts, cs = self._graph[1][i][self._stage_p], self._graph[2][i][self._stage_p]   # type: ignore[index]
         slot_free, device_free, host = [t0] * slots, t0, t0
         for j, (_, tokens) in enumerate(bypass):

@@ -269,6 +269,9 @@ def test_staged_experts_are_issued_by_the_host_before_the_cached_ones(view: Any)
     assert eng1.counts["bypasses"] == eng0.counts["bypasses"] > 0 and s["promotions"] > 0
     issued = s["promotions"] + s["prefetches"] + eng1.counts["bypasses"]
     assert r.end_s[-1] - base.end_s[-1] == pytest.approx(1e-3 * issued, rel=1e-2)   # host-bound: ~1 ms apiece
+    _, r2, _ = run(HostCosts(copy_s=1e-3, stage_s=3e-3))                          # a staged expert's own cost
+    extra = 1e-3 * (s["promotions"] + s["prefetches"]) + 3e-3 * eng1.counts["bypasses"]
+    assert r2.end_s[-1] - base.end_s[-1] == pytest.approx(extra, rel=1e-2)
     assert _decisions(r, s) == _decisions(base, base_s)
     assert s["h2d_bytes"] == s["h2d_weight_bytes"] + eng1.counts["bypasses"] * SPEC.expert_bytes("bf16")
 
@@ -420,6 +423,22 @@ def test_a_speed_exponent_below_one_scales_host_costs_less_than_the_probe() -> N
     assert slow.layer_sync_s == pytest.approx(8e-5) and slow.host_costs.observe_s["dynaexq"][0] == pytest.approx(2e-5)
     with pytest.raises(ValueError, match="speed_exponent"):
         HostCosts(speed_exponent=-1.0)
+
+
+def test_fit_stage_is_the_stage_section_per_streamed_expert(view: Any, model_parts: tuple) -> None:  # noqa: F811
+    """A cache streaming misses through its staging slab on the CPU graph path: the host log's ``stage`` section
+    over the experts streamed; runs without a staging slab give 0 (the simulator then charges copy_s)."""
+    from moebits.analysis.hostcost import fit_stage
+    from moebits.runtime.replay import graph_replay
+
+    torch.set_num_threads(1)
+    engine = graph_engine(build_policy(_cfg("lru_offload", precision="bf16")), ("bf16", 0.3), view, model_parts, 0)
+    result = graph_replay(engine, view)
+    assert engine.counts["bypasses"] > 0 and "sec_stage" in result.host
+    run = HostRun(Path("cal_x.case.json"), result, "lru_offload", "per-layer")
+    assert fit_stage([run]) == pytest.approx(result.host["sec_stage"].sum() / engine.counts["bypasses"])
+    assert fit_stage([dataclasses.replace(run, to_ref=0.5)]) == pytest.approx(0.5 * fit_stage([run]))
+    assert fit_stage([dataclasses.replace(run, seam="per-pass")]) == 0.0
 
 
 def test_host_probe_times_a_fixed_workload() -> None:

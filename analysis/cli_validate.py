@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases-file", type=Path, default=None,
                    help="several cases in one process: one per line, 'CASE override override ...' (the positional "
                    "overrides are added to every line; '#' starts a comment)")
-    p.add_argument("--resim", type=Path, default=None, metavar="MEASURED_DIR",
-                   help="no runtime: simulate again every case measured into MEASURED_DIR (its *.measured.npz and "
-                   "*.case.json) with --hardware and compare; writes to --out")
+    p.add_argument("--resim", type=Path, nargs="+", default=None, metavar="MEASURED_DIR",
+                   help="no runtime: simulate again every case measured into each MEASURED_DIR (its *.measured.npz and "
+                   "*.case.json) with --hardware and compare; writes one table to --out")
     p.add_argument("--reference-host", action="store_true",
                    help="price every run's host work at the speed the profile's host costs were fitted at, not at the "
                    "run's own host probe (runtime/host_log.py host_probe_s)")
@@ -75,7 +75,7 @@ def read_cases(path: Path | None, case: str, overrides: list[str]) -> list[tuple
 def run(args: argparse.Namespace) -> int:
     hw = load_hardware(args.hardware)
     if args.resim is not None:
-        rows = [c.row for c in resimulate(args.resim, hw, args.out, host_speed=not args.reference_host)]
+        rows = [c.row for d in args.resim for c in resimulate(d, hw, args.out, host_speed=not args.reference_host)]
         (args.out / "fidelity.md").write_text(summary_md(json.loads((args.out / "fidelity.json").read_text())))
         print(summary_md(rows))
         return 0 if all(r["decisions_match"] for r in rows) else 1

@@ -178,7 +178,7 @@ def simulate_like(cfg: Any, device_type: str, hw: HardwareProfile, summary: dict
     engine = Engine(view, spec, hw if full_step else moe_only(hw), policy, budget, seed=cfg.seed, sensitivity=table,
                     profile=profile, observe_lag=cfg.observe_lag, route_lag=cfg.route_lag, policy_hw=cfg.hardware)
     sim = engine.run()
-    labels = {"policy": summary["policy"], "batch": cfg.workload.batch, "trace": summary["workload"],
+    labels = {"policy": summary["policy"], "batch": cfg.workload.batch, "trace": repo_relative(summary["workload"]),
               "budget_gb": budget / 1e9, "observe_lag": cfg.observe_lag, "route_lag": cfg.route_lag,
               "layers": spec.layers, "model": f"{spec.name} {spec.hidden}x{spec.expert_intermediate}",
               "device": summary.get("device"),
@@ -186,6 +186,16 @@ def simulate_like(cfg: Any, device_type: str, hw: HardwareProfile, summary: dict
               "sim_non_moe": "modelled" if full_step else "zero (the replay ran MoE layers only)",
               "hardware": hw.name}
     return sim, labels
+
+
+def repo_relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (rows name traces the same on any machine)."""
+    from moebits.drive.app import CONF_DIR
+
+    try:
+        return str(Path(path).relative_to(CONF_DIR.parent))
+    except ValueError:
+        return path
 
 
 def validate(overrides: list[str], hw: HardwareProfile, out_dir: Path, label: str = "",

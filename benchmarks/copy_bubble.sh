@@ -7,7 +7,8 @@
 #   device  the default: inputs staged on the device before the timed loop (no input DMA per pass).
 # Session 5 also tried expert copies in 1 MiB pieces (no change: the copy engine is FIFO); removed since.
 # Usage (repository root, device recipe PYTHONPATH): bash benchmarks/copy_bubble.sh OUTDIR [CASE_OVERRIDES...]
-# Writes OUTDIR/val (one measured run per variant, graded with calibrated_h200; moebits analysis validate --resim).
+# Writes OUTDIR/val (one measured run per variant, graded with calibrated_h200; moebits analysis validate --resim)
+# and OUTDIR/copy_bubble.json (benchmarks/copy_bubble_summary.py: passes after copies against the others).
 set -u
 out=${1:?usage: bash benchmarks/copy_bubble.sh OUTDIR [overrides]}; shift; mkdir -p "$out"
 case_args=${*:-policy=dynaexq budget=bf16_50pct workload.max_seqs=2 route_lag=2 runtime.layers=48}
@@ -16,3 +17,5 @@ for v in host device; do
   MOEBITS_INPUTS=$v timeout 120 python3 -m moebits analysis validate --hardware conf/hardware/calibrated_h200.yaml \
     --out "$out/val" --case "cb_$v" -- $case_args runtime.engine=GRAPH progress=false 2>&1 | grep -v Warning | tail -1
 done
+${PYTHON:-python3} benchmarks/copy_bubble_summary.py "$out/val" -o "$out/copy_bubble.json" \
+  --machine "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1), $(date -u +%FT%RZ)"

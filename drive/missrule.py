@@ -55,6 +55,17 @@ class Choice(NamedTuple):
     bypass: list[tuple[int, int]]
 
 
+def tokens_served(choice: Choice, stage_p: int) -> list[int]:
+    """Tokens per precision index a step served, its bypassed experts' at the staging precision ``stage_p``
+    (``choice.tok`` itself when nothing was bypassed), as every engine records them."""
+    if not choice.bypass:
+        return choice.tok
+    tok = list(choice.tok)
+    for _, n in choice.bypass:
+        tok[stage_p] += n
+    return tok
+
+
 class Masks(Protocol):
     """A layer's residency bitmask per expert: ``masks[expert]`` (a list, or a view)."""
 

@@ -43,7 +43,7 @@ from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
 from moebits.drive.context import PolicyError, precision_order, prepare_policy
 from moebits.drive.driver import Driver
-from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, served_row
+from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, served_row, tokens_served
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult, StepIndex, snapshot
 from moebits.policies.base import LayerObs, MissRule, Policy
@@ -375,10 +375,7 @@ class RuntimeEngine:
         rec.stall_s.append(stall)
         rec.host_wait_s.append(host_s)
         rec.err.append(choice.err)
-        tok = list(choice.tok)
-        for _, n in choice.bypass:  # streamed experts count at the staging precision
-            tok[self._stage_p] += n
-        rec.act.extend(tok)
+        rec.act.extend(tokens_served(choice, self._stage_p))
         rec.act.append(sum(t for _, t in choice.host))
         self._marks.append(self.clock.mark())
         self.steps += 1

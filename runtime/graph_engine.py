@@ -61,7 +61,7 @@ from moebits.core.quality import SensitivityTable
 from moebits.core.routing import LayerSteps
 from moebits.drive.context import policy_name, precision_order, prepare_policy
 from moebits.drive.driver import Driver, read_lag
-from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
+from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row, tokens_served
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult, StepIndex, snapshot
 from moebits.policies.base import LayerObs, MissRule, Policy
@@ -423,12 +423,7 @@ class GraphEngine:
         rec.stall_s.append(stall)
         rec.host_wait_s.append(0.0)
         rec.err.append(choice.err)
-        tok = choice.tok
-        if choice.bypass:   # streamed experts count at the staging precision
-            tok = list(tok)
-            for _, n in choice.bypass:
-                tok[self._stage_p] += n
-        rec.act.extend(tok)
+        rec.act.extend(tokens_served(choice, self._stage_p))
         rec.act.append(0)
         if rec.served is not None:
             rec.served.append(served_row(choice, ex[1], 0, self.precisions))

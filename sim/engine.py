@@ -77,7 +77,7 @@ from moebits.core.routing import LayerSteps
 from moebits.core.slabs import InfeasibleError, Refusal  # InfeasibleError: re-exported (__all__)
 from moebits.drive.context import PolicyError, policy_name, prepare_policy
 from moebits.drive.driver import Driver, per_pass
-from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row
+from moebits.drive.missrule import Choice, Residency, choose, lowest_bits, no_copy, served_row, tokens_served
 from moebits.drive.quality import error_table
 from moebits.drive.records import Recorder, RunResult, snapshot
 from moebits.policies.base import Action, LayerObs, MissRule, Policy
@@ -380,18 +380,15 @@ class Engine:
             for p in range(self.P):
                 if cnt[p]:
                     gpu += group_s(p, tok[p], cnt[p])
-        if bypass and self._graph is not None:   # the graph runtime: staged launches first, then the layer's graph
-            staged_end, host_end = self.stream_first(start, bypass, i)
-            start_c = staged_end if staged_end > host_end else host_end
-            gpu_end = start_c + gpu
-            for _, n in bypass:
-                tok[self._stage_p] += n
-        elif bypass:
-            gpu_end = self.stream(t1, start + gpu, bypass)
-            for _, n in bypass:
-                tok[self._stage_p] += n
-        else:
+        if not bypass:
             gpu_end = start + gpu
+        elif self._graph is not None:   # the graph runtime: staged launches first, then the layer's graph
+            staged_end, host_end = self.stream_first(start, bypass, i)
+            gpu_end = (staged_end if staged_end > host_end else host_end) + gpu
+        else:
+            gpu_end = self.stream(t1, start + gpu, bypass)
+        if bypass:
+            tok = tokens_served(choice, self._stage_p)
         end = gpu_end
         host_tokens = 0
         if host:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
@@ -122,6 +123,17 @@ def test_graph_path_validates_and_resimulates_on_cpu(tmp_path: Path, graph_profi
     for key in ("tpot_ms_measured", "tpot_ms_simulated", "promotions_simulated", "passes", "host_probe_us"):
         assert again[0].row[key] == c.row[key], key
     assert c.row["host_probe_us"] > 0 and c.row["host_speed"] is None   # the profile's host costs: no probe
+    assert c.row["trace"] == "traces/data/default.parquet"                 # named relative to the repository
+    from moebits.analysis.__main__ import main as analysis_main  # several measured folders, one table
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump(graph_profile.to_dict()))
+    (tmp_path / "m2").mkdir()
+    (tmp_path / "m2" / "dyn2.measured.npz").write_bytes((tmp_path / "m" / "dyn.measured.npz").read_bytes())
+    case = json.loads((tmp_path / "m" / "dyn.case.json").read_text()) | {"case": "dyn2"}
+    (tmp_path / "m2" / "dyn2.case.json").write_text(json.dumps(case))
+    assert analysis_main(["validate", "--resim", str(tmp_path / "m"), str(tmp_path / "m2"), "--hardware", str(prof),
+                          "--out", str(tmp_path / "two")]) == 0
+    assert [r["case"] for r in json.loads((tmp_path / "two" / "fidelity.json").read_text())] == ["dyn", "dyn2"]
     # host costs fitted at half the run's probe: the run's host was 2x slower, and the simulator is handed
     # the profile priced so (host_speed=False: as fitted)
     import moebits.analysis.fidelity as fid

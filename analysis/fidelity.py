@@ -13,8 +13,9 @@ decode) and one fidelity row:
 - ``tpot_err``, ``ttft_err``: relative error of the run's mean TPOT / TTFT, ``(sim - meas) / meas``;
   ``tpot_p50_err``: of the median TPOT (a measured mean also carries the host's rare long pauses,
   which no cost model predicts; the median does not);
-- repeatability (:func:`repeatability`): a case measured twice (``CASE`` and ``CASE_r2``) gives how
-  far two identical measured runs differ, the floor under any simulator's error;
+- repeatability (:func:`repeatability`): a case measured twice gives how far two identical measured runs
+  differ, the floor under any simulator's error: ``CASE_r2`` minutes later in the same device call (a repeat,
+  not graded), ``CASE_s2`` in a later call (an independent measurement, graded like ``CASE``);
 - ``step_err_p95`` / ``step_err_max``: 95th percentile / max of the per-pass relative latency error;
 - ``stall_s``, ``h2d_bytes``, ``promotions``: both sides, measured and simulated;
 - ``host_speed``: the host's speed during the measured run relative to the one the profile's host costs were
@@ -341,32 +342,51 @@ def table_md(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-REPEAT_SUFFIX = "_r2"
+REPEAT_SUFFIX = "_r2"   # the same case again minutes later in the same device call: a repeat, not graded
+LATER_SUFFIX = "_s2"    # the same case in a later device call: an independent measurement, graded
 CALIBRATION_PREFIX = "cal_"   # calibration cases (benchmarks/graph_cases_calibration.txt): fitted, never graded
 
 
 def graded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The validation rows: neither calibration cases (``cal_*``) nor second measurements (``*_r2``)."""
+    """The validation rows: neither calibration cases (``cal_*``) nor repeats (``*_r2``)."""
     return [r for r in rows if not str(r.get("case", "")).startswith(CALIBRATION_PREFIX)
             and not str(r.get("case", "")).endswith(REPEAT_SUFFIX)]
 
 
-def repeatability(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per case measured twice (``CASE`` and ``CASE_r2``): both measured TPOTs (mean and median) and
-    ``|a - b| / mean(a, b)`` of each, the measurement's own spread."""
+def repeatability(rows: list[dict[str, Any]], suffix: str = REPEAT_SUFFIX) -> list[dict[str, Any]]:
+    """Per case measured twice (``CASE`` and ``CASE`` + ``suffix``): both measured TPOTs (mean and median) and
+    ``|a - b| / mean(a, b)`` of each, the measurement's own spread; ``runtime_path`` of the first."""
     by = {r["case"]: r for r in rows}
     out = []
     for case, r in by.items():
-        twin = by.get(case + REPEAT_SUFFIX)
+        twin = by.get(case + suffix)
         if twin is None:
             continue
-        row: dict[str, Any] = {"case": case}
+        row: dict[str, Any] = {"case": case, "runtime_path": r.get("runtime_path")}
         for key in ("tpot_ms_measured", "tpot_p50_ms_measured"):
             a, b = r.get(key), twin.get(key)
             row[key] = [a, b]
             row[key.replace("_ms_measured", "_spread")] = abs(a - b) / ((a + b) / 2) if a and b else None
         out.append(row)
     return out
+
+
+def _error_line(label: str, rows: list[dict[str, Any]]) -> str:
+    e = np.array([abs(r["tpot_err"]) for r in rows if r.get("tpot_err") is not None])
+    if not e.size:
+        return ""
+    return (f"{label} ({e.size}): mean |TPOT error| {100 * e.mean():.2f}%, max {100 * e.max():.2f}%, within 1/3/5%: "
+            f"{int((e <= 0.01).sum())}/{int((e <= 0.03).sum())}/{int((e <= 0.05).sum())}.")
+
+
+def _spread_line(label: str, rep: list[dict[str, Any]]) -> str:
+    sp = np.array([r["tpot_spread"] for r in rep if r["tpot_spread"] is not None])
+    sp50 = np.array([r["tpot_p50_spread"] for r in rep if r["tpot_p50_spread"] is not None])
+    if not sp.size:
+        return ""
+    return (f"{label} ({sp.size} cases measured twice): mean TPOT differs by {100 * sp.mean():.2f}% on average, "
+            f"{100 * sp.max():.2f}% at most, within 1%: {int((sp <= 0.01).sum())}"
+            + (f"; median TPOT by {100 * sp50.mean():.2f}% / {100 * sp50.max():.2f}%." if sp50.size else "."))
 
 
 def summary_md(rows: list[dict[str, Any]]) -> str:
@@ -382,13 +402,15 @@ def summary_md(rows: list[dict[str, Any]]) -> str:
                    f"per-step p95 error worst {100 * st.max():.1f}% (target <= 5%)." if st.size else "")
     if t50.size:
         out.append(f"Median TPOT: mean |error| {100 * t50.mean():.2f}%, max {100 * t50.max():.2f}%.")
-    rep = [r for r in repeatability(rows) if r["tpot_spread"] is not None]
-    if rep:
-        sp = np.array([r["tpot_spread"] for r in rep])
-        sp50 = np.array([r["tpot_p50_spread"] for r in rep if r["tpot_p50_spread"] is not None])
-        out.append(f"Repeatability ({len(rep)} cases measured twice): mean TPOT differs by {100 * sp.mean():.2f}% on "
-                   f"average, {100 * sp.max():.2f}% at most; median TPOT by {100 * sp50.mean():.2f}% / "
-                   f"{100 * sp50.max():.2f}%.")
+    paths = sorted({str(r.get("runtime_path")) for r in first})
+    if len(paths) > 1:
+        out += [_error_line(f"  {p}", [r for r in first if str(r.get("runtime_path")) == p]) for p in paths]
+    for suffix, label in ((REPEAT_SUFFIX, "Repeatability, minutes apart in one call"),
+                          (LATER_SUFFIX, "Repeatability, a later device call")):
+        rep = repeatability(rows, suffix)
+        out.append(_spread_line(label, rep))
+        if len(paths) > 1 and rep:
+            out += [_spread_line(f"  {p}", [r for r in rep if str(r.get("runtime_path")) == p]) for p in paths]
     for r in rows:
         if not r.get("decisions_match"):
             out.append(f"- {r.get('case')}: decisions differ: {r.get('first_divergence')}")

@@ -187,15 +187,18 @@ def test_repeatability_pairs_a_case_with_its_second_measurement() -> None:
     rows = [{"case": "a", "tpot_ms_measured": 1.0, "tpot_p50_ms_measured": 0.9, "tpot_err": 0.1, "tpot_p50_err": 0.0},
             {"case": "a_r2", "tpot_ms_measured": 3.0, "tpot_p50_ms_measured": 0.9, "tpot_err": -0.5,
              "tpot_p50_err": 0.0},
-            {"case": "b", "tpot_ms_measured": 2.0, "tpot_p50_ms_measured": 2.0, "tpot_err": 0.02, "tpot_p50_err": 0.01}]
+            {"case": "b", "tpot_ms_measured": 2.0, "tpot_p50_ms_measured": 2.0, "tpot_err": 0.02, "tpot_p50_err": 0.01},
+            {"case": "b_s2", "tpot_ms_measured": 2.2, "tpot_p50_ms_measured": 2.0, "tpot_err": -0.08,
+             "tpot_p50_err": 0.01}]
     for r in rows:
         r |= {"step_err_p95": 0.01, "decisions_match": True}
     rep = repeatability(rows)
     assert [r["case"] for r in rep] == ["a"]
     assert rep[0]["tpot_spread"] == pytest.approx(1.0) and rep[0]["tpot_p50_spread"] == 0.0
     text = summary_md(rows)
-    assert "Repeatability (1 cases measured twice)" in text
-    assert "mean |TPOT error| 6.00%" in text   # the repeat (a_r2) is not graded twice
+    assert "minutes apart in one call (1 cases measured twice): mean TPOT differs by 100.00%" in text
+    assert "a later device call (1 cases measured twice): mean TPOT differs by 9.52%" in text
+    assert "mean |TPOT error| 6.67%" in text   # the repeat (a_r2) is not graded; the later call's b_s2 is
 
 
 def test_a_calibration_profile_is_cut_to_the_replayed_layers(tmp_path: Path) -> None:

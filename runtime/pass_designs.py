@@ -8,7 +8,9 @@ per pass size ``T`` (:class:`runtime.graph_serve.StepRunner`, ``GraphMode.WHOLE`
 precision at once. A *design* is a synthetic routing (``ids``/``weights [L, T, k]``: each layer
 routes its rows over a random subset of ``n`` experts, ``n`` drawn per layer between ``k`` and
 ``E``) plus a residency (each expert served from one precision, drawn with per-design shares)
-at a KV-cache position ``context``. Writing a design is writing the step's buffers and the
+at a KV-cache position ``context``; half the designs are drawn like a policy's, with skewed routing and the
+hottest experts at the highest precision (:func:`random_design`: without them the tables over-priced the
+frequency-placed pools of real traces by 5-7%, docs/FIDELITY.md session 6). Writing a design is writing the step's buffers and the
 residency table; the graph is replayed unchanged and timed with CUDA events (median of
 ``reps``), each timed replay queued behind another so that its launch is hidden as in serving. No trace is involved: calibration never sees the traces it is validated on.
 
@@ -81,19 +83,41 @@ class Design:
 
 def random_design(rng: np.random.Generator, spec: ModelSpec, rows: int, context: int, n_prec: int,
                   prefill: bool = False) -> Design:
-    """Routing over a random subset of ``n`` experts per layer (``k <= n <= E``), residency by random shares."""
+    """Routing over a random subset of ``n`` experts per layer (``k <= n <= E``), residency by random shares.
+
+    Half the designs are *like a policy's*: rows pick the pool's experts with Zipf-like odds (exponent 0.5-1.5,
+    a few hot experts carry most rows, as in real traces) and the hottest experts of each layer get the
+    highest precision (precision 0 first), as frequency- and hotness-driven policies place them; the other
+    half route uniformly over the pool and draw each expert's precision independently of its routing."""
     L, E, k = spec.layers, spec.experts, spec.top_k
     ids = np.zeros((L, rows, k), np.int32)
     shares = rng.dirichlet(np.full(n_prec, 0.6)) if rng.random() < 0.8 else np.eye(n_prec)[rng.integers(n_prec)]
+    like_policy = rng.random() < 0.5
+    skew = rng.uniform(0.5, 1.5) if like_policy else 0.0
     for layer in range(L):
         n = int(rng.integers(k, min(E, max(k, rows * k)) + 1))
         pool = rng.choice(E, size=n, replace=False)
+        odds = (1.0 + np.arange(n)) ** -skew
         for t in range(rows):
-            ids[layer, t] = rng.choice(pool, size=k, replace=False)
+            ids[layer, t] = rng.choice(pool, size=k, replace=False, p=odds / odds.sum())
     w = rng.random((L, rows, k)).astype(np.float32)
     w /= w.sum(-1, keepdims=True)
-    serve = rng.choice(n_prec, size=(L, E), p=shares)
+    if like_policy:
+        serve = np.stack([_by_heat(ids[layer], shares, E, rng) for layer in range(L)])
+    else:
+        serve = rng.choice(n_prec, size=(L, E), p=shares)
     return Design(rows, context, ids, w, serve, prefill)
+
+
+def _by_heat(ids: np.ndarray, shares: np.ndarray, experts: int, rng: np.random.Generator) -> np.ndarray:
+    """Precision index per expert ``[E]``: experts by rows routed to them (most first, ties at random), the first
+    ``shares[0]`` of them at precision 0, the next ``shares[1]`` at precision 1, and so on."""
+    heat = np.bincount(ids.ravel(), minlength=experts) + rng.random(experts) * 0.5
+    order = np.argsort(-heat)
+    bounds = np.round(np.cumsum(shares) * experts).astype(int)
+    serve = np.zeros(experts, np.int64)
+    serve[order] = np.searchsorted(bounds, np.arange(experts), side="right").clip(0, len(shares) - 1)
+    return serve
 
 
 def features(d: Design, n_prec: int, experts: int) -> tuple[np.ndarray, np.ndarray]:

@@ -84,3 +84,20 @@ def test_the_table_of_the_pools_class_set_is_chosen(graph_profile) -> None:  # n
     assert hw.graph_table(SPEC, False, ["bf16", "int4"]).fixed_s == [2.0]
     assert hw.graph_table(SPEC, False, ["int8"]).fixed_s == [3.0]
     assert hw.graph_table(SPEC, False, ["int2"]) is None
+
+
+def test_designs_like_a_policy_put_the_hottest_experts_at_the_highest_precision() -> None:
+    """Half the designs route with skew and place the hottest experts of each layer at precision 0 (the shares
+    in order); the rest draw each expert's precision independently. Every design stays a valid routing."""
+    from moebits.runtime.pass_designs import _by_heat, random_design
+
+    rng = np.random.default_rng(3)
+    ids = np.array([[0, 1], [0, 2], [0, 1], [3, 0]])   # expert 0: 4 rows, 1: 2, 2 and 3: 1 each
+    serve = _by_heat(ids, np.array([0.25, 0.75]), 8, rng)
+    assert serve.tolist().count(0) == 2 and serve[0] == 0 and serve[1] == 0   # the two hottest at precision 0
+    assert _by_heat(ids, np.array([0.0, 1.0]), 8, rng).tolist() == [1] * 8
+    for _ in range(20):
+        d = random_design(rng, SPEC, rows=4, context=16, n_prec=2)
+        assert d.ids.shape == (SPEC.layers, 4, SPEC.top_k) and d.serve.shape == (SPEC.layers, SPEC.experts)
+        assert all(len(set(row)) == SPEC.top_k for layer in d.ids for row in layer.tolist())   # k distinct experts
+        assert set(np.unique(d.serve)) <= {0, 1} and np.allclose(d.weights.sum(-1), 1.0, atol=1e-5)

@@ -40,7 +40,9 @@ print(open(sys.argv[2]).read())
 PY
 timeout 60 $py benchmarks/copy_check.py --hardware conf/hardware/calibrated_h200.yaml --out "$out/copy_check.json" 2>&1 \
   | grep -v Warning | tee -a "$log"
-cat ${GFID_CASES:-benchmarks/graph_cases.txt} > "$work/cases.txt"
+# GFID_SUFFIX (e.g. _s2): every case renamed CASE$GFID_SUFFIX (a later call's measurements, graded beside CASE)
+grep -hv '^\s*#' ${GFID_CASES:-benchmarks/graph_cases.txt} | grep -v '^\s*$' \
+  | sed -E "s/^([A-Za-z0-9_]+)/\1${GFID_SUFFIX:-}/" > "$work/cases.txt"
 t=$(left); echo "validating with ${t}s left" | tee -a "$log"
 timeout $(( t > 10 ? t : 10 )) $py -m moebits analysis validate --hardware conf/hardware/calibrated_h200.yaml \
   --out "$work/val" --cases-file "$work/cases.txt" -- runtime.engine=GRAPH progress=false ${GFID_OVERRIDES:-} 2>&1 | grep --line-buffered -v Warning | tee -a "$log"

@@ -12,7 +12,9 @@ ignored; each run's host log,
    host seconds less waiting and observing; the first two passes left out: warm-up) on
    ``[1, copies issued, copies issued one boundary earlier]`` (a copy's bookkeeping when it lands);
    ``copy_s`` = both slopes, charged at issue; ``stage_s``: the per-layer runs' ``stage`` section per expert
-   streamed through a staging slab;
+   streamed through a staging slab; ``layer_s`` per policy: its per-layer runs' host work per layer step outside
+   waiting, observing and copying (miss rule, records, launches) on ``[1, distinct experts]``, less the static
+   policies' line;
 3. ``pass_io_s``: a static policy on whole-step graphs (device-bound: the host waits), the measured
    median TPOT less the simulated one: the pass's own copies outside its graph;
 4. ``layer_sync_s`` and ``HostCosts.entry_s``: from static policies on per-layer graphs (no
@@ -102,6 +104,40 @@ def fit_observe(runs: list[HostRun]) -> dict[str, list[float]]:
             calls[r.policy].append((r.run.host["call_entries"].astype(float), r.run.host["call_s"] * r.to_ref))
     return {p: list(_lstsq(np.concatenate([c[0] for c in v]), np.concatenate([c[1] for c in v])))
             for p, v in sorted(calls.items())}
+
+
+LAYER_WORK = ("inputs", "launch", "choose", "records", "mark", "boundary", "other")   # host log sections
+
+
+def _layer_work(r: HostRun) -> tuple[np.ndarray, np.ndarray]:
+    """Per pass of a per-layer-seam run (warm-up left out): the mean distinct experts of its layer steps and the
+    host seconds per layer step in the sections of ``LAYER_WORK`` (not waiting, observing, copying or
+    staging), at the reference speed."""
+    h = r.run.host
+    passes = h["pass_s"].size
+    layers = r.run.requests.size // passes
+    work = sum((h[f"sec_{s}"] for s in LAYER_WORK if f"sec_{s}" in h), np.zeros(passes)) / layers * r.to_ref
+    entries = r.run.requests[:passes * layers].reshape(passes, layers).mean(1)
+    return entries[WARMUP_PASSES:], work[WARMUP_PASSES:]
+
+
+def fit_layer(runs: list[HostRun]) -> dict[str, list[float]]:
+    """``layer_s``: per policy, the least-squares line of its per-layer-seam runs' host work per layer step on
+    ``[1, distinct experts]`` less the static policies' line (their work is in ``layer_sync_s`` and ``entry_s``);
+    {} without a static per-layer run. Policies whose runs show one expert count only are left out."""
+    pts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    for r in runs:
+        if r.seam == "per-layer" and "sec_choose" in r.run.host:
+            pts["static" if r.policy.startswith("static") else r.policy].append(_layer_work(r))
+    lines = {}
+    for policy, v in pts.items():
+        x, y = np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])
+        if np.unique(x).size > 1:
+            lines[policy] = np.linalg.lstsq(np.c_[np.ones_like(x), x], y, rcond=None)[0]
+    base = lines.pop("static", None)
+    if base is None:
+        return {}
+    return {p: [float(c[0] - base[0]), float(c[1] - base[1])] for p, c in sorted(lines.items())}
 
 
 def fit_pass(runs: list[HostRun]) -> tuple[float, float]:
@@ -206,6 +242,7 @@ def _fit_at(hw: HardwareProfile, measured: Path, runs: list[HostRun], exponent: 
     """The fit of the module docstring, host seconds normalized with ``exponent``."""
     pass_s, copy_s = fit_pass(runs)
     hc = HostCosts(pass_s=pass_s, copy_s=copy_s, observe_s=fit_observe(runs), stage_s=fit_stage(runs),
+                   layer_s=fit_layer(runs),
                    fit={"runs": float(len(runs))}, probe_s=reference_probe_s(runs), speed_exponent=exponent)
     base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0, pass_io_s=0.0, host_costs=hc)
     io_case = measured / f"{io_case_name}.case.json"
@@ -236,5 +273,7 @@ def describe(hw: HardwareProfile) -> str:
              f"entry_s {hc.entry_s * 1e6:.2f} us, "
              f"host probe {hc.probe_s * 1e6:.1f} us, speed exponent {hc.speed_exponent:g}"]
     lines += [f"observe {p}: {c[0] * 1e6:.1f} us/step + {c[1] * 1e6:.2f} us/expert" for p, c in hc.observe_s.items()]
+    lines += [f"per-layer host work of {p} beyond a static policy's: {c[0] * 1e6:+.1f} us/step {c[1] * 1e6:+.2f} us/expert"
+              for p, c in hc.layer_s.items()]
     return "\n".join(lines)
 

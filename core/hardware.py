@@ -129,7 +129,9 @@ class HostCosts:
     ``copy_s``: per copy a policy issues (promotion or prefetch: slab bookkeeping, the copy's launch, table
     writes); ``stage_s``: per expert streamed through a staging slab on the per-layer seam (its copy and its
     launch, both issued by the host; 0: ``copy_s``); ``entry_s``: per distinct expert of a layer step on the per-layer seam (the miss rule, the
-    record; on top of ``HardwareProfile.layer_sync_s``); ``observe_s``: per policy (its registry name),
+    record; on top of ``HardwareProfile.layer_sync_s``); ``layer_s``: per policy, ``[seconds per layer step,
+    seconds per distinct expert]`` of host work on the per-layer seam beyond a static policy's (the miss rule's
+    lookups, records; either may be negative: a difference of two fits); ``observe_s``: per policy (its registry name),
     ``[seconds per observed layer step, seconds per observed expert]`` of ``Driver.observe`` (a policy
     not listed observes for free); ``fit``: how they were fitted, for the record; ``probe_s``: the host speed
     they hold at (``runtime.host_log.host_probe_s`` seconds; 0: unknown, never rescaled); ``speed_exponent``:
@@ -145,6 +147,7 @@ class HostCosts:
     probe_s: float = 0.0
     speed_exponent: float = 1.0
     stage_s: float = 0.0
+    layer_s: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("pass_s", "copy_s", "entry_s", "probe_s", "speed_exponent", "stage_s"):
@@ -157,10 +160,19 @@ class HostCosts:
             if not isinstance(c, (list, tuple)) or len(c) != 2 or min(c) < 0:
                 raise ValueError(f"host costs: observe_s[{policy!r}] must be [seconds per step, seconds per expert], "
                                  f"both >= 0; got {c}")
+        for policy, c in (self.layer_s.items() if isinstance(self.layer_s, dict) else [("?", self.layer_s)]):
+            if not isinstance(c, (list, tuple)) or len(c) != 2 or not all(np.isfinite(c)):
+                raise ValueError(f"host costs: layer_s[{policy!r}] must be [seconds per layer step, seconds per expert] "
+                                 f"(finite); got {c}")
 
     def observe(self, policy: str) -> tuple[float, float]:
         """(seconds per observed layer step, per observed expert) of ``policy``."""
         c = self.observe_s.get(policy)
+        return (c[0], c[1]) if c else (0.0, 0.0)
+
+    def layer(self, policy: str) -> tuple[float, float]:
+        """(seconds per layer step, per distinct expert) of ``policy``'s per-layer host work beyond a static one's."""
+        c = self.layer_s.get(policy)
         return (c[0], c[1]) if c else (0.0, 0.0)
 
     def speed_factor(self, probe_s: float) -> float:
@@ -171,7 +183,8 @@ class HostCosts:
         """Every cost ``factor`` times longer (now held at ``probe_s``, when given)."""
         return dataclasses.replace(self, pass_s=self.pass_s * factor, copy_s=self.copy_s * factor,
                                    stage_s=self.stage_s * factor, entry_s=self.entry_s * factor, probe_s=self.probe_s if probe_s is None else probe_s,
-                                   observe_s={p: [c[0] * factor, c[1] * factor] for p, c in self.observe_s.items()})
+                                   observe_s={p: [c[0] * factor, c[1] * factor] for p, c in self.observe_s.items()},
+                                   layer_s={p: [c[0] * factor, c[1] * factor] for p, c in self.layer_s.items()})
 
 
 @dataclass

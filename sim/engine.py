@@ -201,13 +201,16 @@ class Engine:
 
     def _layer_host_s(self) -> np.ndarray | float:
         """Per layer step on the per-layer seam, the host costs that grow with its experts: the miss rule
-        and record (``entry_s``), the policy's observation (``observe_s``); copies are charged as issued."""
+        and record (``entry_s``, plus the policy's own ``layer_s``), the policy's observation (``observe_s``);
+        copies are charged as issued."""
         hc = self.host_costs
         if hc is None:
             return 0.0
         entries = np.diff(np.asarray(self.view.offsets, np.int64)).astype(np.float64)
-        per_step, per_expert = (0.0, 0.0) if self.driver.static else hc.observe(self.name)
-        return per_step + (hc.entry_s + per_expert) * entries
+        if self.driver.static:
+            return hc.entry_s * entries
+        (obs_step, obs_expert), (own_step, own_expert) = hc.observe(self.name), hc.layer(self.name)
+        return obs_step + own_step + (hc.entry_s + obs_expert + own_expert) * entries
 
     def copies_issued(self) -> int:
         """Copies the policy has issued so far (promotions and prefetches)."""

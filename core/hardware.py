@@ -160,7 +160,10 @@ class HostCosts:
             if not isinstance(c, (list, tuple)) or len(c) != 2 or min(c) < 0:
                 raise ValueError(f"host costs: observe_s[{policy!r}] must be [seconds per step, seconds per expert], "
                                  f"both >= 0; got {c}")
-        for policy, c in (self.layer_s.items() if isinstance(self.layer_s, dict) else [("?", self.layer_s)]):
+        if not isinstance(self.layer_s, dict):
+            raise ValueError(f"host costs: layer_s must map a policy name to [seconds per layer step, seconds per "
+                             f"expert]; got {self.layer_s!r}")
+        for policy, c in self.layer_s.items():
             if not isinstance(c, (list, tuple)) or len(c) != 2 or not all(np.isfinite(c)):
                 raise ValueError(f"host costs: layer_s[{policy!r}] must be [seconds per layer step, seconds per expert] "
                                  f"(finite); got {c}")

@@ -252,6 +252,27 @@ def test_entry_and_copy_costs_on_the_per_layer_seam(view: Any) -> None:
     assert _decisions(r, s) == _decisions(base, base_s) == _decisions(rc, sc)
 
 
+def test_a_policys_own_layer_work_is_charged_like_its_observation_on_the_per_layer_seam(view: Any) -> None:
+    """``layer_s`` adds per layer step and per expert to that policy only (lru here), may be negative, and is
+    scaled with the host's speed like every other cost."""
+    kw = {"staging_experts": 0, "scope": CacheScope.GLOBAL}
+    step_s, expert_s = 1e-4, -1e-6
+    _, base, base_s, _ = simulate(view, "lru_offload", None, 0, **kw)
+    _, r, s, _ = simulate(view, "lru_offload", HostCosts(layer_s={"lru_offload": [step_s, expert_s]}), 0, **kw)
+    _, other, _, _ = simulate(view, "lru_offload", HostCosts(layer_s={"dymoe": [step_s, expert_s]}), 0, **kw)
+    assert _tpot_s(s) - _tpot_s(base_s) == pytest.approx(_decode_pass_extra_s(view, step_s, expert_s), rel=1e-6)
+    np.testing.assert_array_equal(other.end_s, base.end_s)
+    assert _decisions(r, s) == _decisions(base, base_s)
+    assert HostCosts(layer_s={"lru_offload": [step_s, expert_s]}).scaled(2.0).layer("lru_offload") == (2 * step_s,
+                                                                                                       2 * expert_s)
+
+
+@pytest.mark.parametrize("entry", [[1e-5], [float("nan"), 0.0], 1e-5])
+def test_malformed_layer_entries_are_an_error_naming_the_policy(entry: Any) -> None:
+    with pytest.raises(ValueError, match=r"layer_s\['hobbit'\]"):
+        HostCosts(layer_s={"hobbit": entry})
+
+
 def test_staged_experts_are_issued_by_the_host_before_the_cached_ones(view: Any) -> None:
     """A cache with a staging slab on a graph profile: the host issues every copy, a bypassed expert's too
     (``copy_s`` each), the staged launches run before the layer's cached experts; decisions unchanged."""

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=1.0,
                     help="hidden and expert sizes x scale, rounded up to 128 (as runtime.scale)")
     ap.add_argument("--layers", default="2,8", help="layer counts (the fixed part per pass separates from per layer)")
-    ap.add_argument("--precisions", default="bf16,int8,int4,int3,int2")
+    ap.add_argument("--precisions", default="bf16,int8,int4,int3,int2",
+                    help="pool classes (kernels are specialised on them); a channel mix by its name, e.g. int2+int8@f0.1s0.5")
     ap.add_argument("--rows", default="1,2,4,8,16", help="decode rows per pass")
     ap.add_argument("--contexts", default="32,200,700", help="KV positions of decode rows")
     ap.add_argument("--prefill", default="32,512", help="prefill pass sizes (one sequence)")

@@ -6,5 +6,5 @@ out=${1:?usage: bash benchmarks/h200_class_designs.sh OUTDIR}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MOEBITS_TRITON_AUTOTUNE=0 PYTHONSAFEPATH=1
 for set in ${CLS_SETS:-int4 bf16,int4 bf16,int8,int4,int3,int2 bf16 int4,int3,int2 int8,int4,int2}; do
   timeout 80 python3 benchmarks/graph_designs.py --model "${CLS_MODEL:-qwen3_30b_a3b}" --layers 2,8 --precisions "$set" \
-    --designs 5 --reps 5 --out "$out/designs_${set//,/_}.json" 2>&1 | grep -v Warning
+    --designs 5 --reps 5 --out "$out/designs_${set//[,+@]/_}.json" 2>&1 | grep -v Warning
 done

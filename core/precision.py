@@ -9,6 +9,7 @@ fp32 scale per output row. Bytes for a matrix follow from that and nothing else.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 
@@ -153,3 +154,20 @@ def register_channel_mix(mix: ChannelMix) -> str:
 def get_channel_mix(name: str) -> ChannelMix | None:
     """The registered channel mix called ``name``, or None for any other name."""
     return CHANNEL_MIXES.get(name)
+
+
+_MIX_NAME = re.compile(r"^(\w+)\+(\w+)@f([0-9.eE+-]+)s([0-9.eE+-]+)$")
+
+
+def channel_mix_of(name: str) -> ChannelMix | None:
+    """The channel mix a name like ``int2+int8@f0.1s0.5`` (:attr:`ChannelMix.name`) spells, registered; None
+    for a name of any other form (a plain precision). Lets tools that take precision lists (calibration
+    designs) name a mix before any policy has registered it."""
+    m = _MIX_NAME.match(name)
+    if m is None:
+        return None
+    mix = ChannelMix(m[1], m[2], float(m[3]), float(m[4]))
+    if mix.name != name:
+        raise ValueError(f"channel mix {name!r} is spelled {mix.name!r}; use that name")
+    register_channel_mix(mix)
+    return CHANNEL_MIXES[name]

@@ -10,15 +10,18 @@ significant channels are the rows with the largest ``low`` quantization error (s
 summed over the row): where outlier channels dominate the error, these carry most of it,
 which is what DynaMo's channel-level switching raises. ``n`` per projection is the most rows
 whose ``high`` bytes plus a 4-byte row id fit in ``fraction`` of that projection's ``high``
-bytes, so a packed copy never exceeds the bytes the policy planned for it
-(:meth:`ChannelMix.expert_bytes`).
+bytes, rounded down to a multiple of :data:`ROW_MULTIPLE` (so every field of a packed copy stays
+16-byte aligned for the fused kernels), so a packed copy never exceeds the bytes the policy
+planned for it (:meth:`ChannelMix.expert_bytes`).
 
-Serving: :meth:`MixStack.dequantize` rebuilds the mixed weights (``low`` everywhere, ``high``
-on the kept rows) and the class runs through the grouped dequantize-then-GEMM path
-(:func:`runtime.grouped.dequant_class`) on any device. That is numerically the channel-mixed
-expert exactly (tested against a dequantize reference), not a fused two-precision kernel: on a
-GPU it costs a dequantization per launch. The proxy's error model of a mix stays the policy's
-(:meth:`ChannelMix.error`); the runtime measures real quality (KL).
+Serving: the eager runtime rebuilds the mixed weights (:meth:`MixStack.dequantize`: ``low``
+everywhere, ``high`` on the kept rows) and runs the class through the grouped
+dequantize-then-GEMM path (:func:`runtime.grouped.dequant_class`) on any device. The graph
+path's fused kernels serve a pool's one channel mix as a kernel class of its own
+(:data:`runtime.residency.MIX_CLASS`): every output row from the ``low`` copy, and the rows of a
+tile that are kept (found by a binary search of the sorted row ids) again from the ``high``
+rows, which replace them. Both are tested against :meth:`MixStack.dequantize`. The proxy's error
+model of a mix stays the policy's (:meth:`ChannelMix.error`); the runtime measures real quality (KL).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from moebits.core.precision import ChannelMix
 from moebits.runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, WeightStack, quantize_stack
 
 ROW_ID = torch.int32
+ROW_MULTIPLE = 8     # kept rows per projection: a multiple of this (every packed field 16-byte aligned)
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,10 @@ AnyStack = WeightStack | MixStack
 
 
 def kept_rows(mix: ChannelMix, n: int, high_row_bytes: int) -> int:
-    """Rows of an ``n``-row projection kept at ``high``: their bytes plus row ids fit in
-    ``fraction`` of the projection's ``high`` bytes."""
-    return int(mix.fraction * n * high_row_bytes) // (high_row_bytes + ROW_ID.itemsize)
+    """Rows of an ``n``-row projection kept at ``high``: the most whose bytes plus row ids fit in
+    ``fraction`` of the projection's ``high`` bytes, in multiples of :data:`ROW_MULTIPLE`."""
+    fit = int(mix.fraction * n * high_row_bytes) // (high_row_bytes + ROW_ID.itemsize)
+    return fit - fit % ROW_MULTIPLE
 
 
 def quantize_mix(w: torch.Tensor, mix: ChannelMix, high_row_bytes: int, method: QuantMethod = QuantMethod.RTN,

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import torch
 from moebits.core.keys import ExpertKey
-from moebits.core.precision import get_precision
 from moebits.core.slabs import Refusal
+from moebits.drive.context import precision_order
 from moebits.runtime.pool import DevicePool
 from moebits.runtime.residency import ResidencyTable
 
@@ -229,7 +229,7 @@ class ExpertMover:
         """Stage the table entry of ``key`` to its highest-precision READY copy (if any)."""
         ledger = self.pool.ledger
         if self._best_first is None:
-            self._best_first = sorted(ledger.precisions(), key=lambda n: -get_precision(n).bits)
+            self._best_first = precision_order(ledger.precisions())   # channel mixes by effective bits
         for p in self._best_first:
             if ledger.is_ready(key, p):
                 slab = ledger.slab_of(key, p)

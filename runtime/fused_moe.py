@@ -15,6 +15,11 @@ Three launches serve a layer, whatever mix of precisions its experts are in:
   pair's routing weight, atomically added into ``out [T, H]`` float32 (the combine over k; in
   the decode step ``out`` is the residual stream itself).
 
+A pool's channel mix (:mod:`runtime.channelmix`, class ``MIX_CLASS``) computes every row from its
+low copy and, in a tile holding kept rows, those rows again from the high rows (:func:`kept_of`
+finds them), which replace them: its cost is the low GEMV plus, per tile with a kept row, a short
+search and the high GEMV of the kept rows.
+
 Decode is a GEMV per pair: no sort, no padding, one program per (pair, row block); programs
 of one expert share its weights through L2 when several tokens pick it. Slab addresses come
 from the pool descriptor (``runtime.residency.PoolDescriptor``): base + slot * stride + field
@@ -31,7 +36,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from moebits.runtime.residency import KERNEL_CLASS, PoolDescriptor, group_sizes
+from moebits.core.precision import get_channel_mix
+from moebits.runtime.residency import KERNEL_CLASS, PoolDescriptor, group_sizes, kernel_class
 
 
 @dataclass(frozen=True)
@@ -172,33 +178,103 @@ def _gemv_int_any(w, s, z, rows, nmask, x, K: tl.constexpr, BITS: tl.constexpr, 
 
 
 @triton.jit
+def _gemv_cls(C: tl.constexpr, wp, sp, zp, rows, nmask, x, K: tl.constexpr, BN: tl.constexpr, G8: tl.constexpr,
+              G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr, FLAT: tl.constexpr):
+    """Rows ``rows`` of plain kernel class ``C`` (weight, scales, zeros at ``wp``, ``sp``, ``zp``) times ``x``."""
+    if C == 0:
+        acc = _gemv_float(wp.to(tl.pointer_type(tl.bfloat16)), rows, nmask, x, K, 128, BN)
+    elif C == 1:
+        acc = _gemv_float(wp.to(tl.pointer_type(tl.float8e4nv)), rows, nmask, x, K, 128, BN)
+        acc *= tl.load(sp.to(tl.pointer_type(tl.float32)) + rows, mask=nmask, other=0.0)
+    elif C == 2:
+        acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 8, G8, BN, FLAT)
+    elif C == 3:
+        acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 4, G4, BN, FLAT)
+    elif C == 4:
+        acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 3, G3, BN, FLAT)
+    else:
+        acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 2, G2, BN, FLAT)
+    return acc
+
+
+@triton.jit
+def field(buf, d, base, i):
+    """Byte pointer of descriptor field ``i`` of the slab at ``base`` (fields are 16-byte aligned)."""
+    return buf + tl.multiple_of(base + tl.load(d + i), 16)
+
+
+@triton.jit
+def kept_of(rp, rows, nmask, NK: tl.constexpr, STEPS: tl.constexpr, BN: tl.constexpr):
+    """(position in the kept rows ``[BN]``, kept ``[BN]``) of the contiguous output rows ``rows`` of a channel
+    mix whose ``NK`` kept row ids (ascending) are at ``rp``: a lower-bound search for the tile's first row
+    (``STEPS`` = NK's bit length halvings), then the tile's candidates compared at once."""
+    n0 = tl.min(rows, 0)
+    lo = n0 * 0
+    hi = lo + NK
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        v = tl.load(rp + mid, mask=mid < NK, other=0)
+        go = (lo < hi) & (v < n0)
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(go, hi, mid)
+    j = lo + tl.arange(0, BN)
+    cand = tl.load(rp + j, mask=j < NK, other=-1)                                         # [BN]
+    eq = cand[None, :] == rows[:, None]                                                   # [BN, BN]
+    kept = (tl.sum(eq.to(tl.int32), axis=1) > 0) & nmask
+    return tl.sum(tl.where(eq, j[None, :], 0), axis=1), kept
+
+
+@triton.jit
+def _gemv_mix(buf, d, base, proj: tl.constexpr, rows, nmask, x, K: tl.constexpr, BN: tl.constexpr,
+              G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr, FLAT: tl.constexpr,
+              MIX: tl.constexpr):
+    """A channel mix (``MIX``: :func:`mix_const`): every row from the low copy, kept rows from the high rows."""
+    LO: tl.constexpr = MIX & 7
+    HI: tl.constexpr = (MIX >> 3) & 7
+    NK: tl.constexpr = (MIX >> (6 + 20 * proj)) & 0xFFFFF
+    STEPS: tl.constexpr = (MIX >> (46 + 5 * proj)) & 31
+    acc = _gemv_cls(LO, field(buf, d, base, 2 + 3 * proj), field(buf, d, base, 3 + 3 * proj),
+                    field(buf, d, base, 4 + 3 * proj), rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
+    if NK > 0:
+        rp = field(buf, d, base, 11 + 4 * proj).to(tl.pointer_type(tl.int32))
+        pos, kept = kept_of(rp, rows, nmask, NK, STEPS, BN)
+        if tl.max(kept.to(tl.int32), 0) > 0:
+            hi = _gemv_cls(HI, field(buf, d, base, 8 + 4 * proj), field(buf, d, base, 9 + 4 * proj),
+                           field(buf, d, base, 10 + 4 * proj), pos, kept, x, K, BN, G8, G4, G3, G2, FLAT)
+            acc = tl.where(kept, hi, acc)
+    return acc
+
+
+@triton.jit
 def _gemv_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, x, K: tl.constexpr, BN: tl.constexpr,
               HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
-              FLAT: tl.constexpr):
+              FLAT: tl.constexpr, MIX: tl.constexpr):
     """Dispatch on the kernel class read from the table (``HAS`` bit c: class c has slabs)."""
-    wp = buf + tl.multiple_of(base + tl.load(d + 2 + 3 * proj), 16)   # fields are 16-byte aligned
-    sp = buf + tl.multiple_of(base + tl.load(d + 3 + 3 * proj), 16)
-    zp = buf + tl.multiple_of(base + tl.load(d + 4 + 3 * proj), 16)
+    wp = field(buf, d, base, 2 + 3 * proj)
+    sp = field(buf, d, base, 3 + 3 * proj)
+    zp = field(buf, d, base, 4 + 3 * proj)
     acc = tl.zeros([BN], dtype=tl.float32)
     if HAS & 8:
         if cls == 3:
-            acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 4, G4, BN, FLAT)
+            acc = _gemv_cls(3, wp, sp, zp, rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
     if HAS & 1:
         if cls == 0:
-            acc = _gemv_float(wp.to(tl.pointer_type(tl.bfloat16)), rows, nmask, x, K, 128, BN)
+            acc = _gemv_cls(0, wp, sp, zp, rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
     if HAS & 2:
         if cls == 1:
-            acc = _gemv_float(wp.to(tl.pointer_type(tl.float8e4nv)), rows, nmask, x, K, 128, BN)
-            acc *= tl.load(sp.to(tl.pointer_type(tl.float32)) + rows, mask=nmask, other=0.0)
+            acc = _gemv_cls(1, wp, sp, zp, rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
     if HAS & 4:
         if cls == 2:
-            acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 8, G8, BN, FLAT)
+            acc = _gemv_cls(2, wp, sp, zp, rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
     if HAS & 16:
         if cls == 4:
-            acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 3, G3, BN, FLAT)
+            acc = _gemv_cls(4, wp, sp, zp, rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
     if HAS & 32:
         if cls == 5:
-            acc = _gemv_int_any(wp, sp, zp, rows, nmask, x, K, 2, G2, BN, FLAT)
+            acc = _gemv_cls(5, wp, sp, zp, rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
+    if HAS & 64:
+        if cls == 6:
+            acc = _gemv_mix(buf, d, base, proj, rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT, MIX)
     return acc
 
 
@@ -207,7 +283,7 @@ def slab_address(table, desc, e):
     """(descriptor row pointer, slab base byte, class) of expert ``e``."""
     code = tl.load(table + e)
     cls = code & 7
-    d = desc + cls * 8
+    d = desc + cls * 16                      # len(runtime.residency.DESC_FIELDS)
     base = tl.load(d) + (code >> 3).to(tl.int64) * tl.load(d + 1)
     return d, base, cls
 
@@ -217,7 +293,7 @@ def slab_address(table, desc, e):
 def _up_kernel(x_ptr, ids_ptr, table, desc, buf, h_ptr, out_ptr,
                H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr, ZERO: tl.constexpr, ZC: tl.constexpr,
                HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
-               FLAT: tl.constexpr):
+               FLAT: tl.constexpr, MIX: tl.constexpr):
     pair = tl.program_id(0)
     nb = tl.program_id(1)
     if ZERO:  # zero out [T, H] for the down kernel: the token's first pair, ZC columns per row block
@@ -229,8 +305,8 @@ def _up_kernel(x_ptr, ids_ptr, table, desc, buf, h_ptr, out_ptr,
     x = x_ptr + (pair // TOPK).to(tl.int64) * H
     rows = nb * BN + tl.arange(0, BN)
     nmask = rows < I
-    g = _gemv_any(buf, d, base, 0, cls, rows, nmask, x, H, BN, HAS, G8, G4, G3, G2, FLAT)
-    u = _gemv_any(buf, d, base, 0, cls, rows + I, nmask, x, H, BN, HAS, G8, G4, G3, G2, FLAT)
+    g = _gemv_any(buf, d, base, 0, cls, rows, nmask, x, H, BN, HAS, G8, G4, G3, G2, FLAT, MIX)
+    u = _gemv_any(buf, d, base, 0, cls, rows + I, nmask, x, H, BN, HAS, G8, G4, G3, G2, FLAT, MIX)
     h = g * tl.sigmoid(g) * u
     tl.store(h_ptr + pair.to(tl.int64) * I + rows, h, mask=nmask)
 
@@ -239,14 +315,15 @@ def _up_kernel(x_ptr, ids_ptr, table, desc, buf, h_ptr, out_ptr,
 def _down_kernel(h_ptr, ids_ptr, w_ptr, table, desc, buf, out_ptr,
                  H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr,
                  HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
-                 FLAT: tl.constexpr):
+                 FLAT: tl.constexpr, MIX: tl.constexpr):
     pair = tl.program_id(0)
     e = tl.load(ids_ptr + pair)
     rw = tl.load(w_ptr + pair).to(tl.float32)
     d, base, cls = slab_address(table, desc, e)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = rows < H
-    y = _gemv_any(buf, d, base, 1, cls, rows, nmask, h_ptr + pair.to(tl.int64) * I, I, BN, HAS, G8, G4, G3, G2, FLAT)
+    y = _gemv_any(buf, d, base, 1, cls, rows, nmask, h_ptr + pair.to(tl.int64) * I, I, BN, HAS, G8, G4, G3, G2, FLAT,
+                  MIX)
     dst = out_ptr + (pair // TOPK).to(tl.int64) * H + rows
     tl.atomic_add(dst, y * rw, mask=nmask, sem="relaxed")
 
@@ -254,7 +331,27 @@ def _down_kernel(h_ptr, ids_ptr, w_ptr, table, desc, buf, out_ptr,
 # ----------------------------------------------------------------------------- launchers
 def has_bits(pd: PoolDescriptor) -> int:
     """The kernels' ``HAS`` constant: bit c set when the pool has slabs of kernel class c."""
-    return sum(1 << KERNEL_CLASS[p] for p in pd.classes)
+    return sum(1 << kernel_class(p) for p in pd.classes)
+
+
+def mix_const(pd: PoolDescriptor) -> int:
+    """The kernels' ``MIX`` constant for the pool's channel mix (0: none): its low and high classes (3 bits
+    each), kept rows of gate_up and down (20 bits each), their search steps (bit lengths, 5 bits each)."""
+    if pd.mix is None:
+        return 0
+    mix = get_channel_mix(pd.mix)
+    assert mix is not None
+    nku, nkd = pd.kept
+    if max(nku, nkd) >= 1 << 20:
+        raise ValueError(f"channel mix {pd.mix}: {max(nku, nkd)} kept rows, more than the kernels' 2**20")
+    return (KERNEL_CLASS[mix.low] | KERNEL_CLASS[mix.high] << 3 | nku << 6 | nkd << 26
+            | nku.bit_length() << 46 | nkd.bit_length() << 51)
+
+
+def launch_consts(pd: PoolDescriptor) -> dict[str, int]:
+    """The constants every expert kernel is specialised on: classes present, group sizes, the channel mix."""
+    g = group_sizes()
+    return dict(HAS=has_bits(pd), G8=g["int8"], G4=g["int4"], G3=g["int3"], G2=g["int2"], MIX=mix_const(pd))
 
 
 def route(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, normalize: bool) -> None:
@@ -272,8 +369,7 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, codes: to
     """
     t, k = ids.shape
     s, hid, inter = t * k, pd.hidden, pd.intermediate
-    g = group_sizes()
-    consts = dict(HAS=has_bits(pd), G8=g["int8"], G4=g["int4"], G3=g["int3"], G2=g["int2"], FLAT=cfg.flat)
+    consts = dict(launch_consts(pd), FLAT=cfg.flat)
     n_up = triton.cdiv(inter, cfg.bn_up)
     _up_kernel[(s, n_up)](
         x, ids, codes, pd.desc, pd.buffer, h_buf, out,

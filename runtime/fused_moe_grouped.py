@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moebits.runtime.fused_moe import MoeKernelConfig, has_bits, slab_address
+from moebits.runtime.fused_moe import MoeKernelConfig, field, kept_of, launch_consts, slab_address
 from moebits.runtime.grouped import ClassLayout, build_plan, plan_rows
-from moebits.runtime.residency import PoolDescriptor, group_sizes
+from moebits.runtime.residency import PoolDescriptor
 
 BLOCK_M = 16
 
@@ -93,32 +93,77 @@ def _mm_float(w, rows, nmask, a_rows, amask, K: tl.constexpr, BN: tl.constexpr, 
 
 
 @triton.jit
+def _mm_cls(C: tl.constexpr, wp, sp, zp, rows, nmask, a_rows, amask, K: tl.constexpr, BN: tl.constexpr,
+            BM: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
+            F32DOT: tl.constexpr):
+    """Rows ``rows`` of plain kernel class ``C`` times the ``BM`` activation rows: ``[BN, BM]`` float32."""
+    if C == 0:
+        acc = _mm_float(wp.to(tl.pointer_type(tl.bfloat16)), rows, nmask, a_rows, amask, K, BN, BM, F32DOT)
+    elif C == 1:
+        acc = _mm_float(wp.to(tl.pointer_type(tl.float8e4nv)), rows, nmask, a_rows, amask, K, BN, BM, F32DOT)
+        acc *= tl.load(sp.to(tl.pointer_type(tl.float32)) + rows, mask=nmask, other=0.0)[:, None]
+    elif C == 2:
+        acc = _mm_int(wp, sp, zp, rows, nmask, a_rows, amask, K, 8, G8, BN, BM, F32DOT)
+    elif C == 3:
+        acc = _mm_int(wp, sp, zp, rows, nmask, a_rows, amask, K, 4, G4, BN, BM, F32DOT)
+    elif C == 4:
+        acc = _mm_int(wp, sp, zp, rows, nmask, a_rows, amask, K, 3, G3, BN, BM, F32DOT)
+    else:
+        acc = _mm_int(wp, sp, zp, rows, nmask, a_rows, amask, K, 2, G2, BN, BM, F32DOT)
+    return acc
+
+
+@triton.jit
+def _mm_mix(buf, d, base, proj: tl.constexpr, rows, nmask, a_rows, amask, K: tl.constexpr, BN: tl.constexpr,
+            BM: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
+            F32DOT: tl.constexpr, MIX: tl.constexpr):
+    """A channel mix (as :func:`runtime.fused_moe._gemv_mix`): low copy everywhere, kept rows from the high rows."""
+    LO: tl.constexpr = MIX & 7
+    HI: tl.constexpr = (MIX >> 3) & 7
+    NK: tl.constexpr = (MIX >> (6 + 20 * proj)) & 0xFFFFF
+    STEPS: tl.constexpr = (MIX >> (46 + 5 * proj)) & 31
+    acc = _mm_cls(LO, field(buf, d, base, 2 + 3 * proj), field(buf, d, base, 3 + 3 * proj),
+                  field(buf, d, base, 4 + 3 * proj), rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
+    if NK > 0:
+        rp = field(buf, d, base, 11 + 4 * proj).to(tl.pointer_type(tl.int32))
+        pos, kept = kept_of(rp, rows, nmask, NK, STEPS, BN)
+        if tl.max(kept.to(tl.int32), 0) > 0:
+            hi = _mm_cls(HI, field(buf, d, base, 8 + 4 * proj), field(buf, d, base, 9 + 4 * proj),
+                         field(buf, d, base, 10 + 4 * proj), pos, kept, a_rows, amask, K, BN, BM, G8, G4, G3, G2,
+                         F32DOT)
+            acc = tl.where(kept[:, None], hi, acc)
+    return acc
+
+
+@triton.jit
 def _mm_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, a_rows, amask, K: tl.constexpr,
             BN: tl.constexpr, BM: tl.constexpr, HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr,
-            G3: tl.constexpr, G2: tl.constexpr, F32DOT: tl.constexpr):
-    wp = buf + tl.multiple_of(base + tl.load(d + 2 + 3 * proj), 16)
-    sp = buf + tl.multiple_of(base + tl.load(d + 3 + 3 * proj), 16)
-    zp = buf + tl.multiple_of(base + tl.load(d + 4 + 3 * proj), 16)
+            G3: tl.constexpr, G2: tl.constexpr, F32DOT: tl.constexpr, MIX: tl.constexpr):
+    wp = field(buf, d, base, 2 + 3 * proj)
+    sp = field(buf, d, base, 3 + 3 * proj)
+    zp = field(buf, d, base, 4 + 3 * proj)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     if HAS & 8:
         if cls == 3:
-            acc = _mm_int(wp, sp, zp, rows, nmask, a_rows, amask, K, 4, G4, BN, BM, F32DOT)
+            acc = _mm_cls(3, wp, sp, zp, rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
     if HAS & 1:
         if cls == 0:
-            acc = _mm_float(wp.to(tl.pointer_type(tl.bfloat16)), rows, nmask, a_rows, amask, K, BN, BM, F32DOT)
+            acc = _mm_cls(0, wp, sp, zp, rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
     if HAS & 2:
         if cls == 1:
-            acc = _mm_float(wp.to(tl.pointer_type(tl.float8e4nv)), rows, nmask, a_rows, amask, K, BN, BM, F32DOT)
-            acc *= tl.load(sp.to(tl.pointer_type(tl.float32)) + rows, mask=nmask, other=0.0)[:, None]
+            acc = _mm_cls(1, wp, sp, zp, rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
     if HAS & 4:
         if cls == 2:
-            acc = _mm_int(wp, sp, zp, rows, nmask, a_rows, amask, K, 8, G8, BN, BM, F32DOT)
+            acc = _mm_cls(2, wp, sp, zp, rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
     if HAS & 16:
         if cls == 4:
-            acc = _mm_int(wp, sp, zp, rows, nmask, a_rows, amask, K, 3, G3, BN, BM, F32DOT)
+            acc = _mm_cls(4, wp, sp, zp, rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
     if HAS & 32:
         if cls == 5:
-            acc = _mm_int(wp, sp, zp, rows, nmask, a_rows, amask, K, 2, G2, BN, BM, F32DOT)
+            acc = _mm_cls(5, wp, sp, zp, rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
+    if HAS & 64:
+        if cls == 6:
+            acc = _mm_mix(buf, d, base, proj, rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT, MIX)
     return acc
 
 
@@ -137,15 +182,15 @@ def _block(pair_pad, block_group, class_block, S, BM: tl.constexpr):
 def _gup_kernel(x_ptr, pair_pad, block_group, class_block, table, desc, buf, h_ptr, S,
                 H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
-                F32DOT: tl.constexpr):
+                F32DOT: tl.constexpr, MIX: tl.constexpr):
     live, e, rows, pair, valid = _block(pair_pad, block_group, class_block, S, BM)
     if live:
         d, base, cls = slab_address(table, desc, e)
         a_rows = x_ptr + tl.where(valid, pair // TOPK, 0).to(tl.int64) * H                   # [BM]
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         nmask = n < I
-        g = _mm_any(buf, d, base, 0, cls, n, nmask, a_rows, valid, H, BN, BM, HAS, G8, G4, G3, G2, F32DOT)
-        u = _mm_any(buf, d, base, 0, cls, n + I, nmask, a_rows, valid, H, BN, BM, HAS, G8, G4, G3, G2, F32DOT)
+        g = _mm_any(buf, d, base, 0, cls, n, nmask, a_rows, valid, H, BN, BM, HAS, G8, G4, G3, G2, F32DOT, MIX)
+        u = _mm_any(buf, d, base, 0, cls, n + I, nmask, a_rows, valid, H, BN, BM, HAS, G8, G4, G3, G2, F32DOT, MIX)
         h = g * tl.sigmoid(g) * u                                                            # [BN, BM]
         tl.store(h_ptr + rows.to(tl.int64)[None, :] * I + n[:, None], h.to(tl.bfloat16), mask=nmask[:, None])
 
@@ -154,14 +199,14 @@ def _gup_kernel(x_ptr, pair_pad, block_group, class_block, table, desc, buf, h_p
 def _gdown_kernel(h_ptr, pair_pad, block_group, class_block, w_ptr, table, desc, buf, out_ptr, S,
                   H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
-                F32DOT: tl.constexpr):
+                  F32DOT: tl.constexpr, MIX: tl.constexpr):
     live, e, rows, pair, valid = _block(pair_pad, block_group, class_block, S, BM)
     if live:
         d, base, cls = slab_address(table, desc, e)
         a_rows = h_ptr + rows.to(tl.int64) * I
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         nmask = n < H
-        y = _mm_any(buf, d, base, 1, cls, n, nmask, a_rows, valid, I, BN, BM, HAS, G8, G4, G3, G2, F32DOT)
+        y = _mm_any(buf, d, base, 1, cls, n, nmask, a_rows, valid, I, BN, BM, HAS, G8, G4, G3, G2, F32DOT, MIX)
         rw = tl.load(w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         dst = out_ptr + tl.where(valid, pair // TOPK, 0).to(tl.int64)[None, :] * H + n[:, None]
         tl.atomic_add(dst, y * rw[None, :], mask=nmask[:, None] & valid[None, :], sem="relaxed")
@@ -181,8 +226,7 @@ def experts_grouped(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, c
     h = torch.empty(rows, inter, dtype=torch.bfloat16, device=dev)                         # [R, I]
     if zero_out:
         out.zero_()
-    g = group_sizes()
-    consts = dict(HAS=has_bits(pd), G8=g["int8"], G4=g["int4"], G3=g["int3"], G2=g["int2"], F32DOT=dev.type != "cuda")
+    consts = dict(launch_consts(pd), F32DOT=dev.type != "cuda")
     nb = rows // BLOCK_M
     _gup_kernel[(nb, triton.cdiv(inter, bn))](
         x, plan.pair_pad, plan.block_group, plan.class_block, codes, pd.desc, pd.buffer, h, s,

@@ -39,10 +39,13 @@ fence), and served by one launch of the layer's fused kernel over a code row nam
 (:meth:`runtime.fast_model.FastModel.staged_experts`), all before the layer's graph computes its cached
 experts. The simulator prices the same order on a graph profile (:mod:`sim.engine`, step 5).
 
+Channel-mix precisions (DynaMo's, :mod:`runtime.channelmix`): one per pool, served by the fused kernels'
+mix class (:data:`runtime.residency.MIX_CLASS`).
+
 Not supported (one clear error): ``MissRule.HOST`` (the graph path computes no expert on the
 host), a staging slab on the per-pass seam (``route_lag`` >= 1 with a policy that never waits: run it
-with ``route_lag=0``) and channel-mix precisions (the fused kernels have no class for them). The eager
-runtime (:class:`runtime.engine.RuntimeEngine`) serves all three.
+with ``route_lag=0``) and two channel mixes in one pool. The eager runtime
+(:class:`runtime.engine.RuntimeEngine`) serves all three.
 """
 
 from __future__ import annotations
@@ -72,7 +75,14 @@ from moebits.runtime.graph_serve import GraphMode, StepRunner
 from moebits.runtime.host_log import HostLog
 from moebits.runtime.mechanism import MoverMechanism
 from moebits.runtime.pool import DevicePool
-from moebits.runtime.residency import CLASS_BITS, KERNEL_CLASS, ResidencyTable, encode, write_slots
+from moebits.runtime.residency import (
+    CLASS_BITS,
+    KERNEL_CLASS,
+    ResidencyTable,
+    encode,
+    kernel_class,
+    write_slots,
+)
 from moebits.runtime.route_observer import RouteObserver, routing_of
 
 WeightsFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> (gate_up [E, 2I, H], down [E, H, I])
@@ -166,13 +176,14 @@ class GraphEngine:
         self.staging = (staging.precision, staging.count) if staging is not None and staging.count else None
         if self.staging and self.staging[0] not in self.precisions:
             raise ValueError(f"policy {policy_name(policy)}: staging precision {self.staging[0]} has no slab class")
-        bad = [p for p in self.precisions if p not in KERNEL_CLASS]
-        if bad:
-            raise ValueError(f"the graph path's kernels have no class for {bad}; run this policy in the eager runtime")
+        mixes = [p for p in self.precisions if p not in KERNEL_CLASS]
+        if len(mixes) > 1:
+            raise ValueError(f"the graph path's kernels serve one channel mix per pool, not {mixes}; "
+                             "run this policy in the eager runtime")
         self.driver = Driver(policy, self.ledger, spec, observe_lag)
         self.name, self.counts = self.driver.name, self.driver.counts
         self.pool = DevicePool(self.ledger, spec, self.device, staging=self.staging)
-        self.table = ResidencyTable(spec.layers, spec.experts, self.device)
+        self.table = ResidencyTable(spec.layers, spec.experts, self.device, mix=mixes[0] if mixes else None)
         self.model = make_model(self.pool, self.table)
         self.model.forced = replay
         cuda = self.device.type == "cuda"
@@ -195,9 +206,8 @@ class GraphEngine:
             spec.layers, max_rows, spec.top_k, read_lag(self.driver.static, route_lag), self.device)
         self.errors = error_table(spec, self.precisions, sensitivity)
         self._class_to_p = np.full(1 << CLASS_BITS, -1, np.int64)   # kernel class -> pool precision index
-        for name, cls in KERNEL_CLASS.items():
-            if name in self.precisions:
-                self._class_to_p[cls] = self.precisions.index(name)
+        for i, name in enumerate(self.precisions):
+            self._class_to_p[kernel_class(name)] = i
         self.res = [Residency(self.mech.ready[i], self.mech.loading[i], self._ready_time(i)) for i in range(spec.layers)]
         self._low = lowest_bits(len(self.precisions))
         self.rec, self.index = Recorder(list(self.precisions), served=[] if served else None), StepIndex()

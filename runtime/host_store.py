@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterable
 import torch
 from moebits.core.keys import ExpertKey
 from moebits.core.model_spec import ModelSpec
-from moebits.core.precision import get_channel_mix
-from moebits.runtime.channelmix import AnyStack, quantize_mix, stack_tensors
+from moebits.runtime.channelmix import AnyStack, stack_tensors
 from moebits.runtime.pool import SlabLayout, slab_layout
 from moebits.runtime.quant import DEFAULT_HQQ, HQQConfig, QuantMethod, quantize_stack
 from tqdm import tqdm
@@ -102,13 +101,7 @@ class HostStore:
 
     def _quantize(self, w: torch.Tensor, precision: str, proj: str) -> AnyStack:
         """``w [E, N, K]`` in ``precision`` (a plain format, or a channel mix: :mod:`runtime.channelmix`)."""
-        mix = get_channel_mix(precision)
-        if mix is None:
-            return quantize_stack(w, precision, self.method, hqq=self.hqq)
-        lay = self.layouts[precision]
-        kept = next(f.shape[0] for f in lay.fields if f.proj == proj and f.attr == "rows")
-        high = sum(f.nbytes for f in lay.fields if f.proj == proj and f.attr.startswith("high."))
-        return quantize_mix(w, mix, high // kept if kept else 0, self.method, self.hqq)
+        return self.layouts[precision].quantize(proj, w, self.method, self.hqq)
 
     def _write_layer(self, precision: str, layer: int, gate_up: AnyStack, down: AnyStack) -> None:
         """Pack one layer's stacks into its rows (staged on the stacks' device, then one copy)."""

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from moebits.core.hardware import GraphPassTable
 from moebits.core.model_spec import ModelSpec
+from moebits.core.precision import channel_mix_of, get_channel_mix
 from moebits.core.slabs import SlabClass, SlabLedger
 from moebits.runtime.fast_model import AttnShape, FastModel, FastWeights, StepBuffers
 from moebits.runtime.graph_serve import GraphMode, StepRunner
@@ -52,8 +53,9 @@ class MixedModel:
 
 def mixed_model(spec: ModelSpec, precisions: list[str], weights: FastWeights, shape: AttnShape,
                 device: torch.device, use_triton: bool, max_seqs: int, max_len: int) -> MixedModel:
-    """Every expert of ``spec`` loaded once per precision (random bf16 experts, quantized)."""
-    classes = [SlabClass(p, spec.expert_bytes(p), spec.layers * spec.experts) for p in precisions]
+    """Every expert of ``spec`` loaded once per precision (random bf16 experts, quantized; a channel mix
+    registered by name, :func:`core.precision.channel_mix_of`, as a class of its own)."""
+    classes = [SlabClass(p, slab_bytes(spec, p), spec.layers * spec.experts) for p in precisions]
     budget = sum(c.slab_bytes * c.count for c in classes)
     pool = DevicePool(SlabLedger(classes, budget + SLACK_BYTES), spec, device)
     table = ResidencyTable(spec.layers, spec.experts, device)
@@ -67,6 +69,15 @@ def mixed_model(spec: ModelSpec, precisions: list[str], weights: FastWeights, sh
         table.flush()
         codes[p] = table.host.copy()
     return MixedModel(model, precisions, codes)
+
+
+def slab_bytes(spec: ModelSpec, precision: str) -> int:
+    """One expert's planned bytes in ``precision``: a plain format's, or a channel mix's (named as
+    :attr:`core.precision.ChannelMix.name`; registered here if it is not yet)."""
+    mix = get_channel_mix(precision) or channel_mix_of(precision)
+    if mix is None:
+        return spec.expert_bytes(precision)
+    return mix.expert_bytes(spec.expert_bytes(mix.low), spec.expert_bytes(mix.high))
 
 
 @dataclass

@@ -37,8 +37,17 @@ import torch
 from moebits.core.model_spec import ModelSpec
 from moebits.core.precision import ChannelMix, get_channel_mix, get_precision
 from moebits.core.slabs import PoolError, SlabLedger
-from moebits.runtime.channelmix import ROW_ID, AnyStack, MixStack, kept_rows
-from moebits.runtime.quant import DenseStack, Fp8Stack, QuantizedStack, WeightStack
+from moebits.runtime.channelmix import ROW_ID, AnyStack, MixStack, kept_rows, quantize_mix
+from moebits.runtime.quant import (
+    DEFAULT_HQQ,
+    DenseStack,
+    Fp8Stack,
+    HQQConfig,
+    QuantizedStack,
+    QuantMethod,
+    WeightStack,
+    quantize_stack,
+)
 
 CLASS_ALIGN = 256  # bytes: where each class starts, when the budget leaves room for it
 STRIDE_ALIGN = 16  # bytes: slab stride, when the budget leaves room for it
@@ -86,6 +95,21 @@ class SlabLayout:
             raise PoolError(f"{count} {self.precision} slabs from byte {base} overrun a {buf.numel()}-byte buffer")
         views = {(f.proj, f.attr): _field_view(buf, base, count, stride, f) for f in self.fields}
         return self._stack("gate_up", views), self._stack("down", views)
+
+    def quantize(self, proj: str, w: torch.Tensor, method: QuantMethod = QuantMethod.RTN,
+                 hqq: HQQConfig = DEFAULT_HQQ) -> AnyStack:
+        """``w [E, N, K]`` (projection ``proj``) in this layout's precision: a plain format, or a channel mix
+        with as many kept rows as the layout holds (:mod:`runtime.channelmix`)."""
+        mix = get_channel_mix(self.precision)
+        if mix is None:
+            return quantize_stack(w if self.precision == "bf16" else w.float(), self.precision, method, hqq=hqq)
+        kept = next(f.shape[0] for f in self.fields if f.proj == proj and f.attr == "rows")
+        high = sum(f.nbytes for f in self.fields if f.proj == proj and f.attr.startswith("high."))
+        return quantize_mix(w.float(), mix, high // kept if kept else 0, method, hqq)
+
+    def kept_rows(self, proj: str) -> int:
+        """Rows of ``proj`` a channel-mix layout keeps at its high precision (0 for a plain format)."""
+        return next((f.shape[0] for f in self.fields if f.proj == proj and f.attr == "rows"), 0)
 
     def _stack(self, proj: str, v: dict[tuple[str, str], torch.Tensor]) -> AnyStack:
         mix = get_channel_mix(self.precision)

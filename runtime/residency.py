@@ -1,7 +1,7 @@
 """The device residency table and the pool descriptor the fused MoE kernels read.
 
 Dimension legend: L MoE layers, E experts per layer, H hidden, I expert intermediate,
-C kernel classes (one per precision), F descriptor fields.
+C kernel classes (one per precision, one for a channel mix), F descriptor fields.
 
 A graph-captured step cannot ask the host which slab holds an expert. Instead every kernel
 reads two small device tensors:
@@ -11,10 +11,11 @@ reads two small device tensors:
   captured graph at once; no re-capture.
 * :class:`PoolDescriptor` ``desc [C, F]`` int64: per kernel class, where its slabs live in the
   one pool buffer (:class:`runtime.pool.DevicePool`) - region base, slab stride - and the
-  byte offset inside a slab of each field (weight, scales, zeros of gate_up and down).
+  byte offset inside a slab of each field (weight, scales, zeros of gate_up and down; for a
+  channel mix those of its ``low`` copy, then the ``high`` rows' weight, scales, zeros and row ids).
 
-Kernel classes are numbered once, here (:data:`KERNEL_CLASS`); a precision without a class
-has no kernel. The pure-torch server :func:`serve_reference` dequantizes exactly what the
+Kernel classes are numbered once, here (:data:`KERNEL_CLASS`); a pool's one channel mix
+(:mod:`runtime.channelmix`), whatever its name, is class :data:`MIX_CLASS` (:func:`kernel_class`). The pure-torch server :func:`serve_reference` dequantizes exactly what the
 table names, in float32: the CPU path, and the oracle every kernel is tested against.
 """
 
@@ -27,25 +28,50 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from moebits.core.keys import ExpertKey
-from moebits.core.precision import get_precision
+from moebits.core.precision import get_channel_mix, get_precision
+from moebits.runtime.channelmix import stack_tensors
 from moebits.runtime.pool import DevicePool
-from moebits.runtime.quant import quantize_stack
 
 KERNEL_CLASS = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3, "int3": 4, "int2": 5}
+MIX_CLASS = 6                       # a pool's one channel mix (runtime.channelmix), whatever its name
 CLASS_NAME = {v: k for k, v in KERNEL_CLASS.items()}
 CLASS_BITS = 3                      # code = slot << CLASS_BITS | class
-DESC_FIELDS = ("base", "stride", "gate_up.w", "gate_up.s", "gate_up.z", "down.w", "down.s", "down.z")
+DESC_FIELDS = ("base", "stride", "gate_up.w", "gate_up.s", "gate_up.z", "down.w", "down.s", "down.z",
+               "gate_up.hw", "gate_up.hs", "gate_up.hz", "gate_up.rows", "down.hw", "down.hs", "down.hz", "down.rows")
 _ATTR = {"weight": "w", "qweight": "w", "scale": "s", "scales": "s", "zeros": "z"}
+
+
+def kernel_class(precision: str) -> int:
+    """The kernel class of ``precision``: a plain format's, or :data:`MIX_CLASS` for a registered channel mix."""
+    if precision in KERNEL_CLASS:
+        return KERNEL_CLASS[precision]
+    if get_channel_mix(precision) is not None:
+        return MIX_CLASS
+    raise KeyError(f"the fused kernels have no class for precision {precision!r}")
 
 
 def encode(precision: str, slot: int) -> int:
     """The table code of ``slot`` in ``precision``'s class."""
-    return slot << CLASS_BITS | KERNEL_CLASS[precision]
+    return slot << CLASS_BITS | kernel_class(precision)
 
 
-def decode(code: int) -> tuple[str, int]:
-    """(precision, slot) of a table code."""
-    return CLASS_NAME[code & ((1 << CLASS_BITS) - 1)], code >> CLASS_BITS
+def decode(code: int, mix: str | None = None) -> tuple[str, int]:
+    """(precision, slot) of a table code; ``mix``: the name of the pool's channel mix (class :data:`MIX_CLASS`)."""
+    cls = code & ((1 << CLASS_BITS) - 1)
+    if cls == MIX_CLASS:
+        if mix is None:
+            raise KeyError(f"code {code} names the channel-mix class, but no mix name was given")
+        return mix, code >> CLASS_BITS
+    return CLASS_NAME[cls], code >> CLASS_BITS
+
+
+def _desc_field(proj: str, attr: str) -> str:
+    """The descriptor field of a slab layout's field (``low.X`` of a mix as plain ``X``, ``high.X`` as ``hX``)."""
+    if attr.startswith("low."):
+        attr = attr[4:]
+    elif attr.startswith("high."):
+        return f"{proj}.h{_ATTR[attr[5:]]}"
+    return f"{proj}.{attr if attr == 'rows' else _ATTR[attr]}"
 
 
 def group_sizes() -> dict[str, int]:
@@ -62,22 +88,31 @@ class PoolDescriptor:
     classes: frozenset[str]       # precisions the pool has slabs of
     hidden: int
     intermediate: int
+    mix: str | None = None        # the pool's channel mix (class MIX_CLASS), if any
+    kept: tuple[int, int] = (0, 0)  # its kept rows of gate_up and down
 
     @classmethod
     def of(cls, pool: DevicePool) -> PoolDescriptor:
+        mixes = [p for p in pool.region if get_channel_mix(p) is not None]
+        if len(mixes) > 1:
+            raise ValueError(f"the fused kernels serve one channel mix per pool, this one has {mixes}; "
+                             "run it in the eager runtime")
         rows = np.zeros((1 << CLASS_BITS, len(DESC_FIELDS)), dtype=np.int64)  # unused classes: zeros
         for r in pool.regions:
             lay = pool.layouts[r.precision]
-            row = rows[KERNEL_CLASS[r.precision]]
+            row = rows[kernel_class(r.precision)]
             row[0], row[1] = r.base, r.stride
             for f in lay.fields:
-                row[DESC_FIELDS.index(f"{f.proj}.{_ATTR[f.attr]}")] = f.offset
+                if f.proj != "pad":
+                    row[DESC_FIELDS.index(_desc_field(f.proj, f.attr))] = f.offset
         if (rows % 16).any():
             raise ValueError("the fused kernels need 16-byte aligned slab regions, strides and fields; "
                              "give the pool a budget with room for alignment (DevicePool falls back to none)")
         lay0 = next(iter(pool.layouts.values()))
+        mix = mixes[0] if mixes else None
+        kept = (pool.layouts[mix].kept_rows("gate_up"), pool.layouts[mix].kept_rows("down")) if mix else (0, 0)
         return cls(pool.buffer, torch.from_numpy(rows).to(pool.device), frozenset(pool.region),
-                   lay0.hidden, lay0.intermediate)
+                   lay0.hidden, lay0.intermediate, mix, kept)
 
 
 class ResidencyTable:
@@ -88,7 +123,8 @@ class ResidencyTable:
     codes, kernels after it the new ones.
     """
 
-    def __init__(self, layers: int, experts: int, device: torch.device | str) -> None:
+    def __init__(self, layers: int, experts: int, device: torch.device | str, mix: str | None = None) -> None:
+        self.mix = mix   # the pool's channel mix (what class MIX_CLASS names), if any
         self.host = np.full((layers, experts), -1, dtype=np.int64)
         self.codes = torch.full((layers, experts), -1, dtype=torch.int32, device=device)
         self._staged: dict[int, int] = {}
@@ -142,7 +178,7 @@ class ResidencyTable:
         code = int(self.host[layer, expert])
         if code < 0:
             raise KeyError(f"expert ({layer}, {expert}) has no resident copy")
-        return decode(code)
+        return decode(code, self.mix)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -168,11 +204,16 @@ def serve_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, c
         if code_of[e] < 0:   # no resident copy: adds nothing, as in the fused kernels
             continue
         tok, j = torch.nonzero(ids == e, as_tuple=True)
-        gu, dn = expert_weights(pool, *decode(int(code_of[e])))
+        gu, dn = expert_weights(pool, *decode(int(code_of[e]), pool_mix(pool)))
         a = xf[tok] @ gu.T                                                     # [n, 2I]
         h = F.silu(a[:, :inter]) * a[:, inter:]                                # [n, I]
         out.index_add_(0, tok, (h @ dn.T) * weights[tok, j, None].float())
     return out
+
+
+def pool_mix(pool: DevicePool) -> str | None:
+    """The name of ``pool``'s channel mix (table class :data:`MIX_CLASS`), or None."""
+    return next((p for p in pool.layouts if get_channel_mix(p) is not None), None)
 
 
 def route_reference(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,11 +228,11 @@ def route_reference(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[
 def write_expert(pool: DevicePool, slab: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
     """Quantize one expert (``gate_up [2I, H]``, ``down [H, I]``) into slab ``slab``'s precision and store it."""
     precision, _ = pool.slot(slab)
-    for dst, w in zip(pool.slab_stacks(slab), (gate_up, down), strict=True):
-        src = quantize_stack(w[None].float(), precision)
-        for name, t in vars(dst).items():
-            if isinstance(t, torch.Tensor):
-                t.copy_(getattr(src, name))
+    lay = pool.layouts[precision]
+    for dst, w, proj in zip(pool.slab_stacks(slab), (gate_up, down), ("gate_up", "down"), strict=True):
+        src = stack_tensors(lay.quantize(proj, w[None].float()))
+        for name, t in stack_tensors(dst).items():
+            t.copy_(src[name])
 
 
 def load_layer(pool: DevicePool, table: ResidencyTable, layer: int, gate_up: torch.Tensor, down: torch.Tensor,
@@ -219,8 +260,8 @@ def write_slots(pool: DevicePool, precision: str, slots: list[int], gate_up: tor
     go on the weights' device and store them in ``slots`` of ``precision``'s class."""
     idx = torch.tensor(slots, device=pool.device)
     sel = torch.tensor(experts, device=gate_up.device)
-    for dst, w in zip(pool.stacks[precision], (gate_up[sel], down[sel]), strict=True):
-        src = quantize_stack(w.float() if precision != "bf16" else w, precision)
-        for name, t in vars(dst).items():
-            if isinstance(t, torch.Tensor):
-                t[idx] = getattr(src, name).to(t.device)
+    lay = pool.layouts[precision]
+    for dst, w, proj in zip(pool.stacks[precision], (gate_up[sel], down[sel]), ("gate_up", "down"), strict=True):
+        src = stack_tensors(lay.quantize(proj, w))
+        for name, t in stack_tensors(dst).items():
+            t[idx] = src[name].to(t.device)

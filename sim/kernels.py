@@ -62,7 +62,10 @@ class KernelModel:
         self._memo: dict[tuple[int, int, int], float] = {}
         base = sorted({n for p, m in zip(self.precisions, self._mixes, strict=True)
                        for n in ((p,) if m is None else (m.low, m.high))})
-        self.graph = (hw.graph_table(spec, False, base), hw.graph_table(spec, True, base))   # (decode, prefill)
+        # (decode, prefill): a table measured with the pool's own classes (a channel mix as one) first, else one
+        # that has the mix's two parts (composed, ChannelMix.kernel_time_s)
+        self.graph = tuple(hw.graph_table(spec, pre, self.precisions) or hw.graph_table(spec, pre, base)
+                           for pre in (False, True))
         self.graphed = any(t is not None for t in self.graph)
 
     def graph_steps(self, tokens: np.ndarray, prefill: np.ndarray, context: np.ndarray,
@@ -79,7 +82,7 @@ class KernelModel:
             if table is None:
                 raise ValueError(f"hardware profile {self.hw.name!r} has no graph table for {'prefill' if is_pre else 'decode'} "
                                  f"passes of {self.spec.name}; run moebits runtime calibrate --runtime graph for this model")
-            missing = sorted({n for j in range(P) for n in self._names(j) if n not in table.token_s})
+            missing = sorted({n for j in range(P) for n in self._names(j, table) if n not in table.token_s})
             if missing:
                 raise ValueError(f"hardware profile {self.hw.name!r}: graph table has no {missing}; calibrate those precisions")
             T = np.asarray(tokens, float)[sel]
@@ -90,16 +93,17 @@ class KernelModel:
                 cnt_s[sel, j] = self._graph_column(j, table.expert_s, table, T)
         return base, tok_s, cnt_s
 
-    def _names(self, p: int) -> list[str]:
-        """The plain precisions precision ``p`` is served with (both of a channel mix)."""
-        mix = self._mixes[p]
-        return [self.precisions[p]] if mix is None else [mix.low, mix.high]
+    def _names(self, p: int, table: GraphPassTable | None = None) -> list[str]:
+        """The precisions precision ``p`` is priced with: itself, or a channel mix's two parts where ``table``
+        has no column of the mix itself."""
+        mix, name = self._mixes[p], self.precisions[p]
+        return [name] if mix is None or (table is not None and name in table.token_s) else [mix.low, mix.high]
 
     def _graph_column(self, p: int, column: dict[str, list[float]], table: GraphPassTable, rows: np.ndarray) -> np.ndarray:
-        """Precision ``p``'s graph-table cost at ``rows``; a channel mix composes its two precisions'
-        costs as the per-class model does (``mix.kernel_time_s``)."""
+        """Precision ``p``'s graph-table cost at ``rows``; a channel mix the table has no column for composes
+        its two precisions' costs as the per-class model does (``mix.kernel_time_s``)."""
         mix = self._mixes[p]
-        if mix is None:
+        if mix is None or self.precisions[p] in column:
             return table.at(column[self.precisions[p]], rows)
         low, high = table.at(column[mix.low], rows), table.at(column[mix.high], rows)
         return np.asarray(mix.kernel_time_s(cast(Any, low), cast(Any, high)))  # elementwise on arrays

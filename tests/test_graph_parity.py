@@ -10,10 +10,9 @@ The per-layer seam runs every policy with its preset's staging slab (bypassed ex
 spare pool slots); the per-pass seam, which cannot stream a bypassed expert, runs them with
 ``staging_experts=0`` in both engines.
 
-Not covered, and why: ``MissRule.HOST`` (the graph path computes no expert on the host),
-``dynamo`` (channel-mix copies: the fused kernels have no class for them) and a staging slab on the
-per-pass seam. The eager runtime serves all three; the graph path refuses them with one clear error,
-tested below.
+Not covered, and why: ``MissRule.HOST`` (the graph path computes no expert on the host) and a
+staging slab on the per-pass seam. The eager runtime serves both; the graph path refuses them with one
+clear error, tested below. ``dynamo``'s channel-mix copies are served by the fused kernels' mix class.
 """
 
 from __future__ import annotations
@@ -50,11 +49,9 @@ from test_parity import (  # noqa: E402
     trace_path,  # noqa: F401  (fixture)
 )
 
-UNSUPPORTED = {"dynamo"}  # channel-mix precisions: no fused-kernel class
-
 
 def graph_cases() -> list[Any]:
-    return [c for c in policy_cases() if c.values[1] is not MissRule.HOST and c.values[0] not in UNSUPPORTED]
+    return [c for c in policy_cases() if c.values[1] is not MissRule.HOST]
 
 
 def no_staging(cfg: Any) -> Any:
@@ -81,9 +78,11 @@ def graph_engine(policy: Any, budget: tuple[str, float], view: Any, parts: tuple
         return FastModel(fw, SPEC, shape, pool, table, use_triton=False, max_seqs=seqs, max_len=max_len)
 
     budget_bytes = int(budget[1] * SPEC.all_experts_bytes(budget[0]))
-    return GraphEngine(SPEC, policy, budget_bytes, make, weights, store.row, seed=5,
-                       profile=view if policy.needs_profile else None, future=view, observe_lag=lag, replay=True,
-                       served=True, max_rows=rows, route_lag=max(route_lag, 1), per_pass=per_pass(policy, route_lag))
+    engine = GraphEngine(SPEC, policy, budget_bytes, make, weights, store.row, seed=5,
+                         profile=view if policy.needs_profile else None, future=view, observe_lag=lag, replay=True,
+                         served=True, max_rows=rows, route_lag=max(route_lag, 1), per_pass=per_pass(policy, route_lag))
+    store.require(engine.precisions)   # a channel mix (dynamo) is known once its policy is built
+    return engine
 
 
 def _graph_run(cfg: Any, budget: tuple[str, float], path: Path, parts: tuple, lag: int, route_lag: int = 0) -> tuple:
@@ -149,9 +148,6 @@ def test_unsupported_policies_are_one_clear_error(trace_path: Path, model_parts:
     with pytest.raises(ValueError, match="per-layer seam only; run it with route_lag=0"):
         graph_engine(build_policy(policy_config("hobbit", MissRule.SERVE_LOWER)), BUDGETS.get("hobbit", BUDGET), view,
                      model_parts, 0, route_lag=2)
-    with pytest.raises(ValueError, match="no class for"):
-        graph_engine(build_policy(policy_config("dynamo", MissRule.SERVE_LOWER)), BUDGETS["dynamo"], view,
-                     model_parts, 0)
 
 
 def test_staged_experts_compute_what_resident_ones_do(trace_path: Path, model_parts: tuple) -> None:  # noqa: F811

@@ -71,6 +71,25 @@ def test_graph_table_prices_a_channel_mix_from_its_two_precisions(graph_profile)
         KernelModel(hw_int4, SPEC, ["int4", mix]).graph_steps(np.array([1]), np.zeros(1, bool), np.zeros(1), np.ones(1, bool))
 
 
+def test_a_table_measured_with_the_mix_as_a_class_prices_it_directly(graph_profile) -> None:  # noqa: F811
+    """The fused kernels serve a channel mix as a class of its own: a table measured with it (designs of
+    ``int4,<mix>``) is chosen over one with its two parts, and its own column prices it (no composition)."""
+    mix = register_channel_mix(ChannelMix("int2", "int8", 0.1, 0.5))
+    parts = GraphPassTable(128, 128, 16, 4, False, [1.0], [9e-6], [0.0], [0.0], {p: [1e-6] for p in ("int8", "int4", "int2")},
+                           {p: [0.0] for p in ("int8", "int4", "int2")}, classes=["int8", "int4", "int2"])
+    own = GraphPassTable(128, 128, 16, 4, False, [1.0], [7e-6], [0.0], [0.0], {"int4": [1e-6], mix: [3e-6]},
+                         {"int4": [0.0], mix: [0.5e-6]}, classes=["int4", mix])
+    for tables in ([parts, own], [own, parts]):
+        hw = graph_profile.__class__(**{**graph_profile.__dict__, "graph_tables": tables})
+        base, tok_s, cnt_s = KernelModel(hw, SPEC, ["int4", mix]).graph_steps(
+            np.array([1]), np.zeros(1, bool), np.zeros(1), np.ones(1, bool))
+        np.testing.assert_allclose([base[0], tok_s[0, 1], cnt_s[0, 1]], [7e-6, 3e-6, 0.5e-6])
+    hw = graph_profile.__class__(**{**graph_profile.__dict__, "graph_tables": [parts]})   # no such table: composed
+    _, tok_s, _ = KernelModel(hw, SPEC, ["int4", mix]).graph_steps(np.array([1]), np.zeros(1, bool), np.zeros(1),
+                                                                  np.ones(1, bool))
+    np.testing.assert_allclose(tok_s[0, 1], 1e-6 + 0.1 * 1e-6)
+
+
 def test_the_table_of_the_pools_class_set_is_chosen(graph_profile) -> None:  # noqa: F811
     """The fused kernels are compiled for the precisions a pool holds: exact class set first, else the
     smallest measured superset; a run whose precisions no table covers gets none."""

@@ -17,4 +17,9 @@ timeout 80 python3 benchmarks/graph_designs.py --model train/data/traces/evaluat
   --designs 5 --reps 5 --out "$out/designs_evaluation_code.json" 2>&1 | grep -v Warning | tee -a "$log"
 timeout 80 python3 benchmarks/graph_designs.py --model .traces/llama4.parquet --layers 2,4 --scale 0.25 \
   --designs 5 --reps 5 --out "$out/designs_llama4.json" 2>&1 | grep -v Warning | tee -a "$log"
+for m in "train/data/traces/evaluation_code.parquet --layers 2,8" ".traces/llama4.parquet --layers 2,4 --scale 0.25"; do
+  set -- $m   # dynamo's pool (int4, int2 and its channel mix) on the two small shapes
+  timeout 80 python3 benchmarks/graph_designs.py --model $m --precisions "int4,int2,int2+int8@f0.1s0.5" --designs 5 --reps 5 \
+    --out "$out/designs_$(basename "$1" .parquet)_int4_int2_mix.json" 2>&1 | grep -v Warning | tee -a "$log"
+done
 echo "done in $(( $(date +%s) - start ))s" | tee -a "$log"

@@ -6,7 +6,11 @@
 #   part 2: the GPU tests of the fast model and graph runtime, the dynamo cases again (CASE_s2), and four cases of
 #           session 6 measured again (kernel-refactor check: the descriptor grew, the plain classes' code did not
 #           change) -> OUTDIR/part2.tgz
-# Usage (repository root, device recipe PYTHONPATH): bash benchmarks/h200_dynamo.sh 1|2 OUTDIR
+#   part 3: every GPU test of the fused kernels, unhurried (part 1's 200 s ran out while compiling the mix variants),
+#           then dynamo's four synthetic calibration cases (benchmarks/graph_cases_calibration.txt: its host work per
+#           pass) -> OUTDIR/part3.tgz
+#   part 4: the four calibration cases again (CASE_s2), the call after -> OUTDIR/part4.tgz
+# Usage (repository root, device recipe PYTHONPATH): bash benchmarks/h200_dynamo.sh 1|2|3|4 OUTDIR
 set -u
 part=${1:?usage: bash benchmarks/h200_dynamo.sh 1|2 OUTDIR}; out=${2:?usage: bash benchmarks/h200_dynamo.sh 1|2 OUTDIR}
 mkdir -p "$out"; work=/tmp/h200_dynamo; mkdir -p "$work"; start=$(date +%s)
@@ -30,6 +34,16 @@ if [ "$part" = 1 ]; then
     GFID_CASES="benchmarks/graph_cases_dynamo.txt" bash benchmarks/h200_graph_fidelity.sh "$work/dyn" > "$work/dyn.log" 2>&1
   tail -12 "$work/dyn.log"
   tar czf "$out/part1.tgz" -C "$work" designs dyn dyn.log
+elif [ "$part" = 3 ] || [ "$part" = 4 ]; then
+  grep -h '^cal_[a-z0-9_]*dynamo' benchmarks/graph_cases_calibration.txt > "$work/cal.txt"
+  if [ "$part" = 3 ]; then
+    timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused_moe.py 2>&1 | tail -4 | tee "$work/tests3.log"
+  fi
+  suffix=$([ "$part" = 4 ] && echo _s2)
+  GFID_WORK="$work/gc$part" GFID_MODELS="" GFID_TURNAROUND="" GFID_BUDGET_S=$(left) GFID_SUFFIX=$suffix \
+    GFID_CASES="$work/cal.txt" bash benchmarks/h200_graph_fidelity.sh "$work/cal$part" > "$work/cal$part.log" 2>&1
+  tail -8 "$work/cal$part.log"
+  tar czf "$out/part$part.tgz" -C "$work" $( [ "$part" = 3 ] && echo tests3.log ) "cal$part" "cal$part.log"
 else
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_model.py tests/test_graph_stress.py 2>&1 \
     | tail -3 | tee "$work/tests2.log"

@@ -29,13 +29,13 @@ if [ "$part" = 1 ]; then
   tar czf "$out/part1.tgz" -C "$work" host_modes host_modes.log designs designs.log cal cal.log
 elif [ "$part" = 3 ]; then
   GFID_WORK="$work/gs2" GFID_MODELS="" GFID_TURNAROUND="" GFID_BUDGET_S=$(left) GFID_SUFFIX=_s2 \
-    GFID_CASES="benchmarks/graph_cases_calibration.txt benchmarks/graph_cases.txt benchmarks/graph_cases_traces.txt benchmarks/graph_cases_full.txt benchmarks/graph_cases_coverage.txt benchmarks/graph_cases_staging.txt" \
+    GFID_CASES="benchmarks/graph_cases_calibration.txt benchmarks/graph_cases.txt benchmarks/graph_cases_traces.txt benchmarks/graph_cases_full.txt benchmarks/graph_cases_coverage.txt benchmarks/graph_cases_staging.txt benchmarks/graph_cases_dynamo.txt" \
     bash benchmarks/h200_graph_fidelity.sh "$work/s2" > "$work/s2.log" 2>&1
   tail -3 "$work/s2.log"
   tar czf "$out/part3.tgz" -C "$work" s2 s2.log
 else
   GFID_WORK="$work/gval" GFID_MODELS="" GFID_TURNAROUND="" GFID_BUDGET_S=$(left) \
-    GFID_CASES="benchmarks/graph_cases.txt benchmarks/graph_cases_traces.txt benchmarks/graph_cases_full.txt benchmarks/graph_cases_coverage.txt benchmarks/graph_cases_staging.txt" \
+    GFID_CASES="benchmarks/graph_cases.txt benchmarks/graph_cases_traces.txt benchmarks/graph_cases_full.txt benchmarks/graph_cases_coverage.txt benchmarks/graph_cases_staging.txt benchmarks/graph_cases_dynamo.txt" \
     GFID_REPEAT="benchmarks/graph_cases_traces.txt" bash benchmarks/h200_graph_fidelity.sh "$work/val" > "$work/val.log" 2>&1
   tail -3 "$work/val.log"
   tar czf "$out/part2.tgz" -C "$work" val val.log

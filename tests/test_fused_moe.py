@@ -200,7 +200,8 @@ def test_triton_cuda_channel_mix_class(t, mix):
 
     _check("cuda", use_triton=True, t=t, seed=t, mix=mix)
     _check("cuda", use_triton=True, t=t, seed=t + 1, mix=mix, only_mix=True)
-    _check("cuda", use_triton=True, t=t, seed=t + 2, cfg=MoeKernelConfig(flat=False), mix=mix)
+    if mix == MIXES[0]:   # dynamo's mix: the per-group GEMV too (each variant is one more compile of both kernels)
+        _check("cuda", use_triton=True, t=t, seed=t + 2, cfg=MoeKernelConfig(flat=False), mix=mix)
     _check("cuda", use_triton=True, t=t, seed=t + 3, cfg=MoeKernelConfig(grouped_from_pairs=1), tol=5e-3, mix=mix)
     _check("cuda", use_triton=True, t=t, seed=t + 4, cfg=MoeKernelConfig(grouped_from_pairs=1), tol=5e-3, mix=mix,
            only_mix=True)

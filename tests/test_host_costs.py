@@ -462,6 +462,36 @@ def test_fit_stage_is_the_stage_section_per_streamed_expert(view: Any, model_par
     assert fit_stage([dataclasses.replace(run, seam="per-pass")]) == 0.0
 
 
+def _layer_run(policy: str, entries: list[int], step_s: float, entry_s: float, seam: str = "per-layer",
+               to_ref: float = 1.0) -> HostRun:
+    """A per-layer-seam run of two-layer passes whose layer steps see ``entries[i]`` experts in pass ``i`` and whose
+    host work per layer step (split over two sections) is ``step_s + entry_s * entries[i]``, measured at 1/to_ref."""
+    n = WARMUP_PASSES + len(entries)
+    e = np.r_[np.full(WARMUP_PASSES, 99.0), np.asarray(entries, float)]        # warm-up passes: never fitted
+    work = 2 * (step_s + entry_s * e) / to_ref                                     # two layer steps per pass
+    host = {"pass_s": np.ones(n), "sec_choose": 0.25 * work, "sec_launch": 0.75 * work, "sec_wait": np.ones(n)}
+    run = dataclasses.replace(run_with_host(host, steps=n), requests=np.repeat(e, 2).astype(np.int64))
+    return HostRun(Path(f"cal_{policy}.case.json"), run, policy, seam, to_ref)
+
+
+def test_fit_layer_is_each_policys_line_less_the_static_one() -> None:
+    """``layer_s``: per policy, its per-layer-seam host work per layer step on [1, experts] less the static
+    policies' line; at the reference speed; per-pass runs, warm-up passes and one-count policies left out."""
+    from moebits.analysis.hostcost import fit_layer
+
+    runs = [_layer_run("static_uniform", [2, 4, 8, 16], 10e-6, 1.7e-6),
+            _layer_run("static_frequency", [3, 5], 10e-6, 1.7e-6, to_ref=0.5),
+            _layer_run("lru_offload", [2, 6, 12], 6e-6, 2.7e-6),
+            _layer_run("hobbit", [4, 9], 30e-6, 3.0e-6, to_ref=2.0),
+            _layer_run("dymoe", [5, 5, 5], 50e-6, 1.0e-6),                            # one count: no line
+            _layer_run("oracle", [2, 8], 99e-6, 9e-6, seam="per-pass")]               # not the per-layer seam
+    got = fit_layer(runs)
+    assert sorted(got) == ["hobbit", "lru_offload"]
+    np.testing.assert_allclose(got["lru_offload"], [-4e-6, 1.0e-6], atol=1e-12)
+    np.testing.assert_allclose(got["hobbit"], [20e-6, 1.3e-6], atol=1e-12)
+    assert fit_layer([r for r in runs if not r.policy.startswith("static")]) == {}
+
+
 def test_host_probe_times_a_fixed_workload() -> None:
     from moebits.runtime.host_log import host_probe_s
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moebits.analysis.fidelity import collect_passes, scatter, summary_md
+from moebits.analysis.fidelity import collect_passes, error_vs_spread, scatter, spread_plot, summary_md
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", type=Path, default=None, help="also write the Markdown here")
     p.add_argument("--plot", type=Path, default=None, help="one scatter of every case's passes (simulated vs measured)")
     p.add_argument("--passes", type=Path, default=None, help="every case's passes in one CSV (with a case column)")
+    p.add_argument("--spread-plot", type=Path, default=None,
+                   help="per case measured in two device calls (CASE, CASE_s2): the simulator's error against the "
+                   "two measurements' mean vs how far the two differ")
     p.set_defaults(func=run)
 
 
@@ -24,10 +27,16 @@ def run(args: argparse.Namespace) -> int:
     path = args.dir / "fidelity.json" if args.dir.is_dir() else args.dir
     if not path.exists():
         raise ValueError(f"{path} does not exist (run moebits analysis validate first)")
-    text = summary_md(json.loads(path.read_text()))
+    rows = json.loads(path.read_text())
+    text = summary_md(rows)
     print(text)
     if args.out:
         args.out.write_text(text)
+    if args.spread_plot:
+        pts = error_vs_spread(rows)
+        if not pts:
+            raise ValueError(f"{path} has no case measured in two device calls (CASE and CASE_s2): nothing to plot")
+        spread_plot(pts, args.spread_plot, title=f"simulator error vs the measurement's own spread, {len(pts)} cases")
     if args.plot or args.passes:
         passes = collect_passes(path.parent)
         if args.plot:

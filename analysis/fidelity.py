@@ -371,6 +371,56 @@ def repeatability(rows: list[dict[str, Any]], suffix: str = REPEAT_SUFFIX) -> li
     return out
 
 
+def error_vs_spread(rows: list[dict[str, Any]], suffix: str = LATER_SUFFIX) -> list[dict[str, Any]]:
+    """Per case measured in two device calls (``CASE``, ``CASE`` + ``suffix``): the two measurements' own spread
+    (``|a - b| / mean(a, b)`` of mean TPOT) beside the simulator's error against their mean (its two predictions,
+    each at its run's host speed, averaged): where the error is below the spread the simulator is closer to either
+    measurement than they are to each other, and no model can be checked to better than that."""
+    by = {r["case"]: r for r in rows}
+    out = []
+    for case, r in sorted(by.items()):
+        twin = by.get(case + suffix)
+        if twin is None or case.startswith(CALIBRATION_PREFIX):
+            continue
+        m = [r.get("tpot_ms_measured"), twin.get("tpot_ms_measured")]
+        s = [r.get("tpot_ms_simulated"), twin.get("tpot_ms_simulated")]
+        if not all(m) or not all(s):
+            continue
+        mean = (m[0] + m[1]) / 2
+        out.append({"case": case, "runtime_path": r.get("runtime_path"), "policy": r.get("policy"),
+                    "spread": abs(m[0] - m[1]) / mean, "error": abs((s[0] + s[1]) / 2 / mean - 1)})
+    return out
+
+
+def spread_plot(points: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Simulator error against the two-call mean vs the two calls' own spread, per case (log-log), the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    floor = 1e-4   # 0.01%: where a case repeats (or is predicted) exactly, drawn on the axis
+    for path_name, marker in (("graph_whole", "o"), ("graph_layer", "^")):
+        d = [q for q in points if q["runtime_path"] == path_name]
+        if d:
+            below = sum(q["error"] <= q["spread"] for q in d)
+            ax.scatter([max(q["spread"], floor) * 100 for q in d], [max(q["error"], floor) * 100 for q in d], s=18,
+                       marker=marker, alpha=0.75, label=f"{path_name} ({len(d)}; error below spread: {below})")
+    xs = np.array([floor * 100, 100.0])
+    ax.plot(xs, xs, "k-", lw=0.8)
+    ax.axhline(1.0, color="grey", ls=":", lw=0.8)   # the 1% target
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("two device calls differ by (% of mean TPOT)")
+    ax.set_ylabel("simulator error vs their mean (%)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _error_line(label: str, rows: list[dict[str, Any]]) -> str:
     e = np.array([abs(r["tpot_err"]) for r in rows if r.get("tpot_err") is not None])
     if not e.size:
@@ -411,6 +461,14 @@ def summary_md(rows: list[dict[str, Any]]) -> str:
         out.append(_spread_line(label, rep))
         if len(paths) > 1 and rep:
             out += [_spread_line(f"  {p}", [r for r in rep if str(r.get("runtime_path")) == p]) for p in paths]
+    pts = error_vs_spread(rows)
+    for p in paths if pts else []:
+        d = [q for q in pts if str(q["runtime_path"]) == p]
+        if d:
+            e = np.array([q["error"] for q in d])
+            out.append(f"  {p}: against the mean of its two calls, mean |TPOT error| {100 * e.mean():.2f}% (max "
+                       f"{100 * e.max():.1f}%), below the two calls' own spread in {sum(q['error'] <= q['spread'] for q in d)} "
+                       f"of {len(d)} cases.")
     for r in rows:
         if not r.get("decisions_match"):
             out.append(f"- {r.get('case')}: decisions differ: {r.get('first_divergence')}")

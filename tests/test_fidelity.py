@@ -210,3 +210,25 @@ def test_a_calibration_profile_is_cut_to_the_replayed_layers(tmp_path: Path) -> 
             "runtime.engine=GRAPH", "progress=false"]
     c = validate(case, read_profile(Path("conf/hardware/calibrated_h200.yaml")), tmp_path, label="sf")
     assert c.row["decisions_match"] and c.row["layers"] == 2
+
+
+def test_error_vs_spread_grades_against_the_two_calls_mean(tmp_path: Path) -> None:
+    """A case measured in two calls: its spread is |a - b| / mean, the error is the mean prediction against the
+    mean measurement; calibration cases and unpaired cases are left out; the summary says how many are below."""
+    from moebits.analysis.fidelity import error_vs_spread, spread_plot
+
+    def row(case: str, meas: float, sim: float, path: str = "graph_whole") -> dict:
+        return {"case": case, "runtime_path": path, "policy": "p", "tpot_ms_measured": meas, "tpot_ms_simulated": sim,
+                "tpot_err": sim / meas - 1, "decisions_match": True}
+
+    rows = [row("a", 1.0, 1.05), row("a_s2", 1.2, 1.15),          # spread 0.2/1.1, error |1.1/1.1 - 1| = 0
+            row("b", 2.0, 2.4, "graph_layer"), row("b_s2", 2.0, 2.4, "graph_layer"),   # spread 0, error 20%
+            row("c", 1.0, 1.0), row("cal_x", 1.0, 2.0), row("cal_x_s2", 1.0, 2.0)]
+    pts = {q["case"]: q for q in error_vs_spread(rows)}
+    assert sorted(pts) == ["a", "b"]
+    assert pts["a"]["spread"] == pytest.approx(0.2 / 1.1) and pts["a"]["error"] == pytest.approx(0.0, abs=1e-12)
+    assert pts["b"]["spread"] == 0.0 and pts["b"]["error"] == pytest.approx(0.2)
+    text = summary_md(rows)
+    assert "below the two calls' own spread in 1 of 1 cases" in text and "graph_layer: against the mean" in text
+    spread_plot(list(pts.values()), tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 0

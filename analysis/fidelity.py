@@ -296,10 +296,17 @@ def scatter(passes: pd.DataFrame, path: Path, title: str = "") -> None:
         ax.plot(xs, xs, "k-", lw=0.8)
         ax.plot(xs, xs * 1.05, "k:", lw=0.6)
         ax.plot(xs, xs * 0.95, "k:", lw=0.6)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel("measured step latency (ms)")
-    ax.set_ylabel("simulated step latency (ms)")
+    _finish(fig, ax, path, title, "measured step latency (ms)", "simulated step latency (ms)")
+
+
+def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """Log-log axes, labels, title and legend; save and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -382,8 +389,8 @@ def error_vs_spread(rows: list[dict[str, Any]], suffix: str = LATER_SUFFIX) -> l
         twin = by.get(case + suffix)
         if twin is None or case.startswith(CALIBRATION_PREFIX):
             continue
-        m = [r.get("tpot_ms_measured"), twin.get("tpot_ms_measured")]
-        s = [r.get("tpot_ms_simulated"), twin.get("tpot_ms_simulated")]
+        m = [float(r.get("tpot_ms_measured") or 0.0), float(twin.get("tpot_ms_measured") or 0.0)]
+        s = [float(r.get("tpot_ms_simulated") or 0.0), float(twin.get("tpot_ms_simulated") or 0.0)]
         if not all(m) or not all(s):
             continue
         mean = (m[0] + m[1]) / 2
@@ -410,15 +417,7 @@ def spread_plot(points: list[dict[str, Any]], path: Path, title: str = "") -> No
     xs = np.array([floor * 100, 100.0])
     ax.plot(xs, xs, "k-", lw=0.8)
     ax.axhline(1.0, color="grey", ls=":", lw=0.8)   # the 1% target
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("two device calls differ by (% of mean TPOT)")
-    ax.set_ylabel("simulator error vs their mean (%)")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title, "two device calls differ by (% of mean TPOT)", "simulator error vs their mean (%)")
 
 
 def _error_line(label: str, rows: list[dict[str, Any]]) -> str:

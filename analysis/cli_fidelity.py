@@ -6,7 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from moebits.analysis.fidelity import collect_passes, error_vs_spread, scatter, spread_plot, summary_md
+from moebits.analysis.fidelity import (
+    by_policy,
+    collect_passes,
+    error_vs_spread,
+    policy_plot,
+    scatter,
+    spread_plot,
+    summary_md,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spread-plot", type=Path, default=None,
                    help="per case measured in two device calls (CASE, CASE_s2): the simulator's error against the "
                    "two measurements' mean vs how far the two differ")
+    p.add_argument("--policy-plot", type=Path, default=None,
+                   help="per policy: the simulator's mean |TPOT error| beside the mean two-call spread of its cases")
     p.set_defaults(func=run)
 
 
@@ -37,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
         if not pts:
             raise ValueError(f"{path} has no case measured in two device calls (CASE and CASE_s2): nothing to plot")
         spread_plot(pts, args.spread_plot, title=f"simulator error vs the measurement's own spread, {len(pts)} cases")
+    if args.policy_plot:
+        stats = by_policy(rows)
+        if not stats:
+            raise ValueError(f"{path} has no validation rows (only calibration cases or repeats): nothing to plot")
+        policy_plot(stats, args.policy_plot, title=f"fidelity per policy, {sum(q['runs'] for q in stats)} runs")
     if args.plot or args.passes:
         passes = collect_passes(path.parent)
         if args.plot:

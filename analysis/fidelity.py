@@ -420,6 +420,51 @@ def spread_plot(points: list[dict[str, Any]], path: Path, title: str = "") -> No
     _finish(fig, ax, path, title, "two device calls differ by (% of mean TPOT)", "simulator error vs their mean (%)")
 
 
+def by_policy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per policy, over its validation rows: runs, mean |TPOT error|, and the mean two-call spread of its cases
+    measured twice (:func:`error_vs_spread`; None without any); whole-step policies first, then by error."""
+    val = graded(rows)
+    spread: dict[str, list[float]] = {}
+    for q in error_vs_spread(rows):
+        spread.setdefault(str(q["policy"]), []).append(q["spread"])
+    out = []
+    for pol in sorted({str(r.get("policy")) for r in val}):
+        mine = [r for r in val if str(r.get("policy")) == pol and r.get("tpot_err") is not None]
+        if not mine:
+            continue
+        paths = {str(r.get("runtime_path")) for r in mine}
+        sp = spread.get(pol)
+        out.append({"policy": pol, "runs": len(mine), "runtime_path": "+".join(sorted(paths)),
+                    "error": float(np.mean([abs(r["tpot_err"]) for r in mine])),
+                    "spread": float(np.mean(sp)) if sp else None})
+    return sorted(out, key=lambda q: (q["runtime_path"] != "graph_whole", q["error"]))
+
+
+def policy_plot(stats: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Bars: each policy's mean |TPOT error|; dots: the mean spread of its cases between two device calls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = np.arange(len(stats))
+    colors = ["tab:blue" if q["runtime_path"] == "graph_whole" else "tab:orange" for q in stats]
+    ax.bar(x, [100 * q["error"] for q in stats], color=colors, alpha=0.8, label="simulator: mean |TPOT error|")
+    sp = [(i, 100 * q["spread"]) for i, q in enumerate(stats) if q["spread"] is not None]
+    if sp:
+        ax.scatter([i for i, _ in sp], [v for _, v in sp], color="k", marker="D", s=18, zorder=3,
+                   label="measurement: two calls differ by")
+    ax.axhline(1.0, color="grey", ls=":", lw=0.8)
+    ax.set_xticks(x, [f"{q['policy']}\n({q['runs']})" for q in stats], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("% of mean TPOT")
+    ax.set_title(title + "  (blue: whole-step graphs, orange: per-layer graphs)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _error_line(label: str, rows: list[dict[str, Any]]) -> str:
     e = np.array([abs(r["tpot_err"]) for r in rows if r.get("tpot_err") is not None])
     if not e.size:

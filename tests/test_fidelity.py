@@ -232,3 +232,22 @@ def test_error_vs_spread_grades_against_the_two_calls_mean(tmp_path: Path) -> No
     assert "below the two calls' own spread in 1 of 1 cases" in text and "graph_layer: against the mean" in text
     spread_plot(list(pts.values()), tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_by_policy_pools_each_policys_rows_and_spread(tmp_path: Path) -> None:
+    from moebits.analysis.fidelity import by_policy, policy_plot
+
+    def row(case: str, policy: str, meas: float, sim: float, path: str) -> dict:
+        return {"case": case, "runtime_path": path, "policy": policy, "tpot_ms_measured": meas,
+                "tpot_ms_simulated": sim, "tpot_err": sim / meas - 1, "decisions_match": True}
+
+    rows = [row("s", "static", 1.0, 1.01, "graph_whole"), row("s_s2", "static", 1.02, 1.01, "graph_whole"),
+            row("l", "lru", 2.0, 2.2, "graph_layer"), row("cal_l", "lru", 1.0, 9.0, "graph_layer"),
+            row("l_r2", "lru", 1.0, 9.0, "graph_layer")]
+    stats = {q["policy"]: q for q in by_policy(rows)}
+    assert [q["policy"] for q in by_policy(rows)] == ["static", "lru"]          # whole-step first
+    assert stats["static"]["runs"] == 2 and stats["static"]["spread"] == pytest.approx(0.02 / 1.01)
+    assert stats["static"]["error"] == pytest.approx((0.01 + abs(1.01 / 1.02 - 1)) / 2)
+    assert stats["lru"]["runs"] == 1 and stats["lru"]["error"] == pytest.approx(0.1) and stats["lru"]["spread"] is None
+    policy_plot(list(stats.values()), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0

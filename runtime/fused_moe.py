@@ -198,7 +198,7 @@ def _gemv_cls(C: tl.constexpr, wp, sp, zp, rows, nmask, x, K: tl.constexpr, BN: 
 
 
 @triton.jit
-def field(buf, d, base, i):
+def slab_field(buf, d, base, i):
     """Byte pointer of descriptor field ``i`` of the slab at ``base`` (fields are 16-byte aligned)."""
     return buf + tl.multiple_of(base + tl.load(d + i), 16)
 
@@ -233,14 +233,14 @@ def _gemv_mix(buf, d, base, proj: tl.constexpr, rows, nmask, x, K: tl.constexpr,
     HI: tl.constexpr = (MIX >> 3) & 7
     NK: tl.constexpr = (MIX >> (6 + 20 * proj)) & 0xFFFFF
     STEPS: tl.constexpr = (MIX >> (46 + 5 * proj)) & 31
-    acc = _gemv_cls(LO, field(buf, d, base, 2 + 3 * proj), field(buf, d, base, 3 + 3 * proj),
-                    field(buf, d, base, 4 + 3 * proj), rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
+    acc = _gemv_cls(LO, slab_field(buf, d, base, 2 + 3 * proj), slab_field(buf, d, base, 3 + 3 * proj),
+                    slab_field(buf, d, base, 4 + 3 * proj), rows, nmask, x, K, BN, G8, G4, G3, G2, FLAT)
     if NK > 0:
-        rp = field(buf, d, base, 11 + 4 * proj).to(tl.pointer_type(tl.int32))
+        rp = slab_field(buf, d, base, 11 + 4 * proj).to(tl.pointer_type(tl.int32))
         pos, kept = kept_of(rp, rows, nmask, NK, STEPS, BN)
         if tl.max(kept.to(tl.int32), 0) > 0:
-            hi = _gemv_cls(HI, field(buf, d, base, 8 + 4 * proj), field(buf, d, base, 9 + 4 * proj),
-                           field(buf, d, base, 10 + 4 * proj), pos, kept, x, K, BN, G8, G4, G3, G2, FLAT)
+            hi = _gemv_cls(HI, slab_field(buf, d, base, 8 + 4 * proj), slab_field(buf, d, base, 9 + 4 * proj),
+                           slab_field(buf, d, base, 10 + 4 * proj), pos, kept, x, K, BN, G8, G4, G3, G2, FLAT)
             acc = tl.where(kept, hi, acc)
     return acc
 
@@ -250,9 +250,9 @@ def _gemv_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, x, K: tl.const
               HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr, G3: tl.constexpr, G2: tl.constexpr,
               FLAT: tl.constexpr, MIX: tl.constexpr):
     """Dispatch on the kernel class read from the table (``HAS`` bit c: class c has slabs)."""
-    wp = field(buf, d, base, 2 + 3 * proj)
-    sp = field(buf, d, base, 3 + 3 * proj)
-    zp = field(buf, d, base, 4 + 3 * proj)
+    wp = slab_field(buf, d, base, 2 + 3 * proj)
+    sp = slab_field(buf, d, base, 3 + 3 * proj)
+    zp = slab_field(buf, d, base, 4 + 3 * proj)
     acc = tl.zeros([BN], dtype=tl.float32)
     if HAS & 8:
         if cls == 3:

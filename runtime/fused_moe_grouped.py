@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moebits.runtime.fused_moe import MoeKernelConfig, field, kept_of, launch_consts, slab_address
+from moebits.runtime.fused_moe import MoeKernelConfig, kept_of, launch_consts, slab_address, slab_field
 from moebits.runtime.grouped import ClassLayout, build_plan, plan_rows
 from moebits.runtime.residency import PoolDescriptor
 
@@ -122,14 +122,14 @@ def _mm_mix(buf, d, base, proj: tl.constexpr, rows, nmask, a_rows, amask, K: tl.
     HI: tl.constexpr = (MIX >> 3) & 7
     NK: tl.constexpr = (MIX >> (6 + 20 * proj)) & 0xFFFFF
     STEPS: tl.constexpr = (MIX >> (46 + 5 * proj)) & 31
-    acc = _mm_cls(LO, field(buf, d, base, 2 + 3 * proj), field(buf, d, base, 3 + 3 * proj),
-                  field(buf, d, base, 4 + 3 * proj), rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
+    acc = _mm_cls(LO, slab_field(buf, d, base, 2 + 3 * proj), slab_field(buf, d, base, 3 + 3 * proj),
+                  slab_field(buf, d, base, 4 + 3 * proj), rows, nmask, a_rows, amask, K, BN, BM, G8, G4, G3, G2, F32DOT)
     if NK > 0:
-        rp = field(buf, d, base, 11 + 4 * proj).to(tl.pointer_type(tl.int32))
+        rp = slab_field(buf, d, base, 11 + 4 * proj).to(tl.pointer_type(tl.int32))
         pos, kept = kept_of(rp, rows, nmask, NK, STEPS, BN)
         if tl.max(kept.to(tl.int32), 0) > 0:
-            hi = _mm_cls(HI, field(buf, d, base, 8 + 4 * proj), field(buf, d, base, 9 + 4 * proj),
-                         field(buf, d, base, 10 + 4 * proj), pos, kept, a_rows, amask, K, BN, BM, G8, G4, G3, G2,
+            hi = _mm_cls(HI, slab_field(buf, d, base, 8 + 4 * proj), slab_field(buf, d, base, 9 + 4 * proj),
+                         slab_field(buf, d, base, 10 + 4 * proj), pos, kept, a_rows, amask, K, BN, BM, G8, G4, G3, G2,
                          F32DOT)
             acc = tl.where(kept[:, None], hi, acc)
     return acc
@@ -139,9 +139,9 @@ def _mm_mix(buf, d, base, proj: tl.constexpr, rows, nmask, a_rows, amask, K: tl.
 def _mm_any(buf, d, base, proj: tl.constexpr, cls, rows, nmask, a_rows, amask, K: tl.constexpr,
             BN: tl.constexpr, BM: tl.constexpr, HAS: tl.constexpr, G8: tl.constexpr, G4: tl.constexpr,
             G3: tl.constexpr, G2: tl.constexpr, F32DOT: tl.constexpr, MIX: tl.constexpr):
-    wp = field(buf, d, base, 2 + 3 * proj)
-    sp = field(buf, d, base, 3 + 3 * proj)
-    zp = field(buf, d, base, 4 + 3 * proj)
+    wp = slab_field(buf, d, base, 2 + 3 * proj)
+    sp = slab_field(buf, d, base, 3 + 3 * proj)
+    zp = slab_field(buf, d, base, 4 + 3 * proj)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     if HAS & 8:
         if cls == 3:

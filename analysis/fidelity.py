@@ -17,6 +17,9 @@ decode) and one fidelity row:
   differ, the floor under any simulator's error: ``CASE_r2`` minutes later in the same device call (a repeat,
   not graded), ``CASE_s2`` in a later call (an independent measurement, graded like ``CASE``);
 - ``step_err_p95`` / ``step_err_max``: 95th percentile / max of the per-pass relative latency error;
+- ``busy_err`` (whole-step graphs): error of a decode pass's mean device time (its graph alone, no host gap, no
+  input or routing copy; ``busy_ms_*``): the device model's (the graph tables') share of the TPOT error, apart
+  from the host's and the copies';
 - ``stall_s``, ``h2d_bytes``, ``promotions``: both sides, measured and simulated;
 - ``host_speed``: the host's speed during the measured run relative to the one the profile's host costs were
   fitted at (the runtime's probe, :func:`runtime.host_log.host_probe_s`; > 1: faster): the simulator prices
@@ -91,6 +94,9 @@ def compare(meas: RunResult, sim: RunResult, labels: dict[str, Any]) -> Comparis
         "measured_stall_s": pm["stall_s"][:n].to_numpy(), "simulated_stall_s": ps["stall_s"][:n].to_numpy(),
     })
     passes["rel_err"] = (passes["simulated_s"] - passes["measured_s"]) / passes["measured_s"].where(passes["measured_s"] > 0)
+    busy = "busy_s" in pm and "busy_s" in ps
+    if busy:
+        passes["measured_busy_s"], passes["simulated_busy_s"] = pm["busy_s"][:n].to_numpy(), ps["busy_s"][:n].to_numpy()
     sm, ss = summarize(meas), summarize(sim)
     err = passes["rel_err"].abs().dropna().to_numpy()
     dec = passes[passes["phase"] == "decode"]["rel_err"].abs().dropna().to_numpy()
@@ -112,10 +118,23 @@ def compare(meas: RunResult, sim: RunResult, labels: dict[str, Any]) -> Comparis
         "copy_wait_s_measured": meas.info.get("copy_wait_s"), "copy_wait_s_simulated": sim.info.get("copy_wait_s"),
         "refusals_measured": sm["refusals"], "refusals_simulated": ss["refusals"],
         "hit_rate_measured": sm.get("hit_rate"), "hit_rate_simulated": ss.get("hit_rate"),
+        **_busy_fields(passes if busy else None),
         "passes": n, "layer_steps": meas.layer_steps,
         "decisions_match": div is None, "first_divergence": div,
     }
     return Comparison(passes, row)
+
+
+def _busy_fields(passes: pd.DataFrame | None) -> dict[str, Any]:
+    """Mean device seconds of a decode pass's graph, both sides, and the error (whole-step runs): the part of the TPOT
+    error that is the device's (the graph tables'), apart from the host's and the copies'."""
+    if passes is None:
+        return {"busy_ms_measured": None, "busy_ms_simulated": None, "busy_err": None}
+    dec = passes[passes["phase"] == "decode"]
+    m, s = float(dec["measured_busy_s"].mean()) * 1e3, float(dec["simulated_busy_s"].mean()) * 1e3
+    ok = len(dec) > 0 and m > 0
+    return {"busy_ms_measured": m if ok else None, "busy_ms_simulated": s if ok else None,
+            "busy_err": (s - m) / m if ok else None}
 
 
 def runs_full_step(summary: dict[str, Any]) -> bool:
@@ -335,14 +354,14 @@ def _num(x: Any, fmt: str = "{:.3f}") -> str:
 
 def table_md(rows: list[dict[str, Any]]) -> str:
     """The fidelity table (Markdown), one line per run."""
-    head = ("| case | policy | batch | trace | hardware | TPOT meas / sim (ms) | TPOT err | TTFT meas / sim (ms) | "
-            "TTFT err | step err p95 | stall meas / sim (s) | promotions meas / sim | decisions |")
+    head = ("| case | policy | batch | trace | hardware | TPOT meas / sim (ms) | TPOT err | device err | "
+            "TTFT meas / sim (ms) | TTFT err | step err p95 | stall meas / sim (s) | promotions meas / sim | decisions |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r.get('case')} | {r.get('policy')} | {r.get('batch')} | {r.get('trace')} | {r.get('hardware')} | "
             f"{_num(r.get('tpot_ms_measured'))} / {_num(r.get('tpot_ms_simulated'))} | {_pct(r.get('tpot_err'))} | "
-            f"{_num(r.get('ttft_ms_measured'))} / {_num(r.get('ttft_ms_simulated'))} | {_pct(r.get('ttft_err'))} | "
+            f"{_pct(r.get('busy_err'))} | {_num(r.get('ttft_ms_measured'))} / {_num(r.get('ttft_ms_simulated'))} | {_pct(r.get('ttft_err'))} | "
             f"{_pct(r.get('step_err_p95'))} | {_num(r.get('stall_s_measured'), '{:.4f}')} / "
             f"{_num(r.get('stall_s_simulated'), '{:.4f}')} | {r.get('promotions_measured')} / "
             f"{r.get('promotions_simulated')} | {'match' if r.get('decisions_match') else 'DIFFER'} |")
@@ -496,6 +515,13 @@ def summary_md(rows: list[dict[str, Any]]) -> str:
                    f"per-step p95 error worst {100 * st.max():.1f}% (target <= 5%)." if st.size else "")
     if t50.size:
         out.append(f"Median TPOT: mean |error| {100 * t50.mean():.2f}%, max {100 * t50.max():.2f}%.")
+    dev = [r for r in first if r.get("busy_err") is not None]
+    if dev:
+        b = np.array([abs(r["busy_err"]) for r in dev])
+        t = np.array([abs(r["tpot_err"]) for r in dev if r.get("tpot_err") is not None])
+        out.append(f"Device time of a decode pass's graph (whole-step runs, {b.size}): mean |error| {100 * b.mean():.2f}%, "
+                   f"max {100 * b.max():.2f}%, within 1/3%: {int((b <= 0.01).sum())}/{int((b <= 0.03).sum())} "
+                   f"(their TPOT: {100 * t.mean():.2f}%): the graph tables' share; the rest is host and copies.")
     paths = sorted({str(r.get("runtime_path")) for r in first})
     if len(paths) > 1:
         out += [_error_line(f"  {p}", [r for r in first if str(r.get("runtime_path")) == p]) for p in paths]

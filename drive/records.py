@@ -12,6 +12,9 @@ Definitions:
 - TTFT of a batch: from its first layer step's start to the end of its prefill pass;
   TPOT: the latency of each decode pass (each sequence of the batch gets one token per pass);
 - tokens/s: decode tokens over decode time (0 when the workload has no decode);
+- busy (whole-step graphs, both engines): the device's own seconds of a pass, from its graph's start on
+  the compute stream to its end: the latency less any time the device waited for the host, and less the
+  pass's input and routing copies (``busy_s``; a ``busy_s`` column where timed);
 - stall: time a layer waited for expert copies; host wait: time a layer waited for experts
   computed on the host beyond its device compute;
 - hit rate: demand hits / demand requests; a layer step requests each distinct expert it
@@ -63,6 +66,7 @@ class Recorder:
     snaps: list[tuple[int, ...]] = field(default_factory=list)  # COUNTERS at each pass end
     kl: dict[tuple[int, int], float] | None = None  # (batch, pass) -> mean KL, where measured
     served: list[tuple[tuple[int, int, str], ...]] | None = None  # per step (expert, tokens, precision), if asked
+    busy_s: list[float] = field(default_factory=list)  # per pass, where the engine times it: see RunResult
 
 
 @dataclass
@@ -100,6 +104,9 @@ class RunResult:
     kl: dict[tuple[int, int], float] | None = None
     served: list[tuple[tuple[int, int, str], ...]] | None = None  # see Recorder
     host: dict[str, np.ndarray] = field(default_factory=dict)  # the runtime's host timings (runtime.host_log)
+    # [N] or empty: per pass, the device's own seconds of the pass's captured work (whole-step graphs: from the
+    # graph's start on its stream to its end; no host gap, no input or routing copy), where the engine times it
+    busy_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @classmethod
     def from_recorder(cls, rec: Recorder, steps: LayerSteps | StepIndex, wall_s: float,
@@ -123,6 +130,7 @@ class RunResult:
             info=info,
             kl=rec.kl,
             served=rec.served,
+            busy_s=np.asarray(rec.busy_s, dtype=np.float64),
         )
 
     @property
@@ -171,6 +179,8 @@ def pass_table(r: RunResult) -> pd.DataFrame:
     for k, p in enumerate([*r.precisions, "host"]):
         df[f"act_{p}"] = act[:, k]
     df["quality_proxy"] = np.add.reduceat(r.err, starts) / np.maximum(token_layers, 1)
+    if r.busy_s.size == len(df):
+        df["busy_s"] = r.busy_s
     if r.kl is not None:
         kl = r.kl
         df["kl"] = [kl.get((int(b), int(p)), math.nan) for b, p in zip(df["batch"], df["pass"], strict=True)]
@@ -234,10 +244,10 @@ _ARRAYS = ("ls_batch", "ls_pass", "ls_tokens", "end_s", "stall_s", "host_wait_s"
 
 
 def save_run(r: RunResult, path: Path) -> None:
-    """Write ``r``'s arrays, precisions, wall time, info and host timings to ``path`` (``.npz``; no KL, no
-    served list)."""
+    """Write ``r``'s arrays, precisions, wall time, info, host timings and pass device times to ``path``
+    (``.npz``; no KL, no served list)."""
     meta = {"precisions": r.precisions, "wall_s": r.wall_s, "info": r.info}
-    arrays = {k: getattr(r, k) for k in _ARRAYS} | {f"host_{k}": v for k, v in r.host.items()}
+    arrays = {k: getattr(r, k) for k in _ARRAYS} | {f"host_{k}": v for k, v in r.host.items()} | {"busy_s": r.busy_s}
     np.savez_compressed(path, meta=np.array(json.dumps(meta, default=str)), **arrays)
 
 
@@ -246,5 +256,6 @@ def load_run(path: Path) -> RunResult:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         host = {k[5:]: z[k] for k in z.files if k.startswith("host_") and k not in _ARRAYS}
+        busy = z["busy_s"] if "busy_s" in z.files else np.zeros(0)   # runs saved before pass device times
         return RunResult(precisions=meta["precisions"], wall_s=meta["wall_s"], info=meta["info"], host=host,
-                         **{k: z[k] for k in _ARRAYS})
+                         busy_s=busy, **{k: z[k] for k in _ARRAYS})

@@ -82,6 +82,11 @@ class Clock:
         ev.record()
         return ev
 
+    @staticmethod
+    def span_s(a: Any, b: Any) -> float:
+        """Seconds from mark ``a`` to mark ``b`` (events: on the device's stream; ``b`` complete)."""
+        return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else float(b - a)
+
     def resolve(self, marks: list[Any]) -> list[float]:
         if self.ev0 is None or not marks:
             return [float(m) for m in marks]

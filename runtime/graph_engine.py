@@ -218,6 +218,8 @@ class GraphEngine:
         self._observed = 0                 # layer steps observed on the per-pass seam (LayerObs.step)
         self.host_log = HostLog()
         self._marks: list[Any] = []
+        self._busy: list[tuple[Any, Any]] = []   # WHOLE mode: (start, end) marks of every graph launch
+        self._busy_of: list[int] = []            # the pass each launch belongs to
         self.steps = self.passes = 0
         self.route_read_s = 0.0   # per-layer seam: seconds reading a layer's routing (a sync: the device's time)
         self.stall_wait_s = 0.0   # per-layer seam: seconds draining copies for a waiting step
@@ -283,7 +285,10 @@ class GraphEngine:
         if self.per_layer:
             runner.run(lambda layer: self._layer_step(p, buf, T, layer))
         else:
+            start = self.clock.mark()
             runner.run()
+            self._busy.append((start, self.clock.mark()))
+            self._busy_of.append(len(self.rec.snaps))
             log.tick("launch")
             assert self.observer is not None
             self.observer.record(self.passes, buf.ids, buf.weights, T)
@@ -453,6 +458,7 @@ class GraphEngine:
         self.mover.drain()
         ends = self.clock.resolve(self._marks)
         self.rec.end_s = np.repeat(np.asarray(ends, np.float64), self.spec.layers)
+        self.rec.busy_s = self._busy_per_pass()
         extra = {"graph": self.mode.value, "observe": "per-layer" if self.per_layer else "per-pass",
                  "route_wait_s": self.observer.wait_s if self.observer is not None else 0.0,
                  "copy_wait_s": self.mover.stats.wait_s,
@@ -460,6 +466,16 @@ class GraphEngine:
         out = RunResult.from_recorder(self.rec, self.index, self.clock.now(), {**extra, **(info or {})})
         out.host = self.host_log.arrays()
         return out
+
+    def _busy_per_pass(self) -> list[float]:
+        """Device seconds of every pass's graphs (WHOLE mode; after :meth:`Clock.resolve`); [] per-layer."""
+        if not self._busy:
+            return []
+        out = np.zeros(len(self.rec.snaps))
+        for n, (a, b) in zip(self._busy_of, self._busy, strict=True):
+            if n < out.size:   # a pass still open at the end has no row
+                out[n] += self.clock.span_s(a, b)
+        return out.tolist()
 
     def _waited_s(self) -> float:
         """Host seconds spent waiting for the device so far (routing read-back, copies)."""

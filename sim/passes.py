@@ -89,7 +89,9 @@ def replay_passes(eng: Engine, env: simpy.Environment, rec: Recorder,
             copies = k
         t = max(end_of[-1] if end_of else 0.0, host)
         t += io_s   # the pass's own copies (inputs up, routing down) around its graph
+        start = t
         t = _serve_pass(eng, rec, i0, L, non_moe, t)
+        rec.busy_s.append(t - start)
         end_of.append(t)
         rec.snaps.append(eng.snapshot())
         yield env.timeout(max(0.0, t - now))

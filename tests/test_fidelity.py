@@ -24,7 +24,7 @@ from moebits.analysis.fidelity import (  # noqa: E402
 )
 from moebits.core.hardware import HardwareProfile, HostCosts  # noqa: E402
 from moebits.core.model_spec import ModelSpec  # noqa: E402
-from moebits.drive.records import COUNTERS, RunResult  # noqa: E402
+from moebits.drive.records import COUNTERS, RunResult, load_run, pass_table  # noqa: E402
 from moebits.runtime.calibrate import (  # noqa: E402
     SMALL_DESIGNS,
     CalibrateOptions,
@@ -120,8 +120,13 @@ def test_graph_path_validates_and_resimulates_on_cpu(tmp_path: Path, graph_profi
     assert c.row["runtime_path"] == "graph_eager" and c.row["route_lag"] == 2 and c.row["promotions_measured"] > 0
     again = resimulate(tmp_path / "m", graph_profile, tmp_path / "r")
     assert len(again) == 1 and again[0].row["decisions_match"]
-    for key in ("tpot_ms_measured", "tpot_ms_simulated", "promotions_simulated", "passes", "host_probe_us"):
+    for key in ("tpot_ms_measured", "tpot_ms_simulated", "promotions_simulated", "passes", "host_probe_us",
+                "busy_ms_measured", "busy_ms_simulated"):
         assert again[0].row[key] == c.row[key], key
+    # each pass's own device time (its graph, no host gap) is measured, kept, and inside the pass's latency
+    meas = pass_table(load_run(tmp_path / "m" / "dyn.measured.npz"))
+    assert (meas["busy_s"] > 0).all() and (meas["busy_s"][1:] <= meas["latency_s"][1:]).all()
+    assert c.row["busy_err"] is not None and "measured_busy_s" in c.passes
     assert c.row["host_probe_us"] > 0 and c.row["host_speed"] is None   # the profile's host costs: no probe
     assert c.row["trace"] == "traces/data/default.parquet"                 # named relative to the repository
     from moebits.analysis.__main__ import main as analysis_main  # several measured folders, one table

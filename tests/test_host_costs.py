@@ -157,6 +157,23 @@ def test_a_slow_controller_sets_the_pace_on_the_per_pass_seam(view: Any, name: s
 
 
 @pytest.mark.parametrize("name", ["static_uniform", "dynaexq"])
+def test_a_pass_device_time_is_its_graph_whatever_the_host(view: Any, name: str) -> None:
+    """``busy_s`` per pass is the device's own time (the pass's layer steps): the same when a slow host sets the
+    pace; the host's pass and the pass's copies (``pass_io_s``) are the gap before it."""
+    io_s = 3e-4
+    hw = dataclasses.replace(graph_hw(HostCosts(pass_s=PASS_S)), pass_io_s=io_s)
+    policy = build_policy(_cfg(name))
+    r = Engine(view, SPEC, hw, policy, int(BUDGET[1] * SPEC.all_experts_bytes(BUDGET[0])), seed=5,
+               profile=view if policy.needs_profile else None, route_lag=2).run()
+    _, base, _, _ = simulate(view, name, HostCosts(), route_lag=2)
+    slow, fast = pass_table(r), pass_table(base)
+    np.testing.assert_allclose(slow["busy_s"], fast["busy_s"], rtol=1e-9)
+    np.testing.assert_allclose(fast["latency_s"][1:], fast["busy_s"][1:], rtol=1e-9)   # device-bound: no gap
+    assert (slow["latency_s"][1:] >= slow["busy_s"][1:] + io_s).all()
+    assert slow["busy_s"][1:].max() < PASS_S
+
+
+@pytest.mark.parametrize("name", ["static_uniform", "dynaexq"])
 def test_zero_host_costs_change_nothing(view: Any, name: str) -> None:
     """Zero host costs send a static policy through sim.passes instead of the per-layer loop: same times."""
     eng, r, s, _ = simulate(view, name, HostCosts(), route_lag=2)

@@ -8,15 +8,21 @@ ignored; each run's host log,
 
 1. ``HostCosts.observe_s`` per policy: least squares of the seconds of every ``Driver.observe`` call
    on ``[1, experts of the observed layer step]`` (every run of that policy, any seam);
-2. ``HostCosts.pass_s`` and ``copy_s``: least squares of each per-pass-seam pass's host work (its
-   host seconds less waiting and observing; the first two passes left out: warm-up) on
-   ``[1, copies issued, copies issued one boundary earlier]`` (a copy's bookkeeping when it lands);
+2. ``HostCosts.pass_s``, ``pass_own_s`` and ``copy_s``: least squares of each per-pass-seam pass's host work
+   (its host seconds less waiting and observing; the first two passes left out: warm-up) on
+   ``[1, one indicator per non-static policy, copies issued, copies issued one boundary earlier]`` (a copy's
+   bookkeeping when it lands): ``pass_s`` a static policy's pass, ``pass_own_s`` each other policy's extra
+   boundary work (one pass cost for all made a static policy's host 1.5x too slow, session 8);
    ``copy_s`` = both slopes, charged at issue; ``stage_s``: the per-layer runs' ``stage`` section per expert
    streamed through a staging slab; ``layer_s`` per policy: its per-layer runs' host work per layer step outside
    waiting, observing and copying (miss rule, records, launches) on ``[1, distinct experts]``, less the static
    policies' line;
-3. ``pass_io_s``: a static policy on whole-step graphs (device-bound: the host waits), the measured
-   median TPOT less the simulated one: the pass's own copies outside its graph;
+3. ``pass_io_s``: the pass's own copies outside its graph (inputs up, routing down): measured directly, the
+   median over the decode passes of static policies on whole-step graphs (device-bound: the host runs ahead) of
+   each pass's latency less its graph's device time (``RunResult.busy_s``, CUDA events around the graph). Runs
+   measured before pass device times: a static whole-step run's measured median TPOT less the simulated one
+   (which also takes in the graph table's error on that run: 18.5 us where the direct measurement gives ~25 us,
+   docs/FIDELITY.md session 8);
 4. ``layer_sync_s`` and ``HostCosts.entry_s``: from static policies on per-layer graphs (no
    observation, no copy), the measured TPOT less the simulated one without them, per decode layer
    step, against the mean experts of a decode step (two batch sizes: both; one: ``entry_s`` = 0);
@@ -44,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from moebits.analysis.fidelity import CALIBRATION_PREFIX, resimulate_case
 from moebits.core.hardware import HardwareProfile, HostCosts
-from moebits.drive.records import RunResult, load_run, summarize
+from moebits.drive.records import RunResult, load_run, pass_table, summarize
 
 WARMUP_PASSES = 2
 
@@ -140,13 +146,15 @@ def fit_layer(runs: list[HostRun]) -> dict[str, list[float]]:
     return {p: [float(c[0] - base[0]), float(c[1] - base[1])] for p, c in sorted(lines.items())}
 
 
-def fit_pass(runs: list[HostRun]) -> tuple[float, float]:
-    """(``pass_s``, ``copy_s``) from the per-pass-seam runs' host logs: each pass's host work on
-    ``[1, copies issued at its boundary, copies issued at the boundary before]`` (a copy costs the host at
-    its issue and again when it lands, one boundary later: slab bookkeeping, the table entry);
-    ``copy_s`` is the sum of both slopes, charged at issue. Without two distinct copy counts, or with a
-    negative slope, the one-regressor fit on the copies issued."""
-    xs, ys = [], []
+def fit_pass(runs: list[HostRun]) -> tuple[float, float, dict[str, float]]:
+    """(``pass_s``, ``copy_s``, ``pass_own_s``) from the per-pass-seam runs' host logs: each pass's host work on
+    ``[1, one indicator per non-static policy, copies issued at its boundary, copies issued at the boundary
+    before]`` (a copy costs the host at its issue and again when it lands, one boundary later: slab bookkeeping,
+    the table entry). ``pass_s`` is the static policies' pass, ``pass_own_s`` each other policy's extra (its
+    boundary's decisions and bookkeeping); ``copy_s`` the sum of both copy slopes, charged at issue. Without a
+    static run, one pass cost for every policy; without two distinct copy counts, or with a negative slope, the
+    copies issued alone (negative: no copy cost, each policy's mean)."""
+    pol, xs, ys = [], [], []
     for r in runs:
         if r.seam != "per-pass":
             continue
@@ -155,14 +163,33 @@ def fit_pass(runs: list[HostRun]) -> tuple[float, float]:
         k = h["copies"].astype(float)
         xs.append(np.c_[k, np.r_[0.0, k[:-1]]][WARMUP_PASSES:])
         ys.append(work[WARMUP_PASSES:] * r.to_ref)
+        pol += [r.policy] * len(ys[-1])
     if not xs:
-        return 0.0, 0.0
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    if np.unique(x[:, 0]).size > 1 and np.linalg.matrix_rank(np.c_[np.ones(len(x)), x]) == 3:
-        b = np.linalg.lstsq(np.c_[np.ones(len(x)), x], y, rcond=None)[0]
-        if (b >= 0).all():
-            return float(b[0]), float(b[1] + b[2])
-    return _lstsq(x[:, 0], y)
+        return 0.0, 0.0, {}
+    x, y, names = np.concatenate(xs), np.concatenate(ys), np.asarray(pol)
+    own = sorted({p for p in pol if not p.startswith("static")}) if any(p.startswith("static") for p in pol) else []
+    ind = np.c_[np.ones(len(y)), *[(names == p).astype(float) for p in own]] if own else np.ones((len(y), 1))
+    for cols in (np.c_[ind, x], np.c_[ind, x[:, :1]]):
+        if np.linalg.matrix_rank(cols) == cols.shape[1]:
+            b = np.linalg.lstsq(cols, y, rcond=None)[0]
+            slopes = b[ind.shape[1]:]
+            if (slopes >= 0).all() and b[0] >= 0:
+                return float(b[0]), float(slopes.sum()), {p: float(b[1 + i]) for i, p in enumerate(own)}
+    b = np.linalg.lstsq(ind, y, rcond=None)[0]   # no copy cost: each policy's mean
+    return max(float(b[0]), 0.0), 0.0, {p: float(b[1 + i]) for i, p in enumerate(own)}
+
+
+def fit_pass_io(runs: list[HostRun]) -> float | None:
+    """``pass_io_s``: the median, over the decode passes (warm-up left out) of static policies' per-pass-seam runs,
+    of a pass's latency less its graph's device time; None when no such run carries device times."""
+    gaps = []
+    for r in runs:
+        if r.seam != "per-pass" or not r.policy.startswith("static") or not r.run.busy_s.size:
+            continue
+        df = pass_table(r.run)
+        dec = df[df["phase"] == "decode"].iloc[WARMUP_PASSES:]
+        gaps.append((dec["latency_s"] - dec["busy_s"]).to_numpy())
+    return float(np.median(np.concatenate(gaps))) if gaps else None
 
 
 def fit_stage(runs: list[HostRun]) -> float:
@@ -240,13 +267,16 @@ def _cal_error(hw: HardwareProfile, runs: list[HostRun]) -> float:
 def _fit_at(hw: HardwareProfile, measured: Path, runs: list[HostRun], exponent: float, stall_case: str,
             io_case_name: str) -> HardwareProfile:
     """The fit of the module docstring, host seconds normalized with ``exponent``."""
-    pass_s, copy_s = fit_pass(runs)
+    pass_s, copy_s, pass_own = fit_pass(runs)
     hc = HostCosts(pass_s=pass_s, copy_s=copy_s, observe_s=fit_observe(runs), stage_s=fit_stage(runs),
-                   layer_s=fit_layer(runs),
+                   layer_s=fit_layer(runs), pass_own_s=pass_own,
                    fit={"runs": float(len(runs))}, probe_s=reference_probe_s(runs), speed_exponent=exponent)
     base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0, pass_io_s=0.0, host_costs=hc)
     io_case = measured / f"{io_case_name}.case.json"
-    if io_case.exists():
+    io_s = fit_pass_io(runs)
+    if io_s is not None:
+        base = dataclasses.replace(base, pass_io_s=io_s)
+    elif io_case.exists():
         meas, sim, _ = resimulate_case(io_case, base)
         base = dataclasses.replace(base, pass_io_s=max(0.0, _p50_gap_s(meas, sim)))
     static_layer = [r for r in runs if r.seam == "per-layer" and r.policy.startswith("static")]
@@ -273,6 +303,7 @@ def describe(hw: HardwareProfile) -> str:
              f"entry_s {hc.entry_s * 1e6:.2f} us, "
              f"host probe {hc.probe_s * 1e6:.1f} us, speed exponent {hc.speed_exponent:g}"]
     lines += [f"observe {p}: {c[0] * 1e6:.1f} us/step + {c[1] * 1e6:.2f} us/expert" for p, c in hc.observe_s.items()]
+    lines += [f"per-pass host work of {p} beyond a static policy's: {c * 1e6:+.1f} us" for p, c in hc.pass_own_s.items()]
     lines += [f"per-layer host work of {p} beyond a static policy's: {c[0] * 1e6:+.1f} us/step {c[1] * 1e6:+.2f} us/expert"
               for p, c in hc.layer_s.items()]
     return "\n".join(lines)

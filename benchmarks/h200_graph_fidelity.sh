@@ -9,6 +9,7 @@
 #      sets its runtime.layers), then again on those of the GFID_REPEAT files (as CASE_r2: repeatability), through the graph
 #      runtime -> OUTDIR/validate.tgz (every measured run, re-simulated offline with
 #      `moebits analysis validate --resim DIR --hardware PROFILE`).
+# GFID_COPY_CHECK=0 skips benchmarks/copy_check.py (copy timing in a burst; ~60 s).
 set -u
 out=${1:?usage: bash benchmarks/h200_graph_fidelity.sh OUTDIR}; mkdir -p "$out"
 work=${GFID_WORK:-/tmp/gfid}; rm -rf "$work"; mkdir -p "$work"
@@ -38,7 +39,7 @@ keep = ("tpot_ms_mean", "tpot_ms_p50", "ttft_ms_mean", "runtime_path", "layer_st
 pathlib.Path(sys.argv[2]).write_text(json.dumps({str(rl): {k: v.get(k) for k in keep} for rl, v in s.items()}, indent=1))
 print(open(sys.argv[2]).read())
 PY
-timeout 60 $py benchmarks/copy_check.py --hardware conf/hardware/calibrated_h200.yaml --out "$out/copy_check.json" 2>&1 \
+[ "${GFID_COPY_CHECK:-1}" = 1 ] && timeout 60 $py benchmarks/copy_check.py --hardware conf/hardware/calibrated_h200.yaml --out "$out/copy_check.json" 2>&1 \
   | grep -v Warning | tee -a "$log"
 # GFID_SUFFIX (e.g. _s2): every case renamed CASE$GFID_SUFFIX (a later call's measurements, graded beside CASE)
 grep -hv '^\s*#' ${GFID_CASES:-benchmarks/graph_cases.txt} | grep -v '^\s*$' \

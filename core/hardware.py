@@ -131,7 +131,9 @@ class HostCosts:
     launch, both issued by the host; 0: ``copy_s``); ``entry_s``: per distinct expert of a layer step on the per-layer seam (the miss rule, the
     record; on top of ``HardwareProfile.layer_sync_s``); ``layer_s``: per policy, ``[seconds per layer step,
     seconds per distinct expert]`` of host work on the per-layer seam beyond a static policy's (the miss rule's
-    lookups, records; either may be negative: a difference of two fits); ``observe_s``: per policy (its registry name),
+    lookups, records; either may be negative: a difference of two fits); ``pass_own_s``: per policy, seconds of
+    host work per pass on the per-pass seam beyond a static policy's ``pass_s`` (its boundary: decisions, the
+    driver's bookkeeping, outside its observation and copies; may be negative); ``observe_s``: per policy (its registry name),
     ``[seconds per observed layer step, seconds per observed expert]`` of ``Driver.observe`` (a policy
     not listed observes for free); ``fit``: how they were fitted, for the record; ``probe_s``: the host speed
     they hold at (``runtime.host_log.host_probe_s`` seconds; 0: unknown, never rescaled); ``speed_exponent``:
@@ -148,6 +150,7 @@ class HostCosts:
     speed_exponent: float = 1.0
     stage_s: float = 0.0
     layer_s: dict[str, list[float]] = field(default_factory=dict)
+    pass_own_s: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("pass_s", "copy_s", "entry_s", "probe_s", "speed_exponent", "stage_s"):
@@ -167,6 +170,10 @@ class HostCosts:
             if not isinstance(c, (list, tuple)) or len(c) != 2 or not all(np.isfinite(c)):
                 raise ValueError(f"host costs: layer_s[{policy!r}] must be [seconds per layer step, seconds per expert] "
                                  f"(finite); got {c}")
+        if not isinstance(self.pass_own_s, dict) or not all(
+                isinstance(c, (int, float)) and np.isfinite(c) for c in self.pass_own_s.values()):
+            raise ValueError(f"host costs: pass_own_s must map a policy name to seconds per pass (finite); "
+                             f"got {self.pass_own_s!r}")
 
     def observe(self, policy: str) -> tuple[float, float]:
         """(seconds per observed layer step, per observed expert) of ``policy``."""
@@ -178,6 +185,10 @@ class HostCosts:
         c = self.layer_s.get(policy)
         return (c[0], c[1]) if c else (0.0, 0.0)
 
+    def pass_work(self, policy: str) -> float:
+        """Seconds of ``policy``'s host work per pass on the per-pass seam, before copies and observation."""
+        return max(0.0, self.pass_s + self.pass_own_s.get(policy, 0.0))
+
     def speed_factor(self, probe_s: float) -> float:
         """How many times longer every cost is on a host whose probe reads ``probe_s``."""
         return (probe_s / self.probe_s) ** self.speed_exponent
@@ -187,7 +198,8 @@ class HostCosts:
         return dataclasses.replace(self, pass_s=self.pass_s * factor, copy_s=self.copy_s * factor,
                                    stage_s=self.stage_s * factor, entry_s=self.entry_s * factor, probe_s=self.probe_s if probe_s is None else probe_s,
                                    observe_s={p: [c[0] * factor, c[1] * factor] for p, c in self.observe_s.items()},
-                                   layer_s={p: [c[0] * factor, c[1] * factor] for p, c in self.layer_s.items()})
+                                   layer_s={p: [c[0] * factor, c[1] * factor] for p, c in self.layer_s.items()},
+                                   pass_own_s={p: c * factor for p, c in self.pass_own_s.items()})
 
 
 @dataclass

@@ -16,7 +16,8 @@ streams:
   policy's copies are queued on the link at the boundary. A static policy's routing is read
   :func:`drive.driver.read_lag` passes later (records only) and it observes nothing;
 - with the profile's :class:`core.hardware.HostCosts` the host's own work is in the loop: each
-  observed layer step costs the policy's ``observe_s``, each pass ``pass_s`` plus ``copy_s`` per
+  observed layer step costs the policy's ``observe_s``, each pass ``pass_s`` (plus the policy's own
+  ``pass_own_s``) plus ``copy_s`` per
   copy issued at its boundary, and pass n is launched only when the host is done with it: a
   controller slower than the device makes the device idle (without host costs, host work is
   free: hidden while p >= 2 keeps the host a pass ahead); with them each pass also pays its own
@@ -62,6 +63,7 @@ def replay_passes(eng: Engine, env: simpy.Environment, rec: Recorder,
     hc = eng.host_costs
     io_s = eng.hw.pass_io_s if hc is not None else 0.0
     obs_step, obs_expert = hc.observe(eng.name) if hc is not None and observe is not None else (0.0, 0.0)
+    pass_work = hc.pass_work(eng.name) if hc is not None else 0.0
     entries = np.diff(np.asarray(v.offsets, np.int64))
     pool.fences = {}
     end_of: list[float] = []   # device end of every pass
@@ -85,7 +87,7 @@ def replay_passes(eng: Engine, env: simpy.Environment, rec: Recorder,
             pool.advance(landed)
         if hc is not None:
             k = eng.copies_issued()
-            host += hc.pass_s + hc.copy_s * (k - copies)
+            host += pass_work + hc.copy_s * (k - copies)
             copies = k
         t = max(end_of[-1] if end_of else 0.0, host)
         t += io_s   # the pass's own copies (inputs up, routing down) around its graph

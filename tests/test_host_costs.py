@@ -22,6 +22,7 @@ from moebits.analysis.hostcost import (  # noqa: E402
     describe,
     fit_observe,
     fit_pass,
+    fit_pass_io,
     host_runs,
 )
 from moebits.core.hardware import GraphPassTable, HardwareProfile, HostCosts  # noqa: E402
@@ -171,6 +172,18 @@ def test_a_pass_device_time_is_its_graph_whatever_the_host(view: Any, name: str)
     np.testing.assert_allclose(fast["latency_s"][1:], fast["busy_s"][1:], rtol=1e-9)   # device-bound: no gap
     assert (slow["latency_s"][1:] >= slow["busy_s"][1:] + io_s).all()
     assert slow["busy_s"][1:].max() < PASS_S
+
+
+def test_a_policys_own_pass_work_is_charged_on_the_per_pass_seam_only_to_it(view: Any) -> None:
+    own = HostCosts(pass_s=PASS_S, pass_own_s={"dynaexq": PASS_S / 2})
+    _, r, s, _ = simulate(view, "dynaexq", own, route_lag=2)
+    _, same, _, _ = simulate(view, "dynaexq", HostCosts(pass_s=1.5 * PASS_S), route_lag=2)
+    np.testing.assert_allclose(r.end_s, same.end_s, rtol=1e-12)
+    _, st, _, _ = simulate(view, "static_uniform", own, route_lag=2)
+    _, st0, _, _ = simulate(view, "static_uniform", HostCosts(pass_s=PASS_S), route_lag=2)
+    np.testing.assert_array_equal(st.end_s, st0.end_s)
+    with pytest.raises(ValueError, match="pass_own_s"):
+        HostCosts(pass_own_s={"dynaexq": float("nan")})
 
 
 @pytest.mark.parametrize("name", ["static_uniform", "dynaexq"])
@@ -391,10 +404,25 @@ def test_fit_pass_recovers_pass_and_copy_costs() -> None:
         _hr(_passes([0, 0, 3, 4], 40e-6, 7e-6), "static_uniform"),
         _hr(_passes([0, 0, 1, 9], 1.0, 1.0), "lru_offload", "per-layer"),    # not on the per-pass seam
     ]
-    assert fit_pass(runs) == pytest.approx((40e-6, 7e-6), rel=1e-8)
-    assert fit_pass(runs[2:]) == (0.0, 0.0)
+    pass_s, copy_s, own = fit_pass(runs)
+    assert (pass_s, copy_s) == pytest.approx((40e-6, 7e-6), rel=1e-8) and own == {"dynaexq": pytest.approx(0.0, abs=1e-12)}
+    assert fit_pass(runs[2:]) == (0.0, 0.0, {})
     one = _hr(_passes([0, 0, 2, 2, 2], 40e-6, 7e-6), "dynaexq")
-    assert fit_pass([one]) == (pytest.approx(54e-6), 0.0)                   # one copy count: mean, slope 0
+    assert fit_pass([one]) == (pytest.approx(54e-6), 0.0, {})               # one copy count: mean, slope 0
+
+
+def test_fit_pass_gives_each_policy_its_own_pass_beyond_a_static_one() -> None:
+    """A static policy's pass costs 100 us, dynaexq's boundary 60 us more, dynamo's 20 us more; copies 7 us."""
+    runs = [_hr(_passes([0, 0, 0, 0, 0], 100e-6, 0.0), "static_uniform"),
+            _hr(_passes([0, 0, 0, 0], 100e-6, 0.0), "static_frequency"),
+            _hr(_passes([0, 0, 1, 4, 2, 6], 160e-6, 7e-6), "dynaexq"),
+            _hr(_passes([0, 0, 2, 0, 3], 120e-6, 7e-6), "dynamo")]
+    pass_s, copy_s, own = fit_pass(runs)
+    assert (pass_s, copy_s) == pytest.approx((100e-6, 7e-6), rel=1e-8)
+    assert own == {"dynaexq": pytest.approx(60e-6, rel=1e-8), "dynamo": pytest.approx(20e-6, rel=1e-8)}
+    assert HostCosts(pass_s=pass_s, pass_own_s=own).pass_work("dynamo") == pytest.approx(120e-6)
+    assert HostCosts(pass_s=pass_s, pass_own_s={"x": -1.0}).pass_work("x") == 0.0
+    assert HostCosts(pass_s=pass_s, pass_own_s=own).scaled(2.0).pass_own_s["dynaexq"] == pytest.approx(120e-6)
 
 
 def test_fit_pass_charges_a_copy_where_it_lands_too() -> None:
@@ -403,7 +431,7 @@ def test_fit_pass_charges_a_copy_where_it_lands_too() -> None:
     k = np.array([0, 0, 8, 0, 8, 1, 0, 7, 0, 8, 3, 0], np.int64)
     h = _passes(k.tolist(), 100e-6, 0.0)
     h["pass_s"] = h["pass_s"] + 40e-6 * k + 12e-6 * np.r_[0, k[:-1]]
-    assert fit_pass([_hr(h, "dynaexq")]) == pytest.approx((100e-6, 52e-6), rel=1e-6)
+    assert fit_pass([_hr(h, "dynaexq")])[:2] == pytest.approx((100e-6, 52e-6), rel=1e-6)
 
 
 def test_host_runs_reads_only_calibration_cases_with_a_host_log(tmp_path: Path) -> None:
@@ -433,7 +461,7 @@ def test_the_fit_prices_every_run_at_the_calibration_speed() -> None:
     assert ref == pytest.approx(1.5e-5)
     runs = [dataclasses.replace(r, to_ref=ref / r.run.host_probe_s()) for r in runs]
     np.testing.assert_allclose(fit_observe(runs)["dynaexq"], [1.5 * 3e-5, 1.5 * 2e-6], rtol=1e-8)
-    assert fit_pass(runs) == pytest.approx((1.5 * 40e-6, 1.5 * 7e-6), rel=1e-8)
+    assert fit_pass(runs)[:2] == pytest.approx((1.5 * 40e-6, 1.5 * 7e-6), rel=1e-8)
     assert reference_probe_s([*runs, _hr(_calls([1], 1e-5, 0.0), "dynaexq")]) == 0.0
 
 
@@ -540,7 +568,28 @@ def test_save_and_load_keep_the_host_log_apart_from_host_wait_s(tmp_path: Path) 
     np.testing.assert_array_equal(back.host_wait_s, r.host_wait_s)   # the step array, not a host log entry
     assert "wait_s" not in back.host and back.info == {"policy": "x"}
     save_run(run_with_host({}), tmp_path / "none.npz")
-    assert load_run(tmp_path / "none.npz").host == {}
+    assert load_run(tmp_path / "none.npz").host == {} and load_run(tmp_path / "none.npz").busy_s.size == 0
+    r.busy_s = np.array([0.5, 0.75])
+    save_run(r, tmp_path / "busy.npz")
+    np.testing.assert_array_equal(load_run(tmp_path / "busy.npz").busy_s, r.busy_s)
+
+
+def _busy_run(gap_s: float, steps: int = 8) -> RunResult:
+    """Passes one second apart whose graphs took all but ``gap_s`` of it (the first pass, prefill: 0.5 s)."""
+    r = run_with_host({"pass_s": np.zeros(steps)}, steps=steps)
+    r.busy_s = np.r_[0.5, np.full(steps - 1, 1.0 - gap_s)]
+    return r
+
+
+def test_fit_pass_io_is_the_static_whole_step_runs_median_gap() -> None:
+    runs = [HostRun(Path("a.case.json"), _busy_run(0.02), "static_uniform", "per-pass"),
+            HostRun(Path("b.case.json"), _busy_run(0.03), "static_frequency", "per-pass"),
+            HostRun(Path("c.case.json"), _busy_run(0.02, steps=5), "static_uniform", "per-pass"),
+            HostRun(Path("d.case.json"), _busy_run(0.5), "dynaexq", "per-pass"),        # host-bound: not a copy
+            HostRun(Path("e.case.json"), _busy_run(0.5), "static_uniform", "per-layer")]
+    assert fit_pass_io(runs) == pytest.approx(0.02)       # 5 + 2 passes at 0.02 s against 5 at 0.03 s
+    assert fit_pass_io(runs[3:]) is None
+    assert fit_pass_io([HostRun(Path("f.case.json"), run_with_host({}, steps=8), "static_uniform", "per-pass")]) is None
 
 
 # ---- the graph runtime's host log (CPU, eager) ----

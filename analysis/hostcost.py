@@ -13,7 +13,8 @@ ignored; each run's host log,
    ``[1, one indicator per non-static policy, copies issued, copies issued one boundary earlier]`` (a copy's
    bookkeeping when it lands): ``pass_s`` a static policy's pass, ``pass_own_s`` each other policy's extra
    boundary work (one pass cost for all made a static policy's host 1.5x too slow, session 8);
-   ``copy_s`` = both slopes, charged at issue; ``stage_s``: the per-layer runs' ``stage`` section per expert
+   ``copy_s`` = both slopes, charged at issue; ``layer_copy_s``: on the per-layer seam, each pass's ``issue``
+   section on ``[layer steps, layer steps that issued copies, copies]`` (a step's copies share one issue); ``stage_s``: the per-layer runs' ``stage`` section per expert
    streamed through a staging slab; ``layer_s`` per policy: its per-layer runs' host work per layer step outside
    waiting, observing and copying (miss rule, records, launches) on ``[1, distinct experts]``, less the static
    policies' line;
@@ -179,6 +180,29 @@ def fit_pass(runs: list[HostRun]) -> tuple[float, float, dict[str, float]]:
     return max(float(b[0]), 0.0), 0.0, {p: float(b[1 + i]) for i, p in enumerate(own)}
 
 
+def fit_layer_copy(runs: list[HostRun]) -> list[float]:
+    """``layer_copy_s``: per pass of the per-layer-seam runs that log it (warm-up left out), the host seconds issuing
+    copies (the ``issue`` section) on ``[layer steps, layer steps that issued copies, copies]``: [the second's
+    coefficient, the third's] (the first, a step's issue call with nothing to issue, is every policy's and in
+    ``layer_sync_s``); [] without such runs, or when a coefficient comes out negative (then ``copy_s`` per copy)."""
+    xs, ys = [], []
+    for r in runs:
+        h = r.run.host
+        if r.seam != "per-layer" or "copy_steps" not in h or "sec_issue" not in h:
+            continue
+        layers = r.run.requests.size // max(h["pass_s"].size, 1)
+        k, steps = h["copies"].astype(float), h["copy_steps"].astype(float)
+        xs.append(np.c_[np.full(k.size, float(layers)), steps, k][WARMUP_PASSES:])
+        ys.append(h["sec_issue"][WARMUP_PASSES:] * r.to_ref)
+    if not xs:
+        return []
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if np.linalg.matrix_rank(x) < 3:
+        return []
+    b = np.linalg.lstsq(x, y, rcond=None)[0]
+    return [float(b[1]), float(b[2])] if (b[1:] >= 0).all() else []
+
+
 def fit_pass_io(runs: list[HostRun]) -> float | None:
     """``pass_io_s``: the median, over the decode passes (warm-up left out) of static policies' per-pass-seam runs,
     of a pass's latency less its graph's device time; None when no such run carries device times."""
@@ -269,7 +293,7 @@ def _fit_at(hw: HardwareProfile, measured: Path, runs: list[HostRun], exponent: 
     """The fit of the module docstring, host seconds normalized with ``exponent``."""
     pass_s, copy_s, pass_own = fit_pass(runs)
     hc = HostCosts(pass_s=pass_s, copy_s=copy_s, observe_s=fit_observe(runs), stage_s=fit_stage(runs),
-                   layer_s=fit_layer(runs), pass_own_s=pass_own,
+                   layer_s=fit_layer(runs), pass_own_s=pass_own, layer_copy_s=fit_layer_copy(runs),
                    fit={"runs": float(len(runs))}, probe_s=reference_probe_s(runs), speed_exponent=exponent)
     base = dataclasses.replace(hw, layer_sync_s=0.0, stall_sync_s=0.0, pass_io_s=0.0, host_costs=hc)
     io_case = measured / f"{io_case_name}.case.json"
@@ -301,7 +325,9 @@ def describe(hw: HardwareProfile) -> str:
              f"pass_io_s {hw.pass_io_s * 1e6:.1f} us, "
              f"pass_s {hc.pass_s * 1e6:.1f} us, copy_s {hc.copy_s * 1e6:.1f} us, stage_s {hc.stage_s * 1e6:.1f} us, "
              f"entry_s {hc.entry_s * 1e6:.2f} us, "
-             f"host probe {hc.probe_s * 1e6:.1f} us, speed exponent {hc.speed_exponent:g}"]
+             + (f"per-layer copies {hc.layer_copy_s[0] * 1e6:.1f} us per issuing step + {hc.layer_copy_s[1] * 1e6:.1f} us "
+                "each, " if hc.layer_copy_s else "")
+             + f"host probe {hc.probe_s * 1e6:.1f} us, speed exponent {hc.speed_exponent:g}"]
     lines += [f"observe {p}: {c[0] * 1e6:.1f} us/step + {c[1] * 1e6:.2f} us/expert" for p, c in hc.observe_s.items()]
     lines += [f"per-pass host work of {p} beyond a static policy's: {c * 1e6:+.1f} us" for p, c in hc.pass_own_s.items()]
     lines += [f"per-layer host work of {p} beyond a static policy's: {c[0] * 1e6:+.1f} us/step {c[1] * 1e6:+.2f} us/expert"

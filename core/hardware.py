@@ -133,7 +133,10 @@ class HostCosts:
     seconds per distinct expert]`` of host work on the per-layer seam beyond a static policy's (the miss rule's
     lookups, records; either may be negative: a difference of two fits); ``pass_own_s``: per policy, seconds of
     host work per pass on the per-pass seam beyond a static policy's ``pass_s`` (its boundary: decisions, the
-    driver's bookkeeping, outside its observation and copies; may be negative); ``observe_s``: per policy (its registry name),
+    driver's bookkeeping, outside its observation and copies; may be negative); ``layer_copy_s``: on the
+    per-layer seam, ``[seconds per layer step that issues copies, seconds per copy]`` (a step's copies share
+    one issue: ~90 us for the first, ~25 us for each further one on the H200 host; empty: ``copy_s`` per copy);
+    ``observe_s``: per policy (its registry name),
     ``[seconds per observed layer step, seconds per observed expert]`` of ``Driver.observe`` (a policy
     not listed observes for free); ``fit``: how they were fitted, for the record; ``probe_s``: the host speed
     they hold at (``runtime.host_log.host_probe_s`` seconds; 0: unknown, never rescaled); ``speed_exponent``:
@@ -151,6 +154,7 @@ class HostCosts:
     stage_s: float = 0.0
     layer_s: dict[str, list[float]] = field(default_factory=dict)
     pass_own_s: dict[str, float] = field(default_factory=dict)
+    layer_copy_s: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("pass_s", "copy_s", "entry_s", "probe_s", "speed_exponent", "stage_s"):
@@ -170,6 +174,9 @@ class HostCosts:
             if not isinstance(c, (list, tuple)) or len(c) != 2 or not all(np.isfinite(c)):
                 raise ValueError(f"host costs: layer_s[{policy!r}] must be [seconds per layer step, seconds per expert] "
                                  f"(finite); got {c}")
+        if len(self.layer_copy_s) not in (0, 2) or any(not np.isfinite(c) or c < 0 for c in self.layer_copy_s):
+            raise ValueError(f"host costs: layer_copy_s must be [] or [seconds per layer step that issues copies, "
+                             f"seconds per copy], both >= 0; got {self.layer_copy_s!r}")
         if not isinstance(self.pass_own_s, dict) or not all(
                 isinstance(c, (int, float)) and np.isfinite(c) for c in self.pass_own_s.values()):
             raise ValueError(f"host costs: pass_own_s must map a policy name to seconds per pass (finite); "
@@ -189,6 +196,10 @@ class HostCosts:
         """Seconds of ``policy``'s host work per pass on the per-pass seam, before copies and observation."""
         return max(0.0, self.pass_s + self.pass_own_s.get(policy, 0.0))
 
+    def layer_copy(self) -> tuple[float, float]:
+        """(seconds per layer step that issues copies, per copy) on the per-layer seam."""
+        return (self.layer_copy_s[0], self.layer_copy_s[1]) if self.layer_copy_s else (0.0, self.copy_s)
+
     def speed_factor(self, probe_s: float) -> float:
         """How many times longer every cost is on a host whose probe reads ``probe_s``."""
         return (probe_s / self.probe_s) ** self.speed_exponent
@@ -199,7 +210,8 @@ class HostCosts:
                                    stage_s=self.stage_s * factor, entry_s=self.entry_s * factor, probe_s=self.probe_s if probe_s is None else probe_s,
                                    observe_s={p: [c[0] * factor, c[1] * factor] for p, c in self.observe_s.items()},
                                    layer_s={p: [c[0] * factor, c[1] * factor] for p, c in self.layer_s.items()},
-                                   pass_own_s={p: c * factor for p, c in self.pass_own_s.items()})
+                                   pass_own_s={p: c * factor for p, c in self.pass_own_s.items()},
+                                   layer_copy_s=[c * factor for c in self.layer_copy_s])
 
 
 @dataclass

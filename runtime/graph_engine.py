@@ -306,6 +306,7 @@ class GraphEngine:
         ids, weights = buf.ids[layer, :T], buf.weights[layer, :T]
         log = self.host_log
         log.tick("launch")                                     # the previous piece's graph
+        before = self._copies()
         now = self.clock.now()
         self.mover.boundary()                                  # copies done -> READY, table written
         t0 = time.perf_counter()
@@ -320,6 +321,7 @@ class GraphEngine:
                                                                 p.pass_index, *routing, now), len(routing[0]))
         log.tick("observe")
         self.mover.boundary()                                  # demotions written, new copies issued
+        log.issued(self._copies() - before)
         log.tick("issue")
         ex = (routing[0].tolist(), routing[1].tolist(), np.asarray(routing[2], np.float64).tolist())
         choice = choose(self.policy.miss_rule, self.res[layer], self._low, len(self.precisions),

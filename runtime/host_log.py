@@ -5,7 +5,8 @@ numbers are fitted (:mod:`analysis.hostcost`) to what this log records on synthe
 
 - per pass (``run_pass``): its host seconds, of which waiting (for the routing read-back or for
   copies: the device's time, not the host's), of which in the policy's ``observe``; the layer
-  steps and experts observed in it, the copies the policy issued in it (promotions + prefetches);
+  steps and experts observed in it, the copies the policy issued in it (promotions + prefetches) and, on
+  the per-layer seam, the layer steps that issued at least one (``copy_steps``: an issue's fixed part);
 - per observation: seconds in ``Driver.observe`` and the experts of the observed layer step;
 - per pass, the host seconds of each named section (:meth:`HostLog.tick`: the time since the last
   tick, summed per name over the pass), as ``sec_<name>`` arrays: where the host time goes.
@@ -39,6 +40,7 @@ class HostLog:
     steps: list[int] = field(default_factory=list)
     entries: list[int] = field(default_factory=list)
     copies: list[int] = field(default_factory=list)
+    copy_steps: list[int] = field(default_factory=list)   # per pass: layer steps that issued copies (per-layer seam)
     call_s: list[float] = field(default_factory=list)
     call_entries: list[int] = field(default_factory=list)
     sections: dict[str, list[float]] = field(default_factory=dict)   # name -> seconds per pass
@@ -47,6 +49,11 @@ class HostLog:
     _last: float = 0.0
     _sec: dict[str, float] = field(default_factory=dict)
     _entries: int = 0                                          # sum of call_entries
+    _copy_steps: int = 0
+
+    def issued(self, copies: int) -> None:
+        """A layer step of the open pass issued ``copies`` copies (per-layer seam)."""
+        self._copy_steps += copies > 0
 
     def observe(self, fn: Callable[[Any], None], obs: Any, entries: int) -> None:
         """``fn(obs)`` (the driver's observe), timed."""
@@ -65,6 +72,7 @@ class HostLog:
         self._open = (time.perf_counter(), waited_s, len(self.call_s), self._entries, copies)
         self._last = self._open[0]
         self._sec = {}
+        self._copy_steps = 0
 
     def tick(self, name: str) -> None:
         """The host seconds since the last tick (or the pass's start) belong to section ``name``."""
@@ -83,6 +91,7 @@ class HostLog:
         self.steps.append(len(self.call_s) - c0)
         self.entries.append(self._entries - e0)
         self.copies.append(copies - k0)
+        self.copy_steps.append(self._copy_steps)
         n = len(self.pass_s)
         for name, secs in self._sec.items():
             self.sections.setdefault(name, [0.0] * (n - 1)).append(secs)
@@ -95,7 +104,8 @@ class HostLog:
         """The log as arrays (:attr:`drive.records.RunResult.host`)."""
         out = {k: np.asarray(getattr(self, k), np.float64) for k in ("pass_s", "waited_s", "observe_s", "call_s",
                                                                       "probe_s")}
-        out |= {k: np.asarray(getattr(self, k), np.int64) for k in ("steps", "entries", "copies", "call_entries")}
+        out |= {k: np.asarray(getattr(self, k), np.int64) for k in ("steps", "entries", "copies", "copy_steps",
+                                                                     "call_entries")}
         out |= {f"sec_{k}": np.asarray(v, np.float64) for k, v in self.sections.items()}
         return out
 

@@ -159,8 +159,9 @@ class Engine:
         self._graph = self._graph_costs() if self.kernels.graphed else None
         self.host_costs = hw.host_costs if self._graph is not None else None   # the controller's host work
         if self.host_costs is not None:
-            self.pool.issue_s = self.host_costs.copy_s
             self.per_pass = self.per_pass or self.whole_steps   # a static policy's passes wait for the host too
+            first, each = (0.0, self.host_costs.copy_s) if self.per_pass else self.host_costs.layer_copy()
+            self.pool.issue_s, self.pool.issue_first_s = each, first
         if self._graph is not None or hw.stall_sync_s:
             self.opt = dataclasses.replace(self.opt, fast=False)  # the shortcuts price with the per-class model
         errors = error_table(spec, self.pool.precisions, sensitivity)
@@ -302,7 +303,7 @@ class Engine:
         ex_expert, ex_tokens, ex_gate = v.ex_expert, v.ex_tokens, v.ex_gate
         pending, advance, timeout = pool.pending, pool.advance, env.timeout
         ready, hits = pool.ready, rec.hits
-        copy_s = self.host_costs.copy_s if self.host_costs is not None else 0.0
+        step_s, copy_s = self.host_costs.layer_copy() if self.host_costs is not None else (0.0, 0.0)
         io_s = self.hw.pass_io_s if self.host_costs is not None else 0.0
         firsts = set(np.flatnonzero(np.r_[True, ends[:-1]]).tolist()) if io_s else set()   # first step of each pass
         issued = self.copies_issued()
@@ -326,9 +327,10 @@ class Engine:
                 if observe is not None:
                     pi, a, b = passes[j], lo + off[j], lo + off[j + 1]
                     observe(LayerObs(c0 + j, layer, 1 if pi else 0, pi, ex_expert[a:b], ex_tokens[a:b], ex_gate[a:b], t1))
-                    if copy_s:   # the host issues the new copies before the step's experts are launched
+                    if copy_s or step_s:   # the host issues the new copies before the step's experts are launched
                         k = self.copies_issued()
-                        t1 += copy_s * (k - issued)
+                        if k > issued:
+                            t1 += step_s + copy_s * (k - issued)
                         issued = k
                 t = serve(j, layer, t1)
                 if pe[j]:

@@ -63,6 +63,7 @@ class SimPool:
         self.fences: dict[int, float] | None = None   # slab -> earliest start of its next copy (per-pass seam)
         self.fence_s = 0.0                              # the fence a DEMOTE sets now
         self.issue_s = 0.0                              # host seconds to issue one copy (HostCosts.copy_s)
+        self.issue_first_s = 0.0                        # and once before a batch's first (HostCosts.layer_copy_s)
 
     def place(self, key: ExpertKey, precision: str) -> int | Refusal:
         """An untimed initial load: the copy is READY at once and moves no counted bytes."""
@@ -95,7 +96,7 @@ class SimPool:
         ready, loading, done_at, pending = self.ready, self.loading, self.done_at, self.pending
         L, E, P = self.layers, self.experts, self._P
         peak, loaded = self.peak_bytes, 0
-        fences, issue_s = self.fences, self.issue_s
+        fences, issue_s, first_s = self.fences, self.issue_s, self.issue_first_s
         n_promote = n_prefetch = n_demote = 0
         for a in actions:
             kind, key, precision = a
@@ -119,7 +120,7 @@ class SimPool:
                 refused(a, slab)  # type: ignore[arg-type]
                 continue
             p, bit, nbytes, _ = info[precision]
-            start = now_s + issue_s * (n_promote + n_prefetch + 1) if issue_s else now_s   # issued one by one
+            start = now_s + first_s + issue_s * (n_promote + n_prefetch + 1) if issue_s or first_s else now_s   # one by one
             done = submit(start if fences is None else max(start, fences.pop(slab, start)), nbytes)  # type: ignore[call-overload]
             loaded += nbytes
             loading[layer][expert] |= bit

@@ -20,6 +20,7 @@ from moebits.analysis.hostcost import (  # noqa: E402
     HostRun,
     _lstsq,
     describe,
+    fit_layer_copy,
     fit_observe,
     fit_pass,
     fit_pass_io,
@@ -280,6 +281,11 @@ def test_entry_and_copy_costs_on_the_per_layer_seam(view: Any) -> None:
     assert copies == copies_c > 0
     assert rc.end_s[-1] - base.end_s[-1] == pytest.approx(1e-3 * copies, rel=1e-9)
     assert _decisions(r, s) == _decisions(base, base_s) == _decisions(rc, sc)
+    # layer_copy_s: the same per copy, plus once per layer step that issues: more than one step, fewer than copies
+    _, same, _, _ = simulate(view, "dynaexq", HostCosts(copy_s=5.0, layer_copy_s=[0.0, 1e-3]), 0)
+    np.testing.assert_allclose(same.end_s, rc.end_s, rtol=1e-12)
+    _, rs, ss, _ = simulate(view, "dynaexq", HostCosts(layer_copy_s=[1e-3, 0.0]), 0)
+    assert 1e-3 < rs.end_s[-1] - base.end_s[-1] < 1e-3 * copies and _decisions(rs, ss) == _decisions(base, base_s)
 
 
 def test_a_policys_own_layer_work_is_charged_like_its_observation_on_the_per_layer_seam(view: Any) -> None:
@@ -607,8 +613,9 @@ def test_graph_engine_logs_host_work_per_pass_and_per_observation(name: str, vie
     result = graph_replay(engine, view)
     h, passes = result.host, view.layer_steps // SPEC.layers
     sections = {k for k in h if k.startswith("sec_")}
-    assert set(h) - sections == {"pass_s", "waited_s", "observe_s", "steps", "entries", "copies", "call_s",
-                                 "call_entries", "probe_s"}
+    assert set(h) - sections == {"pass_s", "waited_s", "observe_s", "steps", "entries", "copies", "copy_steps",
+                                 "call_s", "call_entries", "probe_s"}
+    assert not h["copy_steps"].any()   # counted on the per-layer seam only
     assert h["probe_s"].shape == (2,) and (h["probe_s"] > 0).all()          # before and after the timed loop
     assert result.host_probe_s() == pytest.approx(float(h["probe_s"].mean()))
     assert {"sec_route", "sec_observe", "sec_boundary", "sec_inputs", "sec_launch", "sec_record"} <= sections
@@ -628,6 +635,37 @@ def test_graph_engine_logs_host_work_per_pass_and_per_observation(name: str, vie
         assert h["copies"].sum() > 0
     else:
         assert h["call_s"].size == 0 and not policy.observed and h["copies"].sum() == 0
+
+
+def test_the_per_layer_seam_logs_the_steps_that_issue_copies(view: Any, model_parts: tuple) -> None:  # noqa: F811
+    torch.set_num_threads(1)
+    policy = build_policy(_cfg("lru_offload", staging_experts=0, scope=CacheScope.GLOBAL))
+    from moebits.runtime.replay import graph_replay
+
+    engine = graph_engine(policy, BUDGET, view, model_parts, 0, route_lag=0)
+    assert engine.per_layer
+    h = graph_replay(engine, view).host
+    k, steps = h["copies"], h["copy_steps"]
+    assert k.sum() > 0, "the case must exercise copies"
+    assert ((steps > 0) == (k > 0)).all() and (steps <= k).all() and (steps <= SPEC.layers).all()
+    assert steps.sum() < k.sum()   # some step issues more than one copy
+
+
+def test_fit_layer_copy_separates_an_issue_from_its_copies() -> None:
+    """Issuing costs 5 us per layer step, 90 us per step that issues copies and 25 us per copy."""
+    def run(steps: list[int], copies: list[int]) -> HostRun:
+        st, k = np.asarray(steps), np.asarray(copies)
+        host = {"pass_s": np.ones(k.size), "copies": k, "copy_steps": st, "sec_issue": 8 * 5e-6 + 90e-6 * st + 25e-6 * k}
+        r = run_with_host(host, steps=8 * k.size)
+        r.requests = np.ones(8 * k.size, np.int64)
+        return HostRun(Path("x.case.json"), r, "lru_offload", "per-layer")
+    runs = [run([0, 0, 1, 2, 1, 3], [0, 0, 1, 5, 3, 4]), run([0, 0, 4, 6, 8], [0, 0, 20, 30, 33])]
+    assert fit_layer_copy(runs) == pytest.approx([90e-6, 25e-6], rel=1e-6)
+    assert fit_layer_copy([dataclasses.replace(runs[0], seam="per-pass")]) == []
+    hc = HostCosts(copy_s=50e-6, layer_copy_s=[90e-6, 25e-6])
+    assert hc.layer_copy() == (90e-6, 25e-6) and HostCosts(copy_s=50e-6).layer_copy() == (0.0, 50e-6)
+    with pytest.raises(ValueError, match="layer_copy_s"):
+        HostCosts(layer_copy_s=[1e-6])
 
 
 def test_the_timed_replay_loop_runs_without_garbage_collection() -> None:

@@ -135,7 +135,7 @@ class HostCosts:
     host work per pass on the per-pass seam beyond a static policy's ``pass_s`` (its boundary: decisions, the
     driver's bookkeeping, outside its observation and copies; may be negative); ``layer_copy_s``: on the
     per-layer seam, ``[seconds per layer step that issues copies, seconds per copy]`` (a step's copies share
-    one issue: ~90 us for the first, ~25 us for each further one on the H200 host; empty: ``copy_s`` per copy);
+    one issue: 46 us per issuing step + 33 us per copy fitted on the H200 host, session 8; empty: ``copy_s`` per copy);
     ``observe_s``: per policy (its registry name),
     ``[seconds per observed layer step, seconds per observed expert]`` of ``Driver.observe`` (a policy
     not listed observes for free); ``fit``: how they were fitted, for the record; ``probe_s``: the host speed

@@ -218,8 +218,7 @@ class GraphEngine:
         self._observed = 0                 # layer steps observed on the per-pass seam (LayerObs.step)
         self.host_log = HostLog()
         self._marks: list[Any] = []
-        self._busy: list[tuple[Any, Any]] = []   # WHOLE mode: (start, end) marks of every graph launch
-        self._busy_of: list[int] = []            # the pass each launch belongs to
+        self._busy: list[tuple[int, Any, Any]] = []   # WHOLE mode: (pass, start mark, end mark) of every graph launch
         self.steps = self.passes = 0
         self.route_read_s = 0.0   # per-layer seam: seconds reading a layer's routing (a sync: the device's time)
         self.stall_wait_s = 0.0   # per-layer seam: seconds draining copies for a waiting step
@@ -287,8 +286,7 @@ class GraphEngine:
         else:
             start = self.clock.mark()
             runner.run()
-            self._busy.append((start, self.clock.mark()))
-            self._busy_of.append(len(self.rec.snaps))
+            self._busy.append((len(self.rec.snaps), start, self.clock.mark()))
             log.tick("launch")
             assert self.observer is not None
             self.observer.record(self.passes, buf.ids, buf.weights, T)
@@ -474,7 +472,7 @@ class GraphEngine:
         if not self._busy:
             return []
         out = np.zeros(len(self.rec.snaps))
-        for n, (a, b) in zip(self._busy_of, self._busy, strict=True):
+        for n, a, b in self._busy:
             if n < out.size:   # a pass still open at the end has no row
                 out[n] += self.clock.span_s(a, b)
         return out.tolist()
